@@ -1,0 +1,328 @@
+"""The fused Cross Pseudo Supervision loss: autograd Function, functional API, module.
+
+One call computes, for two branches' logits ``a`` and ``b``::
+
+    sup  = CE(a, target) + CE(b, target)
+    cps  = CE(a, pseudo_b) + CE(b, pseudo_a)       pseudo_x = argmax(x) unless given
+    loss = sup + cps_weight * cps
+
+each CE the mean over its non-ignored pixels (0, never NaN, when none is
+valid). The kernels read each logits tensor once and write both gradients in
+the same pass; backward only scales them by ``grad_output``, on the device.
+
+Every backend implements one function (see :func:`_launch`)::
+
+    sums = fwd(a3, b3, t2, pa2, pb2, counts, grad_a3, grad_b3, cps_weight, ignore_index)
+
+* ``a3``, ``b3``: ``(N, C, L)`` views of the logits with any strides (NCHW gives
+  class stride L, channels_last class stride 1); float32/float16/bfloat16.
+* ``t2``, ``pa2``, ``pb2``: ``(N, L)`` integer labels (uint8/int32/int64) or None;
+  None pseudo labels mean "argmax of that branch, computed in the kernel".
+* ``counts``: float32 ``[3]`` on the device: valid pixels of target, pseudo_a, pseudo_b.
+* ``grad_a3``, ``grad_b3``: outputs with the logits' shapes and strides, or None
+  to skip the gradient. ``grad_a = dloss/da`` for ``grad_output == 1``::
+
+      grad_a = softmax(a) * (vt / nt + w * vpb / npb) - onehot(t) * vt / nt - w * onehot(pb) * vpb / npb
+
+  with ``v*`` the validity of that pixel's label and ``n* = max(count, 1)``.
+* returns float32 ``[3]`` on the device: the sums over pixels of
+  ``vt * (CE(a,t) + CE(b,t))``, ``vpb * CE(a, pb)``, ``vpa * CE(b, pa)``.
+
+A label outside ``[0, C)`` that is not ``ignore_index`` is treated as ignored by
+the kernels; :func:`cps_loss` rejects it first when ``validate`` is on.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import backends
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LABEL_DTYPES = (torch.uint8, torch.int32, torch.int64)
+
+# Tests set this to fill kernel outputs with NaN before a kernel runs, so an
+# element a kernel forgets to write fails the comparison.
+POISON_OUTPUTS = False
+
+
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)  # keeps the memory format (strides) of a dense tensor
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_inputs(logits_a, logits_b, target, pseudo_a, pseudo_b, ignore_index):
+    for name, x in (("logits_a", logits_a), ("logits_b", logits_b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"cps_loss: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"cps_loss: {name} has dtype {x.dtype}; expected float32, float16 or bfloat16 logits")
+        if x.dim() not in (2, 4):
+            raise ValueError(
+                f"cps_loss: {name} has shape {tuple(x.shape)}; expected (N, C, H, W) or (P, C) logits"
+            )
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(
+            f"cps_loss: logits_a has shape {tuple(logits_a.shape)} but logits_b has shape "
+            f"{tuple(logits_b.shape)}; the two branches' logits must have the same shape"
+        )
+    if logits_a.dtype != logits_b.dtype:
+        raise TypeError(f"cps_loss: logits_a is {logits_a.dtype} but logits_b is {logits_b.dtype}; expected one dtype")
+    if logits_a.device != logits_b.device:
+        raise ValueError(f"cps_loss: logits_a is on {logits_a.device} but logits_b is on {logits_b.device}")
+    C = logits_a.shape[1]
+    if C < 2:
+        raise ValueError(f"cps_loss: the logits have C = {C} classes (dim 1 of {tuple(logits_a.shape)}); expected C >= 2")
+    label_shape = (logits_a.shape[0],) + tuple(logits_a.shape[2:])
+    for name, y in (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)):
+        if y is None:
+            continue
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"cps_loss: {name} must be a torch.Tensor or None, got {type(y).__name__}")
+        if y.dtype not in _LABEL_DTYPES:
+            raise TypeError(f"cps_loss: {name} has dtype {y.dtype}; expected integer labels (uint8, int32 or int64)")
+        if tuple(y.shape) != label_shape:
+            raise ValueError(
+                f"cps_loss: {name} has shape {tuple(y.shape)}; expected {label_shape} "
+                f"to match logits of shape {tuple(logits_a.shape)}"
+            )
+        if y.device != logits_a.device:
+            raise ValueError(f"cps_loss: {name} is on {y.device} but the logits are on {logits_a.device}")
+    if not (-(2**31) <= ignore_index < 2**31):
+        raise ValueError(f"cps_loss: ignore_index={ignore_index} does not fit in int32")
+    if 0 <= ignore_index < C:
+        raise ValueError(
+            f"cps_loss: ignore_index={ignore_index} is also a class of the C = {C} logits, so a pixel "
+            f"labelled {ignore_index} is ambiguous; pass an ignore_index outside [0, {C}), e.g. -1"
+        )
+
+
+def _validate_labels(name: str, y: torch.Tensor, C: int, ignore_index: int) -> None:
+    """Raise if ``y`` holds a value outside [0, C) that is not ``ignore_index`` (synchronises)."""
+    bad = ((y < 0) | (y >= C)) & (y != ignore_index)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(y[idx])
+        raise ValueError(
+            f"cps_loss: {name} has value {value} at index {idx}, outside [0, {C}) and not "
+            f"ignore_index ({ignore_index})"
+        )
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _as_ncl(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, H*W) view; (P, C) -> (1, C, P) view. Copies only if H and W cannot merge."""
+    if x.dim() == 2:
+        return x.t().unsqueeze(0)
+    v = x.flatten(2)
+    return v
+
+
+def _as_nl(y: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if y is None:
+        return None
+    return y.reshape(n, -1)
+
+
+def _count_valid(y: torch.Tensor | None, C: int, ignore_index: int, default: float, device) -> torch.Tensor:
+    """Number of labels in [0, C) as a float32 device scalar; ``default`` when ``y`` is None."""
+    if y is None:
+        return torch.full((), default, dtype=torch.float32, device=device)
+    valid = (y != ignore_index) & (y >= 0) & (y < C)
+    return valid.sum(dtype=torch.float32)
+
+
+def _launch(backend, a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index):
+    if backend == "triton":
+        from .kernels import cps_loss as triton_ops
+
+        return triton_ops.cps_loss_fwd(a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index)
+    if backend in ("cuda", "cpu"):
+        return backends.extension().cps_loss_forward(
+            a3, b3, t2, pa2, pb2, counts, ga3, gb3, float(cps_weight), int(ignore_index)
+        )
+    return _torch_fwd(a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index)
+
+
+def _torch_fwd(a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index):
+    """The kernel contract in plain PyTorch (float32 math), for any device."""
+    C = a3.shape[1]
+    a, b = a3.float(), b3.float()
+    log_pa = torch.log_softmax(a, dim=1)  # (N, C, L)
+    log_pb = torch.log_softmax(b, dim=1)
+    pa2 = a.argmax(dim=1) if pa2 is None else pa2
+    pb2 = b.argmax(dim=1) if pb2 is None else pb2
+
+    def onehot(lab):
+        """(N, C, L) one-hot of the valid labels (all zero where ignored or out of range)."""
+        lab = lab.long()
+        valid = (lab != ignore_index) & (lab >= 0) & (lab < C)
+        hot = torch.zeros_like(a).scatter_(1, torch.where(valid, lab, 0).unsqueeze(1), 1.0)
+        return hot * valid.unsqueeze(1)
+
+    hot_t = onehot(t2) if t2 is not None else torch.zeros_like(a)
+    hot_pa, hot_pb = onehot(pa2), onehot(pb2)
+    sums = torch.stack([
+        -(hot_t * (log_pa + log_pb)).sum(),
+        -(hot_pb * log_pa).sum(),
+        -(hot_pa * log_pb).sum(),
+    ])
+    if ga3 is not None:
+        inv = 1.0 / counts.clamp_min(1.0)
+        w = float(cps_weight)
+        # d/dx of  sum_p [ct_p * CE(x_p, y_p)] = ct_p * (softmax(x_p) - onehot(y_p))
+        target_a = hot_t * inv[0] + hot_pb * (w * inv[2])
+        target_b = hot_t * inv[0] + hot_pa * (w * inv[1])
+        ga3.copy_(log_pa.exp() * target_a.sum(1, keepdim=True) - target_a)
+        gb3.copy_(log_pb.exp() * target_b.sum(1, keepdim=True) - target_b)
+    return sums
+
+
+def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad *= grad_output in place, without a host synchronisation on CUDA."""
+    if grad.is_cuda:
+        if backends.triton_import_error() is None:
+            from .kernels import cps_loss as triton_ops
+
+            triton_ops.scale_(grad, grad_output)  # exits early on the device when grad_output == 1
+        else:
+            grad.mul_(grad_output.to(grad.dtype))
+    elif float(grad_output) != 1.0:  # CPU: reading the scalar costs nothing
+        grad.mul_(grad_output.to(grad.dtype))
+
+
+class CPSLossFunction(torch.autograd.Function):
+    """Forward computes the loss and both gradients; backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, logits_a, logits_b, target, pseudo_a, pseudo_b, cps_weight, ignore_index, backend):
+        N, C = logits_a.shape[0], logits_a.shape[1]
+        a3, b3 = _as_ncl(logits_a), _as_ncl(logits_b)
+        n_rows = a3.shape[0]
+        t2, pa2, pb2 = (_as_nl(y, n_rows) for y in (target, pseudo_a, pseudo_b))
+        numel = a3.shape[0] * a3.shape[2]
+        dev = logits_a.device
+        counts = torch.stack([
+            _count_valid(t2, C, ignore_index, 0.0, dev),
+            _count_valid(pa2, C, ignore_index, float(numel), dev),
+            _count_valid(pb2, C, ignore_index, float(numel), dev),
+        ])
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_a = _empty_like(logits_a) if need_grad else None
+        grad_b = _empty_like(logits_b) if need_grad else None
+        ga3 = _as_ncl(grad_a) if need_grad else None
+        gb3 = _as_ncl(grad_b) if need_grad else None
+        if need_grad and (ga3.stride() != a3.stride() or gb3.stride() != b3.stride()):
+            # a layout empty_like cannot reproduce (e.g. a sliced view): compute on dense copies
+            a3, b3 = a3.contiguous(), b3.contiguous()
+            grad_a, grad_b = _empty_like(a3), _empty_like(b3)
+            ga3, gb3 = grad_a, grad_b
+            grad_a_view = (ga3.squeeze(0).t() if logits_a.dim() == 2 else ga3.view(logits_a.shape))
+            grad_b_view = (gb3.squeeze(0).t() if logits_b.dim() == 2 else gb3.view(logits_b.shape))
+        else:
+            grad_a_view, grad_b_view = grad_a, grad_b
+        sums = _launch(backend, a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index)
+        inv = 1.0 / counts.clamp_min(1.0)
+        sup = sums[0] * inv[0]
+        cps = sums[1] * inv[2] + sums[2] * inv[1]
+        loss = sup + cps_weight * cps
+        if need_grad:
+            ctx.save_for_backward(grad_a_view, grad_b_view)
+        ctx.used = False
+        ctx.mark_non_differentiable(sup, cps)
+        return loss, sup, cps
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sup, _grad_cps):
+        if ctx.used:
+            raise RuntimeError(
+                "cps_loss: backward ran twice through the same loss (retain_graph=True); the fused "
+                "loss scales its stored gradients in place, so call cps_loss again instead"
+            )
+        ctx.used = True
+        grad_a, grad_b = ctx.saved_tensors
+        for g in (grad_a, grad_b):
+            _scale_grad_(g, grad_loss)
+        return (grad_a if ctx.needs_input_grad[0] else None,
+                grad_b if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None)
+
+
+def cps_loss(
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    pseudo_a: torch.Tensor | None = None,
+    pseudo_b: torch.Tensor | None = None,
+    cps_weight: float = 1.0,
+    ignore_index: int = 255,
+    backend: str | None = None,
+    return_parts: bool = False,
+    validate: bool | None = None,
+):
+    """Fused Cross Pseudo Supervision loss of two branches.
+
+    Args:
+        logits_a, logits_b: the branches' logits, ``(N, C, H, W)`` (NCHW or
+            channels_last, read in place) or ``(P, C)``; float32/float16/bfloat16.
+        target: ``(N, H, W)`` / ``(P,)`` integer labels, ``ignore_index`` where
+            unlabeled; None for no supervised term.
+        pseudo_a, pseudo_b: labels made by branch a (supervising b) and by
+            branch b (supervising a); default: argmax of that branch, computed in
+            the kernel (ties to the lowest class). May contain ``ignore_index``.
+        cps_weight: weight of the cross term.
+        ignore_index: label value to skip.
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None/"auto"
+            (``$CPS_FAST_BACKEND`` applies when None).
+        return_parts: also return ``sup`` and ``cps``, detached, as device scalars.
+        validate: check that labels lie in ``[0, C)`` or equal ``ignore_index``.
+            Default: on for CPU tensors, off for CUDA tensors (the check reads a
+            value back to the host); never done while a CUDA graph is captured.
+
+    Returns:
+        the float32 scalar ``sup + cps_weight * cps``, or ``(loss, sup, cps)``.
+    """
+    _check_inputs(logits_a, logits_b, target, pseudo_a, pseudo_b, ignore_index)
+    C = logits_a.shape[1]
+    if validate is None:
+        validate = not logits_a.is_cuda
+    if validate and not (logits_a.is_cuda and torch.cuda.is_current_stream_capturing()):
+        for name, y in (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)):
+            if y is not None:
+                _validate_labels(name, y, C, ignore_index)
+    name = backends.select_backend(logits_a.device, backend)
+    loss, sup, cps = CPSLossFunction.apply(
+        logits_a, logits_b, target, pseudo_a, pseudo_b, float(cps_weight), int(ignore_index), name
+    )
+    if return_parts:
+        return loss, sup, cps
+    return loss
+
+
+class CPSLoss(nn.Module):
+    """Module form of :func:`cps_loss`; ``forward(logits_a, logits_b, target=None, **kw)``."""
+
+    def __init__(self, cps_weight: float = 1.0, ignore_index: int = 255, backend: str | None = None,
+                 return_parts: bool = False):
+        super().__init__()
+        self.cps_weight = float(cps_weight)
+        self.ignore_index = int(ignore_index)
+        self.backend = backend
+        self.return_parts = return_parts
+
+    def forward(self, logits_a, logits_b, target=None, *, pseudo_a=None, pseudo_b=None):
+        return cps_loss(
+            logits_a, logits_b, target, pseudo_a=pseudo_a, pseudo_b=pseudo_b, cps_weight=self.cps_weight,
+            ignore_index=self.ignore_index, backend=self.backend, return_parts=self.return_parts,
+        )
+
+    def extra_repr(self) -> str:
+        return f"cps_weight={self.cps_weight}, ignore_index={self.ignore_index}, backend={self.backend}"

@@ -1,0 +1,286 @@
+"""Triton kernels of the fused CPS loss and their host launchers.
+
+The kernel contract (shapes, the meaning of ``counts`` and of the returned sums)
+is in the docstring of :mod:`cps_fast.loss`. A program owns ``BLOCK_P`` pixels
+and the whole class axis:
+
+* ``C <= MAX_TILE_C``: one ``[BLOCK_P, BLOCK_C]`` tile per tensor lives in
+  registers; max, argmax, log-sum-exp, label gathers and both gradients are
+  computed from it, so each logits element is read once and each gradient
+  element written once.
+* larger ``C``: an online softmax over class blocks (running max, rescaled sum,
+  running argmax) in a first sweep, label logits gathered by address, and a
+  second sweep that writes the gradients (the re-read mostly hits L2).
+
+Pixel ``p`` of the ``(N, C, L)`` view is at ``n * s_n + l * s_l + c * s_c`` with
+``n, l = divmod(p, L)``, so NCHW (``s_c = L``, ``s_l = 1``) and channels_last
+(``s_c = 1``, ``s_l = C``) are both read in place. Triton specialises integer
+arguments equal to 1, so each layout compiles to its own coalesced variant.
+All arithmetic is float32; loads are cast to float32 first (the interpreter
+computes bfloat16 arithmetic wrongly otherwise).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TILE_C = 256  # widest class axis kept in one register tile
+LOOP_BLOCK_C = 64  # class block of the online-softmax path
+TILE_ELEMS = 4096  # elements of one [BLOCK_P, BLOCK_C] tile
+
+
+@triton.jit
+def _load_labels(ptr, n, l, s_n, s_l, pmask, ignore_index, C, HAS: tl.constexpr):
+    """Labels of the tile's pixels as int32 and their validity (in range and not ignored)."""
+    if HAS:
+        lab = tl.load(ptr + n * s_n + l * s_l, mask=pmask, other=ignore_index).to(tl.int32)
+        valid = pmask & (lab != ignore_index) & (lab >= 0) & (lab < C)
+    else:  # no labels: class -1 matches no column and every pixel is invalid
+        lab = tl.full(n.shape, -1, dtype=tl.int32)
+        valid = lab >= 0
+    return lab, valid
+
+
+@triton.jit
+def _cps_loss_tile_kernel(
+    a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr,
+    P, L, C,
+    s_an, s_ac, s_al, s_bn, s_bc, s_bl,
+    s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl,
+    cps_weight, ignore_index,
+    HAS_T: tl.constexpr, HAS_PA: tl.constexpr, HAS_PB: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    pmask = p < P
+    n = p // L
+    l = p - n * L
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    m2 = pmask[:, None] & cmask[None, :]
+    c64 = c.to(tl.int64)[None, :]
+
+    a_off = (n * s_an + l * s_al)[:, None] + c64 * s_ac
+    b_off = (n * s_bn + l * s_bl)[:, None] + c64 * s_bc
+    xa = tl.load(a_ptr + a_off, mask=m2, other=float("-inf")).to(tl.float32)
+    xb = tl.load(b_ptr + b_off, mask=m2, other=float("-inf")).to(tl.float32)
+
+    # max and argmax (ties to the lowest class, as torch.argmax)
+    ma = tl.where(pmask, tl.max(xa, axis=1), 0.0)
+    mb = tl.where(pmask, tl.max(xb, axis=1), 0.0)
+    arg_a = tl.min(tl.where(xa == ma[:, None], c[None, :], BLOCK_C), axis=1)
+    arg_b = tl.min(tl.where(xb == mb[:, None], c[None, :], BLOCK_C), axis=1)
+    ea = tl.exp(xa - ma[:, None])
+    eb = tl.exp(xb - mb[:, None])
+    sa = tl.where(pmask, tl.sum(ea, axis=1), 1.0)  # padding rows: keep log and division finite
+    sb = tl.where(pmask, tl.sum(eb, axis=1), 1.0)
+    lse_a = ma + tl.log(sa)
+    lse_b = mb + tl.log(sb)
+
+    t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
+    if HAS_PA:
+        pa, vpa = _load_labels(pa_ptr, n, l, s_pan, s_pal, pmask, ignore_index, C, True)
+    else:
+        pa, vpa = arg_a, pmask
+    if HAS_PB:
+        pb, vpb = _load_labels(pb_ptr, n, l, s_pbn, s_pbl, pmask, ignore_index, C, True)
+    else:
+        pb, vpb = arg_b, pmask
+
+    hit_t = c[None, :] == t[:, None]
+    hit_pa = c[None, :] == pa[:, None]
+    hit_pb = c[None, :] == pb[:, None]
+    xa_t = tl.sum(tl.where(hit_t, xa, 0.0), axis=1)
+    xb_t = tl.sum(tl.where(hit_t, xb, 0.0), axis=1)
+    xa_pb = tl.sum(tl.where(hit_pb, xa, 0.0), axis=1)
+    xb_pa = tl.sum(tl.where(hit_pa, xb, 0.0), axis=1)
+
+    s_sup = tl.sum(tl.where(vt, (lse_a - xa_t) + (lse_b - xb_t), 0.0), axis=0)
+    s_apb = tl.sum(tl.where(vpb, lse_a - xa_pb, 0.0), axis=0)
+    s_bpa = tl.sum(tl.where(vpa, lse_b - xb_pa, 0.0), axis=0)
+    tl.store(part_ptr + pid * 3 + 0, s_sup)
+    tl.store(part_ptr + pid * 3 + 1, s_apb)
+    tl.store(part_ptr + pid * 3 + 2, s_bpa)
+
+    if WRITE_GRAD:
+        inv_t = 1.0 / tl.maximum(tl.load(counts_ptr + 0), 1.0)
+        inv_pa = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
+        inv_pb = 1.0 / tl.maximum(tl.load(counts_ptr + 2), 1.0)
+        ct = tl.where(vt, inv_t, 0.0)
+        cpb = tl.where(vpb, cps_weight * inv_pb, 0.0)  # CE(a, pb) weight per pixel
+        cpa = tl.where(vpa, cps_weight * inv_pa, 0.0)  # CE(b, pa) weight per pixel
+        ga = ea * ((ct + cpb) / sa)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pb, cpb[:, None], 0.0)
+        gb = eb * ((ct + cpa) / sb)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pa, cpa[:, None], 0.0)
+        tl.store(ga_ptr + a_off, ga.to(ga_ptr.dtype.element_ty), mask=m2)
+        tl.store(gb_ptr + b_off, gb.to(gb_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _online_stats(x_ptr, row_off, s_c, pmask, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Max, sum of exp(x - max) and argmax over the class axis, one class block at a time."""
+    m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_P,), tl.float32)
+    arg = tl.zeros((BLOCK_P,), tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        msk = pmask[:, None] & (c < C)[None, :]
+        x = tl.load(x_ptr + row_off[:, None] + c.to(tl.int64)[None, :] * s_c, mask=msk, other=float("-inf")).to(tl.float32)
+        bm = tl.max(x, axis=1)
+        barg = tl.min(tl.where(x == bm[:, None], c[None, :], C), axis=1)
+        arg = tl.where(bm > m, barg, arg)  # strictly greater: earlier blocks win ties
+        m_new = tl.maximum(m, bm)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        m = m_new
+    m = tl.where(pmask, m, 0.0)
+    s = tl.where(pmask, s, 1.0)
+    return m, s, arg
+
+
+@triton.jit
+def _gather(x_ptr, row_off, s_c, lab, valid):
+    return tl.load(x_ptr + row_off + lab.to(tl.int64) * s_c, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _write_grad_loop(x_ptr, g_ptr, row_off, s_c, pmask, C, m, s, coef, t, ct, pl, cpl,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        msk = pmask[:, None] & (c < C)[None, :]
+        off = row_off[:, None] + c.to(tl.int64)[None, :] * s_c
+        x = tl.load(x_ptr + off, mask=msk, other=float("-inf")).to(tl.float32)
+        g = tl.exp(x - m[:, None]) * (coef / s)[:, None]
+        g = g - tl.where(c[None, :] == t[:, None], ct[:, None], 0.0) - tl.where(c[None, :] == pl[:, None], cpl[:, None], 0.0)
+        tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _cps_loss_loop_kernel(
+    a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr,
+    P, L, C,
+    s_an, s_ac, s_al, s_bn, s_bc, s_bl,
+    s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl,
+    cps_weight, ignore_index,
+    HAS_T: tl.constexpr, HAS_PA: tl.constexpr, HAS_PB: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    pmask = p < P
+    n = p // L
+    l = p - n * L
+    a_row = n * s_an + l * s_al
+    b_row = n * s_bn + l * s_bl
+
+    ma, sa, arg_a = _online_stats(a_ptr, a_row, s_ac, pmask, C, BLOCK_P, BLOCK_C)
+    mb, sb, arg_b = _online_stats(b_ptr, b_row, s_bc, pmask, C, BLOCK_P, BLOCK_C)
+    lse_a = ma + tl.log(sa)
+    lse_b = mb + tl.log(sb)
+
+    t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
+    if HAS_PA:
+        pa, vpa = _load_labels(pa_ptr, n, l, s_pan, s_pal, pmask, ignore_index, C, True)
+    else:
+        pa, vpa = arg_a, pmask
+    if HAS_PB:
+        pb, vpb = _load_labels(pb_ptr, n, l, s_pbn, s_pbl, pmask, ignore_index, C, True)
+    else:
+        pb, vpb = arg_b, pmask
+
+    xa_t = _gather(a_ptr, a_row, s_ac, t, vt)
+    xb_t = _gather(b_ptr, b_row, s_bc, t, vt)
+    xa_pb = _gather(a_ptr, a_row, s_ac, pb, vpb)
+    xb_pa = _gather(b_ptr, b_row, s_bc, pa, vpa)
+    s_sup = tl.sum(tl.where(vt, (lse_a - xa_t) + (lse_b - xb_t), 0.0), axis=0)
+    s_apb = tl.sum(tl.where(vpb, lse_a - xa_pb, 0.0), axis=0)
+    s_bpa = tl.sum(tl.where(vpa, lse_b - xb_pa, 0.0), axis=0)
+    tl.store(part_ptr + pid * 3 + 0, s_sup)
+    tl.store(part_ptr + pid * 3 + 1, s_apb)
+    tl.store(part_ptr + pid * 3 + 2, s_bpa)
+
+    if WRITE_GRAD:
+        inv_t = 1.0 / tl.maximum(tl.load(counts_ptr + 0), 1.0)
+        inv_pa = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
+        inv_pb = 1.0 / tl.maximum(tl.load(counts_ptr + 2), 1.0)
+        ct = tl.where(vt, inv_t, 0.0)
+        cpb = tl.where(vpb, cps_weight * inv_pb, 0.0)
+        cpa = tl.where(vpa, cps_weight * inv_pa, 0.0)
+        _write_grad_loop(a_ptr, ga_ptr, a_row, s_ac, pmask, C, ma, sa, ct + cpb, t, ct, pb, cpb, BLOCK_P, BLOCK_C)
+        _write_grad_loop(b_ptr, gb_ptr, b_row, s_bc, pmask, C, mb, sb, ct + cpa, t, ct, pa, cpa, BLOCK_P, BLOCK_C)
+
+
+@triton.jit
+def _scale_kernel(g_ptr, s_ptr, numel, BLOCK: tl.constexpr):
+    s = tl.load(s_ptr).to(tl.float32)
+    if s != 1.0:  # decided on the device: no host synchronisation, no traffic when grad_output == 1
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        msk = offs < numel
+        g = tl.load(g_ptr + offs, mask=msk).to(tl.float32)
+        tl.store(g_ptr + offs, (g * s).to(g_ptr.dtype.element_ty), mask=msk)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _block_sizes(C: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_P, BLOCK_C, num_warps, tiled) for a class axis of size C."""
+    if C <= MAX_TILE_C:
+        block_c = triton.next_power_of_2(C)
+        block_p = max(16, min(256, TILE_ELEMS // block_c))
+        return block_p, block_c, 8 if block_c >= 64 else 4, True
+    return 64, LOOP_BLOCK_C, 4, False
+
+
+def _label_args(y, dummy):
+    if y is None:
+        return dummy, 0, 0, False
+    return y, y.stride(0), y.stride(1), True
+
+
+def cps_loss_fwd(a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index):
+    """Launch the fused kernel on ``(N, C, L)`` views; returns the float32 ``[3]`` sums."""
+    N, C, L = a3.shape
+    P = N * L
+    block_p, block_c, num_warps, tiled = _block_sizes(C)
+    grid = (triton.cdiv(P, block_p),)
+    partials = torch.empty((grid[0], 3), dtype=torch.float32, device=a3.device)
+    write_grad = ga3 is not None
+    t, s_tn, s_tl, has_t = _label_args(t2, counts)
+    pa, s_pan, s_pal, has_pa = _label_args(pa2, counts)
+    pb, s_pbn, s_pbl, has_pb = _label_args(pb2, counts)
+    kernel = _cps_loss_tile_kernel if tiled else _cps_loss_loop_kernel
+    kernel[grid](
+        a3, b3, ga3 if write_grad else a3, gb3 if write_grad else b3, t, pa, pb, counts, partials,
+        P, L, C,
+        a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1), b3.stride(2),
+        s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl,
+        float(cps_weight), int(ignore_index),
+        HAS_T=has_t, HAS_PA=has_pa, HAS_PB=has_pb, WRITE_GRAD=write_grad,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return partials.sum(dim=0)
+
+
+def _flat_storage_view(g: torch.Tensor) -> torch.Tensor:
+    """A 1-D view over a dense tensor's memory, whatever its dimension order."""
+    if g.is_contiguous():
+        return g.view(-1)
+    order = sorted(range(g.dim()), key=lambda d: -g.stride(d))
+    dense = g.permute(order)
+    if not dense.is_contiguous():
+        raise ValueError(f"scale_: gradient with shape {tuple(g.shape)} and strides {g.stride()} is not dense")
+    return dense.view(-1)
+
+
+def scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """``grad *= grad_output`` in place; the kernel returns at once when ``grad_output == 1``."""
+    flat = _flat_storage_view(grad)
+    numel = flat.numel()
+    if numel == 0:
+        return grad
+    block = 4096
+    _scale_kernel[(triton.cdiv(numel, block),)](flat, grad_output.reshape(1), numel, BLOCK=block, num_warps=8)
+    return grad
