@@ -1,0 +1,31 @@
+"""Data: datasets and split lists, DALI and PyTorch loaders, CutMix box masks.
+
+DALI is imported lazily (only when a ``dali-*`` backend is built), so this
+package imports without it.
+"""
+from .cutmix import box_masks
+from .datasets import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_ID_TO_TRAINID,
+    CITYSCAPES_PALETTE,
+    VOC_CLASSES,
+    VOC_PALETTE,
+    CityscapesDataset,
+    DataError,
+    VOCDataset,
+    open_dataset,
+    read_image,
+    read_label,
+)
+from .loaders import BACKENDS, labeled_loader, resolve_backend, unlabeled_loader
+from .splits import SampleSchedule, partition, read_list, read_partition, repeat_to_length, write_splits
+from .splits import main as splits_main
+from .synthetic import SYNTHETIC_CLASSES, SyntheticDataset, write_voc
+
+__all__ = [
+    "BACKENDS", "CITYSCAPES_CLASSES", "CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_PALETTE",
+    "CityscapesDataset", "DataError", "SYNTHETIC_CLASSES", "SampleSchedule", "SyntheticDataset",
+    "VOC_CLASSES", "VOC_PALETTE", "VOCDataset", "box_masks", "labeled_loader", "open_dataset",
+    "partition", "read_image", "read_label", "read_list", "read_partition", "repeat_to_length",
+    "resolve_backend", "splits_main", "unlabeled_loader", "write_splits", "write_voc",
+]

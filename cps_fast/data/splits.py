@@ -1,0 +1,254 @@
+"""Split lists: reading both published formats, writing seeded partitions, and
+the per-epoch sample schedule (labeled list repeated to the unlabeled length).
+
+List formats (one entry per line, blank lines and ``#`` comments skipped):
+
+* one id per line, as the VOC ``ImageSets`` and the CPS VOC partition lists
+  (``2007_000032``), or a Cityscapes stem (``aachen/aachen_000000_000019``);
+* ``image_path label_path`` relative to the dataset root, separated by spaces
+  or a tab, as the DeepLab/CPS lists (``JPEGImages/2007_000032.jpg
+  SegmentationClassAug/2007_000032.png``; a leading ``/`` is ignored).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "ListEntry",
+    "read_list",
+    "read_partition",
+    "partition",
+    "write_splits",
+    "repeat_to_length",
+    "SampleSpec",
+    "SampleSchedule",
+    "main",
+]
+
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    """One list line: an id (``image_is_id``) or an image path with an optional label path."""
+
+    image: str
+    label: Optional[str] = None
+    image_is_id: bool = False
+
+
+def read_list(path: str) -> list[ListEntry]:
+    """Parse a split list in either published format; errors name the file and line."""
+    from .datasets import DataError
+
+    if path is None or not os.path.isfile(path):
+        raise DataError(f"list file {path} does not exist")
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) > 2:
+                raise DataError(
+                    f"list file {path} line {lineno} has {len(parts)} fields ({line!r}); expected "
+                    "an id or 'image_path label_path'")
+            parts = [p.lstrip("/") for p in parts]
+            if len(parts) == 2:
+                entries.append(ListEntry(parts[0], parts[1], False))
+            else:
+                is_path = parts[0].lower().endswith(_IMAGE_EXTS)
+                entries.append(ListEntry(parts[0], None, not is_path))
+    if not entries:
+        raise DataError(f"list file {path} is empty")
+    return entries
+
+
+def read_partition(labeled_list: str, unlabeled_list: str) -> tuple[list[ListEntry], list[ListEntry]]:
+    """Read a labeled/unlabeled pair of lists and check that they are disjoint."""
+    from .datasets import DataError
+
+    lab, unl = read_list(labeled_list), read_list(unlabeled_list)
+    common = {e.image for e in lab} & {e.image for e in unl}
+    if common:
+        raise DataError(
+            f"lists {labeled_list} and {unlabeled_list} share {len(common)} images, e.g. {sorted(common)[0]}")
+    return lab, unl
+
+
+def _parse_fraction(p) -> Fraction | int:
+    if isinstance(p, (int, Fraction)):
+        return p
+    s = str(p).strip().replace("-", "/")
+    if "/" in s or "." in s:
+        return Fraction(s)
+    return int(s)
+
+
+def partition(n: int, amount, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded labeled/unlabeled partition of ``range(n)``.
+
+    ``amount`` is a fraction (``"1/8"``, ``0.125``, ``Fraction(1, 8)``) or a count.
+    Returns sorted (labeled, unlabeled) index arrays, disjoint and covering ``range(n)``.
+    """
+    a = _parse_fraction(amount)
+    k = int(a) if isinstance(a, int) else max(1, int(round(float(a) * n)))
+    if not 0 < k <= n or (isinstance(a, Fraction) and not 0 < a <= 1):
+        raise ValueError(f"partition amount {amount!r} gives {k} labeled of {n}; expected 1..{n}")
+    perm = np.random.default_rng([int(seed), 0x5EED]).permutation(n)
+    return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+def _dataset_lines(dataset) -> list[str]:
+    lines = []
+    for i in range(len(dataset)):
+        img, lab = dataset.paths(i)
+        rel_img = os.path.relpath(img, dataset.root)
+        rel_lab = os.path.relpath(lab, dataset.root) if lab else None
+        lines.append(f"{rel_img} {rel_lab}" if rel_lab else rel_img)
+    return lines
+
+
+def write_splits(dataset_name: str, root: str, out_dir: str,
+                 partitions: Sequence = ("1/16", "1/8", "1/4", "1/2"), seed: int = 0,
+                 split: str = "train", list_file: Optional[str] = None) -> list[tuple[str, str]]:
+    """Write ``<split>_labeled_<p>.txt`` / ``<split>_unlabeled_<p>.txt`` for each partition.
+
+    Lines are ``image_path label_path`` relative to ``root`` (readable by
+    :func:`read_list`). Deterministic for a given seed; the pairs are disjoint and
+    cover the train set. Returns the written (labeled, unlabeled) paths.
+    """
+    from .datasets import open_dataset
+
+    ds = open_dataset(dataset_name, root, split=split, list_file=list_file)
+    if not hasattr(ds, "paths"):
+        raise ValueError(f"dataset {dataset_name!r} at {root!r} is not file-backed; write it to disk first")
+    lines = _dataset_lines(ds)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for p in partitions:
+        lab, unl = partition(len(lines), p, seed)
+        tag = str(p).replace("/", "-")
+        paths = (os.path.join(out_dir, f"{split}_labeled_{tag}.txt"),
+                 os.path.join(out_dir, f"{split}_unlabeled_{tag}.txt"))
+        for path, idx in zip(paths, (lab, unl)):
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(lines[i] + "\n" for i in idx)
+        written.append(paths)
+    return written
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    """``cps-fast splits``: write seeded labeled/unlabeled partitions for a dataset root."""
+    ap = argparse.ArgumentParser(
+        prog="cps-fast splits",
+        description="Write deterministic labeled/unlabeled partition lists for a dataset root.")
+    ap.add_argument("dataset", choices=["voc", "cityscapes", "synthetic"])
+    ap.add_argument("root", help="dataset root folder")
+    ap.add_argument("--out", required=True, help="folder for the list files")
+    ap.add_argument("--partitions", nargs="+", default=["1/16", "1/8", "1/4", "1/2"],
+                    help="fractions (1/8) or labeled counts (662)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="train", help="which split to partition (default train)")
+    ap.add_argument("--list-file", default=None, help="list of the train set (default: the dataset's own)")
+    args = ap.parse_args(None if argv is None else list(argv))
+    for lab, unl in write_splits(args.dataset, args.root, args.out, args.partitions, args.seed,
+                                 args.split, args.list_file):
+        n_l = sum(1 for _ in open(lab, encoding="utf-8"))
+        n_u = sum(1 for _ in open(unl, encoding="utf-8"))
+        print(f"{lab}: {n_l} labeled   {unl}: {n_u} unlabeled")
+    return 0
+
+
+# --------------------------------------------------------------------------- sampling
+
+def repeat_to_length(n: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one epoch of ``length`` samples drawn from a list of ``n``.
+
+    Reference semantics (TorchSemiSeg ``BaseDataset._construct_new_file_names``):
+    the list repeated ``length // n`` times, plus ``length % n`` distinct entries
+    chosen at random; when ``length < n`` the first ``length`` entries. (The
+    reference's DataLoader then shuffles; :class:`SampleSchedule` does too.)
+    """
+    if n <= 0:
+        raise ValueError("cannot sample from an empty list")
+    if length < n:
+        return np.arange(length)
+    rest = rng.permutation(n)[: length % n]
+    return np.concatenate([np.tile(np.arange(n), length // n), rest])
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sample of a batch: dataset index and its augmentation draws.
+
+    ``uy``/``ux`` in [0, 1) place the crop: anchor = round(u * (H - crop)) when the
+    scaled image is at least the crop, else the image is centred in the padding.
+    """
+
+    index: int
+    scale: float
+    flip: bool
+    uy: float
+    ux: float
+
+
+class SampleSchedule:
+    """Deterministic epochs of batches for one rank.
+
+    Epoch ``e`` draws from ``np.random.default_rng([seed, stream, e])``: the index
+    order (:func:`repeat_to_length` then a shuffle) and every sample's scale, flip
+    and crop position. All ranks compute the same epoch and take disjoint slices,
+    so results depend on (seed, stream, epoch, rank, world size) only, never on
+    worker counts or backend.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, length: Optional[int] = None, seed: int = 0,
+                 stream: int = 0, rank: int = 0, world_size: int = 1,
+                 scales: Sequence[float] = (1.0,), flip: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.n, self.batch_size = int(n), int(batch_size)
+        self.length = int(length) if length is not None else self.n
+        self.seed, self.stream = int(seed), int(stream)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.scales = np.asarray(tuple(scales) or (1.0,), dtype=np.float64)
+        self.flip = bool(flip)
+        self.iters_per_epoch = self.length // (self.batch_size * self.world_size)
+        if self.iters_per_epoch == 0:
+            raise ValueError(
+                f"an epoch of {self.length} samples is shorter than one global batch "
+                f"({self.batch_size} x {self.world_size} ranks)")
+
+    def __len__(self) -> int:
+        return self.iters_per_epoch
+
+    def epoch(self, e: int) -> list[list[SampleSpec]]:
+        rng = np.random.default_rng([self.seed, self.stream, int(e)])
+        order = repeat_to_length(self.n, self.length, rng)
+        order = order[rng.permutation(len(order))]
+        m = len(order)
+        scale = self.scales[rng.integers(0, len(self.scales), m)]
+        flip = rng.random(m) < 0.5 if self.flip else np.zeros(m, bool)
+        uy, ux = rng.random(m), rng.random(m)
+        B, W = self.batch_size, self.world_size
+        batches = []
+        for k in range(self.iters_per_epoch):
+            start = (k * W + self.rank) * B
+            batches.append([SampleSpec(int(order[j]), float(scale[j]), bool(flip[j]),
+                                       float(uy[j]), float(ux[j])) for j in range(start, start + B)])
+        return batches
+
+
+if __name__ == "__main__":
+    sys.exit(main())
