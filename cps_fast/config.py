@@ -1,0 +1,519 @@
+"""The trainer's configuration: one flat, typed, frozen dataclass.
+
+Presets are flat Python files in ``cps_fast/configs/`` (one per paper row, plus
+``demo``), each a handful of ``key = value`` assignments on top of the defaults
+below, which carry the reference recipe shared by all rows. There is no
+inheritance between presets: what a preset does not assign is the default here.
+
+::
+
+    cfg = load_preset("voc_r50_1-8_cutmix")
+    cfg = apply_overrides(cfg, ["lr=0.005", "eval_scales=0.75,1,1.25", "pretrained=None"])
+    print(format_config(cfg))
+    save_config(cfg, "run/config.json")
+
+Overrides refuse unknown keys (suggesting the closest) and values that do not
+parse as the field's type, as nanoGPT's configurator does. docs/presets.md lists
+where every preset number comes from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "PRESET_DIR",
+    "apply_overrides",
+    "format_config",
+    "list_presets",
+    "load_config",
+    "load_preset",
+    "save_config",
+]
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or preset is invalid; the message says which and why."""
+
+
+def _f(default, section: str, help: str):
+    return field(default=default, metadata={"section": section, "help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a cps-fast training run (see ``format_config`` for a listing).
+
+    Batch sizes are global (summed over GPUs), as in the reference code; the data
+    loaders split them over ranks. Paths that are relative resolve against
+    ``data_root`` (list files) or ``weights_dir`` (``pretrained``).
+    """
+
+    # --- experiment
+    name: str = _f("custom", "experiment", "run name (the preset's name when loaded from one)")
+    method: Literal["cps", "supervised"] = _f(
+        "cps", "experiment", "'cps': two branches with cross pseudo supervision; 'supervised': labeled data only")
+    seed: int = _f(12345, "experiment", "random seed (reference: 12345)")
+
+    # --- data
+    dataset: Literal["voc", "cityscapes", "synthetic"] = _f("voc", "data", "dataset name for cps_fast.data.open_dataset")
+    data_root: Optional[str] = _f(None, "data", "dataset folder (or the synthetic spec string)")
+    num_classes: int = _f(21, "data", "number of classes (VOC 21, Cityscapes 19)")
+    partition: Optional[str] = _f(None, "data", "labeled fraction of the train set, e.g. '1/8' (informational)")
+    train_labeled: Optional[str] = _f(None, "data", "list file of labeled training items (relative to data_root)")
+    train_unlabeled: Optional[str] = _f(None, "data", "list file of unlabeled training items (relative to data_root)")
+    val_list: Optional[str] = _f(None, "data", "list file of the evaluation items (None: the dataset's 'val' split)")
+    crop_size: int = _f(512, "data", "training crop, square (VOC 512, Cityscapes 800)")
+    batch_size_labeled: int = _f(8, "data", "labeled images per step, global over all GPUs")
+    batch_size_unlabeled: int = _f(8, "data", "unlabeled images per step, global over all GPUs")
+    scales: tuple[float, ...] = _f((0.5, 0.75, 1.0, 1.5, 1.75, 2.0), "data", "random rescale factors")
+    flip: bool = _f(True, "data", "random horizontal flip")
+    mean: tuple[float, float, float] = _f((0.485, 0.456, 0.406), "data", "RGB mean of image/255")
+    std: tuple[float, float, float] = _f((0.229, 0.224, 0.225), "data", "RGB std of image/255")
+    ignore_index: int = _f(255, "data", "label value that is ignored")
+    data_backend: Literal["auto", "dali-gpu", "dali-cpu", "pytorch"] = _f("auto", "data", "loader backend")
+    num_workers: int = _f(4, "data", "loader worker processes/threads per rank")
+
+    # --- model
+    backbone: Literal["resnet18", "resnet50", "resnet101"] = _f("resnet50", "model", "DeepLabv3+ backbone")
+    output_stride: Literal[8, 16] = _f(16, "model", "backbone output stride (reference: 16, layer4 dilated)")
+    deep_stem: bool = _f(True, "model", "ResNet-v1c deep stem (three 3x3 convs)")
+    head_channels: int = _f(256, "model", "ASPP and decoder width (reference: 256; narrower for CPU experiments)")
+    pretrained: Optional[str] = _f(None, "model", "backbone weights file (relative to weights_dir); None = random init")
+    weights_dir: Optional[str] = _f(None, "model", "folder for relative 'pretrained' paths (None: current directory)")
+    sync_bn: bool = _f(True, "model", "SyncBatchNorm across GPUs under DDP (reference: yes)")
+
+    # --- optimisation
+    lr: float = _f(0.0025, "optim", "base learning rate of SGD (for the global batch; see lr_scaling)")
+    lr_scaling: Literal["none", "linear", "sqrt"] = _f(
+        "none", "optim", "scale lr with batch_size_labeled / lr_reference_batch")
+    lr_reference_batch: int = _f(8, "optim", "global labeled batch that 'lr' is meant for")
+    momentum: float = _f(0.9, "optim", "SGD momentum")
+    weight_decay: float = _f(1e-4, "optim", "SGD weight decay (not applied to normalisation parameters and biases)")
+    poly_power: float = _f(0.9, "optim", "poly schedule: lr * (1 - it / total) ** power, per iteration")
+    warmup_iters: int = _f(0, "optim", "linear warm-up iterations (reference: 0)")
+    epochs: int = _f(34, "optim", "epochs over the unlabeled set (the labeled list is repeated to match)")
+    iters_per_epoch: Optional[int] = _f(
+        None, "optim", "None: reference rule floor(max(n_labeled, n_unlabeled) / batch_size_unlabeled)")
+    max_iters: Optional[int] = _f(None, "optim", "total iterations; None: epochs * iters_per_epoch")
+
+    # --- CPS loss
+    cps_weight: float = _f(1.5, "loss", "weight of the cross pseudo supervision term")
+    cutmix: bool = _f(False, "loss", "CutMix the unlabeled images (two different images u0, u1)")
+    cutmix_n_boxes: int = _f(3, "loss", "boxes per CutMix mask")
+    cutmix_prop_range: tuple[float, float] = _f((0.25, 0.5), "loss", "range of the box area proportion")
+    sup_loss: Literal["ce", "ohem"] = _f("ce", "loss", "supervised loss: cross-entropy or OHEM cross-entropy")
+    ohem_thresh: float = _f(0.7, "loss", "OHEM: keep pixels whose true-class probability is below this")
+    ohem_min_kept: int = _f(50000, "loss", "OHEM: keep at least this many pixels per labeled image")
+    loss_backend: Optional[str] = _f(None, "loss", "force a cps_loss backend (triton|cuda|cpu|torch); None = auto")
+
+    # --- performance
+    amp: Literal["bf16", "fp16", "fp32"] = _f("bf16", "perf", "autocast dtype (fp16 uses a GradScaler)")
+    channels_last: bool = _f(True, "perf", "channels-last memory format end to end")
+    cuda_graph: bool = _f(True, "perf", "capture the training step in a CUDA graph")
+    compile: bool = _f(False, "perf", "torch.compile the model")
+
+    # --- evaluation
+    eval_every: int = _f(0, "eval", "evaluate every N iterations (0: only at the end)")
+    eval_crop_size: Optional[int] = _f(None, "eval", "sliding-window size (None: crop_size)")
+    eval_stride_rate: float = _f(2 / 3, "eval", "window stride as a fraction of the window (reference: 2/3)")
+    eval_flip: bool = _f(False, "eval", "average with the flipped image (reference: off)")
+    eval_scales: tuple[float, ...] = _f((1.0,), "eval", "test scales (reference: 1.0 only)")
+    eval_batch_size: int = _f(8, "eval", "images per forward when an image fits one window")
+    eval_max_items: Optional[int] = _f(None, "eval", "evaluate only the first N items (None: all)")
+
+    # --- logging and checkpoints
+    log_every: int = _f(50, "log", "print losses every N iterations (device scalars read only then)")
+    checkpoint_every: int = _f(0, "log", "save DIR/last.pt every N iterations (0: only at the end)")
+
+    # --- reference numbers (what a run of this preset should reach)
+    paper_miou: Optional[float] = _f(None, "reference", "published mIoU (%) of this row, CPS paper Tables 1-2")
+    paper_source: Optional[str] = _f(None, "reference", "where paper_miou and the recipe come from")
+
+    def __post_init__(self):
+        hints = _type_hints()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            try:
+                coerced = _coerce(value, hints[f.name])
+            except ConfigError as e:
+                raise ConfigError(f"config key {f.name!r}: {e}") from None
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        def need(cond: bool, key: str, expected: str) -> None:
+            if not cond:
+                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: expected {expected}")
+
+        need(self.num_classes >= 2, "num_classes", "at least 2")
+        need(self.crop_size >= 1, "crop_size", "a positive size in pixels")
+        need(self.batch_size_labeled >= 1, "batch_size_labeled", "at least 1")
+        need(self.batch_size_unlabeled >= 1, "batch_size_unlabeled", "at least 1")
+        need(len(self.scales) >= 1 and all(s > 0 for s in self.scales), "scales", "positive factors")
+        need(all(s > 0 for s in self.std), "std", "positive values")
+        need(0 <= self.ignore_index <= 255, "ignore_index", "a value in 0..255")
+        need(self.ignore_index >= self.num_classes, "ignore_index", f"not a class index (>= num_classes={self.num_classes})")
+        need(self.num_workers >= 0, "num_workers", ">= 0")
+        need(self.lr > 0, "lr", "a positive learning rate")
+        need(self.lr_reference_batch >= 1, "lr_reference_batch", "at least 1")
+        need(0 <= self.momentum < 1, "momentum", "a value in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(self.poly_power >= 0, "poly_power", ">= 0")
+        need(self.warmup_iters >= 0, "warmup_iters", ">= 0")
+        need(self.epochs >= 1, "epochs", "at least 1")
+        need(self.iters_per_epoch is None or self.iters_per_epoch >= 1, "iters_per_epoch", "None or at least 1")
+        need(self.max_iters is None or self.max_iters >= 1, "max_iters", "None or at least 1")
+        need(self.cps_weight >= 0, "cps_weight", ">= 0")
+        need(self.cutmix_n_boxes >= 1, "cutmix_n_boxes", "at least 1")
+        lo, hi = self.cutmix_prop_range
+        need(0 <= lo <= hi <= 1, "cutmix_prop_range", "(low, high) with 0 <= low <= high <= 1")
+        need(0 < self.ohem_thresh <= 1, "ohem_thresh", "a probability in (0, 1]")
+        need(self.ohem_min_kept >= 0, "ohem_min_kept", ">= 0")
+        need(self.loss_backend in (None, "triton", "cuda", "cpu", "torch"), "loss_backend",
+             "None or one of 'triton', 'cuda', 'cpu', 'torch'")
+        need(self.eval_every >= 0, "eval_every", ">= 0")
+        need(self.eval_crop_size is None or self.eval_crop_size >= 1, "eval_crop_size", "None or a positive size")
+        need(0 < self.eval_stride_rate <= 1, "eval_stride_rate", "a fraction in (0, 1]")
+        need(len(self.eval_scales) >= 1 and all(s > 0 for s in self.eval_scales), "eval_scales", "positive factors")
+        need(self.eval_batch_size >= 1, "eval_batch_size", "at least 1")
+        need(self.eval_max_items is None or self.eval_max_items >= 1, "eval_max_items", "None or at least 1")
+        need(self.log_every >= 1, "log_every", "at least 1")
+        need(self.checkpoint_every >= 0, "checkpoint_every", ">= 0")
+
+    # ------------------------------------------------------------ derived values
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes`` applied (validated; unknown keys refused)."""
+        _check_keys(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict (tuples become lists)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "dict") -> "Config":
+        """Build from a dict such as ``to_dict()`` wrote; unknown keys are refused."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(d).__name__}")
+        _check_keys(d, source)
+        return cls(**d)
+
+    @property
+    def eval_crop(self) -> int:
+        """The sliding-window size used for evaluation."""
+        return self.eval_crop_size if self.eval_crop_size is not None else self.crop_size
+
+    def effective_lr(self) -> float:
+        """``lr`` after the ``lr_scaling`` rule for the configured global batch."""
+        ratio = self.batch_size_labeled / self.lr_reference_batch
+        if self.lr_scaling == "linear":
+            return self.lr * ratio
+        if self.lr_scaling == "sqrt":
+            return self.lr * math.sqrt(ratio)
+        return self.lr
+
+    def per_rank_batch(self, world_size: int) -> tuple[int, int]:
+        """(labeled, unlabeled) images per rank; the global batches must divide evenly."""
+        if world_size < 1:
+            raise ConfigError(f"world_size must be at least 1, got {world_size}")
+        for key in ("batch_size_labeled", "batch_size_unlabeled"):
+            if getattr(self, key) % world_size:
+                raise ConfigError(
+                    f"config key {key!r} = {getattr(self, key)} is the global batch and must be divisible by "
+                    f"the number of processes ({world_size})"
+                )
+        return self.batch_size_labeled // world_size, self.batch_size_unlabeled // world_size
+
+    def iters_per_epoch_for(self, num_labeled: int, num_unlabeled: int) -> int:
+        """Iterations in one epoch. The reference's rule (``C.niters_per_epoch``):
+        an epoch passes every unlabeled image once, ``floor(max(n_l, n_u) / batch)``
+        (its config writes ``ceil(max_samples * 1.0 // batch_size)``, which is a floor).
+        Supervised runs count epochs over the labeled set."""
+        if self.iters_per_epoch is not None:
+            return self.iters_per_epoch
+        if self.method == "supervised":
+            return max(1, num_labeled // self.batch_size_labeled)
+        return max(1, max(num_labeled, num_unlabeled) // self.batch_size_unlabeled)
+
+    def total_iters(self, num_labeled: int, num_unlabeled: int) -> int:
+        """Total training iterations (``max_iters`` or ``epochs * iters_per_epoch``)."""
+        if self.max_iters is not None:
+            return self.max_iters
+        return self.epochs * self.iters_per_epoch_for(num_labeled, num_unlabeled)
+
+    def data_path(self, rel: Optional[str]) -> Optional[str]:
+        """A list-file path resolved against ``data_root`` (absolute paths unchanged)."""
+        if rel is None or os.path.isabs(rel) or self.data_root is None:
+            return rel
+        return os.path.join(self.data_root, rel)
+
+    def pretrained_path(self) -> Optional[str]:
+        """``pretrained`` resolved against ``weights_dir`` (absolute paths unchanged)."""
+        p = self.pretrained
+        if p is None or os.path.isabs(p) or self.weights_dir is None:
+            return p
+        return os.path.join(self.weights_dir, p)
+
+
+# ---------------------------------------------------------------- type handling
+
+_HINTS: Optional[dict] = None
+
+
+def _type_hints() -> dict:
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(Config)
+    return _HINTS
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + " or None"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        elem = getattr(args[0], "__name__", str(args[0]))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a comma-separated list of {elem}s"
+        return f"{len(args)} comma-separated {elem}s"
+    return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value, tp):
+    """Check ``value`` against the field type ``tp``; convert the harmless cases
+    (int -> float, list -> tuple). Raise ConfigError otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0])
+    if origin is Literal:
+        if isinstance(value, bool) or value not in args:
+            raise ConfigError(f"expected {_describe(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"expected {_describe(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            elem = [args[0]] * len(value)
+        else:
+            if len(value) != len(args):
+                raise ConfigError(f"expected {_describe(tp)}, got {len(value)} value(s): {value!r}")
+            elem = list(args)
+        out = tuple(_coerce(v, t) for v, t in zip(value, elem))
+        return value if isinstance(value, tuple) and out == value else out
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected {_describe(tp)}, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected {_describe(tp)}, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected {_describe(tp)}, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected {_describe(tp)}, got {value!r}")
+        return value
+    raise ConfigError(f"unsupported field type {tp}")  # pragma: no cover
+
+
+_TRUE = {"true", "1", "yes", "on", "y", "t"}
+_FALSE = {"false", "0", "no", "off", "n", "f"}
+_NONE = {"none", "null", "~"}
+
+
+def _parse_scalar(text: str, tp):
+    t = text.strip()
+    if tp is bool:
+        if t.lower() in _TRUE:
+            return True
+        if t.lower() in _FALSE:
+            return False
+        raise ValueError
+    if tp is int:
+        return int(t)
+    if tp is float:
+        if "/" in t:  # "2/3"
+            num, den = t.split("/", 1)
+            return float(num) / float(den)
+        return float(t)
+    if tp is str:
+        if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
+            return t[1:-1]
+        return t
+    raise ValueError
+
+
+def _parse(text: str, tp):
+    """Parse an override's text as type ``tp``; raise ValueError when it does not fit."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if text.strip().lower() in _NONE:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(text, inner[0])
+    if origin is Literal:
+        kind = type(args[0])
+        value = _parse_scalar(text, kind)
+        if value not in args:
+            raise ValueError
+        return value
+    if origin is tuple:
+        t = text.strip()
+        if t[:1] in "([" and t[-1:] in ")]":
+            t = t[1:-1]
+        parts = [p for p in (s.strip() for s in t.split(",")) if p]
+        elem = [args[0]] * len(parts) if (len(args) == 2 and args[1] is Ellipsis) else list(args)
+        if len(parts) != len(elem) or not parts:
+            raise ValueError
+        return tuple(_parse_scalar(p, e) for p, e in zip(parts, elem))
+    return _parse_scalar(text, tp)
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _check_keys(keys, source: str = "config") -> None:
+    names = _field_names()
+    for k in keys:
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"{source}: unknown config key {k!r}{hint} "
+                              f"(see `format_config` or docs/presets.md for the keys)")
+
+
+# ---------------------------------------------------------------- public helpers
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Return ``cfg`` with ``["key=value", ...]`` applied.
+
+    Values parse by the field's type: ints, floats (also ``2/3``), bools
+    (true/false/1/0/yes/no/on/off), strings, comma-separated tuples (``0.5,1.0``,
+    optionally in brackets), and ``None`` (also ``null``) for optional fields.
+    Unknown keys and values that do not parse raise :class:`ConfigError` naming the
+    key, what was given and what was expected."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    hints = _type_hints()
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key.startswith("--"):
+            key = key[2:]
+        _check_keys([key], f"override {item!r}")
+        tp = hints[key]
+        try:
+            changes[key] = _parse(text, tp)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(
+                f"override {item!r}: {key} expects {_describe(tp)}, got {text!r}"
+            ) from None
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ConfigError as e:
+        raise ConfigError(f"overrides {list(overrides)}: {e}") from None
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled presets (files in ``cps_fast/configs/``), sorted."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_preset(name: str) -> Config:
+    """Load a bundled preset by name, or a preset file by path (``*.py``).
+
+    A preset file is executed in an empty namespace; every public top-level name it
+    assigns must be a config key (modules and functions imported there are skipped).
+    """
+    path = Path(name)
+    if name.endswith(".py") or os.sep in name:
+        if not path.is_file():
+            raise ConfigError(f"preset file {name!r} does not exist")
+    else:
+        path = PRESET_DIR / f"{name}.py"
+        if not path.is_file():
+            names = list_presets()
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown preset {name!r}{hint} (available: {', '.join(names)})")
+    namespace: dict[str, Any] = {}
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+    except Exception as e:  # a syntax or name error inside the preset
+        raise ConfigError(f"preset {str(path)!r} failed to execute: {type(e).__name__}: {e}") from e
+    values = {
+        k: v for k, v in namespace.items()
+        if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"
+    }
+    values.setdefault("name", path.stem)
+    _check_keys(values, f"preset {str(path)!r}")
+    try:
+        return Config(**values)
+    except ConfigError as e:
+        raise ConfigError(f"preset {str(path)!r}: {e}") from None
+
+
+def format_config(cfg: Config) -> str:
+    """A readable listing: one ``key = value`` line per setting, grouped by section,
+    with a ``*`` on values that differ from the defaults."""
+    default = {f.name: f.default for f in dataclasses.fields(Config)}
+    width = max(len(n) for n in default)
+    lines, section = [f"config {cfg.name!r}  (* = differs from the default)"], None
+    for f in dataclasses.fields(cfg):
+        if f.metadata["section"] != section:
+            section = f.metadata["section"]
+            lines.append(f"[{section}]")
+        value = getattr(cfg, f.name)
+        mark = "*" if value != _coerce(default[f.name], _type_hints()[f.name]) else " "
+        shown = repr(value)
+        if isinstance(value, float) and len(shown) > 10:
+            shown = f"{value:.6g}"
+        lines.append(f" {mark} {f.name:<{width}} = {shown}")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
+    """Write ``cfg.to_dict()`` as indented JSON."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=False, allow_nan=False)
+        f.write("\n")
+
+
+def load_config(path: Union[str, os.PathLike]) -> Config:
+    """Read a JSON file written by :func:`save_config`."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config {str(path)!r}: {e}") from e
+    return Config.from_dict(d, source=str(path))

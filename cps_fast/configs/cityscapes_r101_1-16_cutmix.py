@@ -1,0 +1,30 @@
+"""Cityscapes (train, 2975 images), DeepLabv3+ ResNet-101, 1/16 labeled (186 images), CPS with CutMix.
+
+Recipe from TorchSemiSeg exp.city/city8.res50v3+.CPS+CutMix/config.py and the launch script;
+docs/presets.md explains every number and where cps-fast differs on purpose.
+"""
+dataset = "cityscapes"
+num_classes = 19
+partition = "1/16"
+train_labeled = "config_new/subset_train/train_aug_labeled_1-16.txt"
+train_unlabeled = "config_new/subset_train/train_aug_unlabeled_1-16.txt"
+val_list = "config_new/val.txt"
+
+backbone = "resnet101"
+pretrained = "resnet101_v1c.pth"
+
+crop_size = 800
+batch_size_labeled = 8
+batch_size_unlabeled = 8
+epochs = 128
+lr = 0.0025
+weight_decay = 8e-4  # reference: 1e-4 at lr 0.02 on 8 GPUs on a loss divided by 8
+
+cps_weight = 5.0
+cutmix = True
+sup_loss = "ohem"
+
+eval_crop_size = 800
+
+paper_miou = 74.72
+paper_source = "CPS paper Table 2, ResNet-101, w/ CutMix, 1/16; recipe: TorchSemiSeg exp.city/city8.res50v3+.CPS+CutMix/config.py"

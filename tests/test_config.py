@@ -1,0 +1,175 @@
+"""Tests of cps_fast.config: presets, overrides, errors, round trips."""
+import json
+import math
+
+import pytest
+
+from cps_fast.config import (
+    Config, ConfigError, apply_overrides, format_config, list_presets, load_config, load_preset, save_config,
+)
+
+# Published mIoU (CPS paper, Tables 1-2), partitions 1/16, 1/8, 1/4, 1/2.
+PAPER = {
+    ("voc", "r50", False): (68.21, 73.20, 74.24, 75.91),
+    ("voc", "r50", True): (71.98, 73.67, 74.90, 76.15),
+    ("voc", "r101", False): (72.18, 75.83, 77.55, 78.64),
+    ("voc", "r101", True): (74.48, 76.44, 77.68, 78.64),
+    ("cityscapes", "r50", False): (69.79, 74.39, 76.85, 78.64),
+    ("cityscapes", "r50", True): (74.47, 76.61, 77.83, 78.77),
+    ("cityscapes", "r101", False): (70.50, 75.71, 77.41, 80.08),
+    ("cityscapes", "r101", True): (74.72, 77.62, 79.21, 80.21),
+}
+EPOCHS = {"voc": (32, 34, 40, 60), "cityscapes": (128, 137, 160, 240)}
+ROWS = [(ds, bb, cm, i, r) for (ds, bb, cm) in PAPER for i, r in enumerate((16, 8, 4, 2))]
+
+
+def test_all_presets_listed():
+    names = list_presets()
+    assert "demo" in names
+    assert len(names) == 33
+    for ds, bb, cm, _, r in ROWS:
+        assert f"{ds}_{bb}_1-{r}" + ("_cutmix" if cm else "") in names
+
+
+@pytest.mark.parametrize("ds,bb,cm,i,r", ROWS, ids=lambda v: str(v))
+def test_preset_matches_reference_table(ds, bb, cm, i, r):
+    cfg = load_preset(f"{ds}_{bb}_1-{r}" + ("_cutmix" if cm else ""))
+    voc = ds == "voc"
+    assert cfg.dataset == ds
+    assert cfg.num_classes == (21 if voc else 19)
+    assert cfg.backbone == ("resnet50" if bb == "r50" else "resnet101")
+    assert cfg.output_stride == 16 and cfg.deep_stem
+    assert cfg.crop_size == cfg.eval_crop == (512 if voc else 800)
+    assert (cfg.batch_size_labeled, cfg.batch_size_unlabeled) == (8, 8)
+    assert cfg.epochs == EPOCHS[ds][i]
+    assert cfg.cutmix is cm
+    assert cfg.cps_weight == ({(True, False): 1.5, (True, True): 1.0, (False, False): 6.0, (False, True): 5.0}[voc, cm])
+    assert cfg.sup_loss == ("ce" if voc else "ohem")
+    assert (cfg.ohem_thresh, cfg.ohem_min_kept) == (0.7, 50000)
+    assert (cfg.momentum, cfg.poly_power) == (0.9, 0.9)
+    # reference lr/wd re-expressed for an undivided loss (docs/presets.md)
+    assert cfg.lr == 0.0025
+    assert cfg.weight_decay == pytest.approx(1e-4 * (4 if voc else 8))
+    assert cfg.scales == (0.5, 0.75, 1.0, 1.5, 1.75, 2.0) and cfg.flip
+    assert cfg.eval_stride_rate == pytest.approx(2 / 3) and cfg.eval_scales == (1.0,) and not cfg.eval_flip
+    assert cfg.partition == f"1/{r}" and f"1-{r}.txt" in cfg.train_labeled and f"1-{r}.txt" in cfg.train_unlabeled
+    assert cfg.paper_miou == PAPER[ds, bb, cm][i]
+
+
+def test_demo_preset_is_cpu_friendly():
+    cfg = load_preset("demo")
+    assert cfg.dataset == "synthetic" and cfg.backbone == "resnet18"
+    assert cfg.amp == "fp32" and not cfg.cuda_graph and cfg.pretrained is None
+    assert cfg.crop_size <= 128 and cfg.max_iters <= 500
+    assert cfg.total_iters(64, 448) == cfg.max_iters
+
+
+def test_iteration_rule_is_the_reference_floor():
+    cfg = load_preset("voc_r50_1-8")
+    # reference config: num_unsup = 10582 - 10582 // 8 = 9260 -> 9260 // 8 = 1157 iterations
+    assert cfg.iters_per_epoch_for(1322, 9260) == 1157
+    assert cfg.total_iters(1322, 9260) == 34 * 1157
+    assert cfg.replace(iters_per_epoch=10).total_iters(1, 1) == 340
+    assert cfg.replace(method="supervised").iters_per_epoch_for(1322, 9260) == 1322 // 8
+
+
+def test_lr_scaling_and_per_rank_batch():
+    cfg = Config()
+    assert cfg.effective_lr() == cfg.lr
+    big = cfg.replace(batch_size_labeled=16, lr_scaling="linear")
+    assert big.effective_lr() == pytest.approx(2 * cfg.lr)
+    assert big.replace(lr_scaling="sqrt").effective_lr() == pytest.approx(math.sqrt(2) * cfg.lr)
+    assert cfg.per_rank_batch(4) == (2, 2)
+    with pytest.raises(ConfigError, match="batch_size_labeled.*8.*divisible.*3"):
+        cfg.per_rank_batch(3)
+
+
+def test_overrides_parse_types():
+    cfg = apply_overrides(load_preset("voc_r50_1-8"), [
+        "lr=0.01", "epochs=3", "cutmix=true", "flip=no", "eval_scales=0.75,1,1.25",
+        "scales=[0.5, 1.0]", "pretrained=None", "data_root=/data/voc", "eval_stride_rate=1/2",
+        "amp=fp16", "output_stride=8", "cutmix_prop_range=(0.1, 0.3)", "max_iters=null",
+        "--cps_weight=2",
+    ])
+    assert cfg.lr == 0.01 and cfg.epochs == 3 and cfg.cutmix is True and cfg.flip is False
+    assert cfg.eval_scales == (0.75, 1.0, 1.25) and cfg.scales == (0.5, 1.0)
+    assert cfg.pretrained is None and cfg.data_root == "/data/voc"
+    assert cfg.eval_stride_rate == 0.5 and cfg.amp == "fp16" and cfg.output_stride == 8
+    assert cfg.cutmix_prop_range == (0.1, 0.3) and cfg.max_iters is None
+    assert isinstance(cfg.cps_weight, float) and cfg.cps_weight == 2.0
+    assert cfg.data_path(cfg.train_labeled) == "/data/voc/subset_train_aug/train_aug_labeled_1-8.txt"
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rat'.*did you mean 'lr'|'learning_rat'"):
+        apply_overrides(Config(), ["learning_rat=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'cps_wieght'; did you mean 'cps_weight'"):
+        apply_overrides(Config(), ["cps_wieght=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides(Config(), ["lr"])
+    with pytest.raises(ConfigError, match="unknown preset 'voc_r50_1-9'.*did you mean"):
+        load_preset("voc_r50_1-9")
+
+
+@pytest.mark.parametrize("item,expected", [
+    ("lr=fast", "lr expects a float, got 'fast'"),
+    ("epochs=3.5", "epochs expects an int, got '3.5'"),
+    ("cutmix=maybe", r"cutmix expects a bool \(true/false\), got 'maybe'"),
+    ("amp=int8", "amp expects one of 'bf16', 'fp16', 'fp32', got 'int8'"),
+    ("output_stride=32", "output_stride expects one of 8, 16, got '32'"),
+    ("cutmix_prop_range=0.1", "cutmix_prop_range expects 2 comma-separated floats, got '0.1'"),
+    ("crop_size=None", "crop_size expects an int, got 'None'"),
+])
+def test_wrong_type_errors_say_given_and_expected(item, expected):
+    with pytest.raises(ConfigError, match=expected):
+        apply_overrides(Config(), [item])
+
+
+def test_range_errors():
+    with pytest.raises(ConfigError, match=r"'momentum' = 1.5: expected a value in \[0, 1\)"):
+        apply_overrides(Config(), ["momentum=1.5"])
+    with pytest.raises(ConfigError, match="'cutmix_prop_range'"):
+        Config(cutmix_prop_range=(0.6, 0.2))
+    with pytest.raises(ConfigError, match="'lr': expected a float, got 'x'"):
+        Config(lr="x")
+    with pytest.raises(TypeError):
+        Config(nonexistent=1)
+
+
+def test_preset_file_errors(tmp_path):
+    bad = tmp_path / "mine.py"
+    bad.write_text("import math\nlr = math.sqrt(4e-6)\nlearning_rate = 3\n")
+    with pytest.raises(ConfigError, match=r"mine.py.*unknown config key 'learning_rate'"):
+        load_preset(str(bad))
+    bad.write_text("import math\nlr = math.sqrt(4e-6)\nepochs = 'ten'\n")
+    with pytest.raises(ConfigError, match="mine.py.*'epochs': expected an int, got 'ten'"):
+        load_preset(str(bad))
+    bad.write_text("import math\nlr = math.sqrt(4e-6)\n")
+    cfg = load_preset(str(bad))
+    assert cfg.name == "mine" and cfg.lr == pytest.approx(2e-3)
+
+
+def test_round_trip_dict_and_json(tmp_path):
+    for name in ("cityscapes_r101_1-2_cutmix", "demo"):
+        cfg = load_preset(name)
+        d = cfg.to_dict()
+        assert json.loads(json.dumps(d)) == d
+        assert Config.from_dict(d) == cfg
+        save_config(cfg, tmp_path / name / "config.json")
+        assert load_config(tmp_path / name / "config.json") == cfg
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
+        Config.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_format_config_marks_changes():
+    text = format_config(apply_overrides(load_preset("voc_r50_1-16"), ["lr=0.01"]))
+    assert "[optim]" in text
+    line = next(l for l in text.splitlines() if l.strip("* ").startswith("lr "))
+    assert line.lstrip().startswith("*") and "0.01" in line
+    assert "paper_miou" in text and "68.21" in text
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.lr = 1.0  # type: ignore[misc]
