@@ -1,0 +1,142 @@
+"""The ``cps-fast`` command.
+
+    cps-fast demo --out DIR                    supervised vs CPS on synthetic data, on the CPU
+    cps-fast train PRESET --out DIR [...]      train a preset (works under torchrun)
+    cps-fast eval CKPT --data-root PATH        sliding-window mIoU of a checkpoint
+    cps-fast predict CKPT IMAGES... --out DIR  coloured masks and overlays
+    cps-fast bench {loss,model,data,step} ...  the benchmark scripts in benchmarks/
+    cps-fast splits ...                        seeded labeled/unlabeled partitions
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+BENCHMARKS = ("loss", "model", "data", "step")
+
+
+def _benchmark_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not here.is_dir():
+        raise SystemExit(
+            f"cps-fast bench: the benchmark scripts live in the source checkout's benchmarks/ folder, "
+            f"and {here} does not exist; install from a clone with `pip install --no-build-isolation -e .`"
+        )
+    return here
+
+
+def run_benchmark(name: str, argv: list[str]):
+    """Run ``benchmarks/bench_<name>.py``'s ``main(argv)``."""
+    path = _benchmark_dir() / f"bench_{name}.py"
+    if not path.exists():
+        raise SystemExit(f"cps-fast bench: {path} does not exist")
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"cps_fast_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def _cmd_bench(args, rest):
+    run_benchmark(args.what, rest)
+
+
+def _cmd_splits(args, rest):
+    from .data import splits
+
+    splits.main(rest)
+
+
+def _cmd_train(args, rest):
+    from .train.run import train_main
+
+    train_main(args)
+
+
+def _cmd_demo(args, rest):
+    from .train.demo import demo_main
+
+    demo_main(args)
+
+
+def _cmd_eval(args, rest):
+    from .train.run import eval_main
+
+    eval_main(args)
+
+
+def _cmd_predict(args, rest):
+    from .train.run import predict_main
+
+    predict_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cps-fast", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train supervised-only and CPS on synthetic data (CPU, minutes)")
+    d.add_argument("--out", required=True, help="output folder (summary.json, plots, predictions)")
+    d.add_argument("--iters", type=int, default=None, help="iterations per run (default: the demo preset's)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("train", help="train a preset")
+    t.add_argument("preset", help="preset name (see docs/presets.md) or a path to a preset file")
+    t.add_argument("--out", required=True)
+    t.add_argument("--data-root", default=None)
+    t.add_argument("--iters", type=int, default=None, help="stop after N iterations (the LR schedule keeps the preset's length)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--data-backend", choices=("auto", "dali-gpu", "dali-cpu", "pytorch"), default=None)
+    t.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    t.add_argument("--no-cuda-graph", action="store_true")
+    t.add_argument("--compile", action="store_true", help="torch.compile the branches")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint (sliding window, branch a)")
+    e.add_argument("ckpt")
+    e.add_argument("--data-root", default=None)
+    e.add_argument("--split", default="val")
+    e.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    e.add_argument("--flip", action="store_true")
+    e.add_argument("--scales", default=None, help="comma list, e.g. 0.75,1.0,1.25")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser("predict", help="write coloured masks and overlays for images")
+    pr.add_argument("ckpt")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    pr.set_defaults(func=_cmd_predict)
+
+    b = sub.add_parser("bench", help="run a benchmark script (further arguments go to it)")
+    b.add_argument("what", choices=BENCHMARKS)
+    b.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("splits", help="write seeded labeled/unlabeled partitions (arguments go to it)")
+    s.set_defaults(func=_cmd_splits)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # bench and splits pass everything after their name to the script's own parser
+    if argv and argv[0] in ("bench", "splits"):
+        head = argv[:2] if argv[0] == "bench" else argv[:1]
+        args = parser.parse_args(head)
+        args.func(args, argv[len(head):])
+        return
+    args = parser.parse_args(argv)
+    args.func(args, [])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""One CPS training step: the loss computation, OHEM, SGD with a device learning rate.
+
+:class:`CPSStep` is an ``nn.Module`` whose ``forward`` is the whole loss of one
+step, read top to bottom like the reference script. Keeping it one module call
+means DDP sees exactly one forward and one backward per step (the reference's
+several ``model(x, step=k)`` calls per step do not fit DDP's reducer), and the
+trainer can capture forward, backward and :class:`SGD` in one CUDA graph: no
+operation here reads a value back to the host.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..loss import cps_loss
+from ..reference import masked_cross_entropy
+
+
+def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.7,
+                       min_kept: int = 50000, ignore_index: int = 255) -> torch.Tensor:
+    """Online hard example mining cross-entropy, as the reference's ``ProbOhemCrossEntropy2d``.
+
+    Keeps the valid pixels whose probability of the true class is at most
+    ``max(thresh, the min_kept-th smallest such probability)``; keeps every valid
+    pixel when fewer than ``min_kept`` are valid. Mean over the kept pixels.
+    Computed without a host synchronisation (the reference branches on counts).
+    """
+    C = logits.shape[1]
+    rows = logits.movedim(1, -1).reshape(-1, C).float()
+    t = target.reshape(-1).long()
+    valid = (t != ignore_index) & (t >= 0) & (t < C)
+    t_safe = torch.where(valid, t, 0)
+    with torch.no_grad():
+        prob = torch.softmax(rows, dim=1).gather(1, t_safe.unsqueeze(1)).squeeze(1)
+        prob = torch.where(valid, prob, torch.ones_like(prob))  # invalid pixels sort last
+        k = max(1, min(int(min_kept), prob.numel()))
+        kth = torch.kthvalue(prob, k).values
+        threshold = torch.maximum(kth, torch.full_like(kth, thresh))
+        keep = valid & ((prob <= threshold) | (valid.sum() < min_kept))
+    losses = F.cross_entropy(rows, t_safe, reduction="none")
+    return torch.where(keep, losses, 0.0).sum() / keep.sum().clamp_min(1)
+
+
+class CPSStep(nn.Module):
+    """The loss of one step for ``method`` "cps" (plain or CutMix) or "supervised".
+
+    ``forward(img_l, label_l, u0=None, u1=None, mask=None) -> (loss, sup, cps)``:
+
+    * supervised: ``sup = CE(a(img_l), label_l)``; branch b is unused.
+    * plain CPS: both branches on the labeled and the unlabeled images; one fused
+      ``cps_loss`` on the concatenated logits, target ``ignore`` on unlabeled rows,
+      pseudo labels = argmax over all rows (the reference's ``pred_l = cat(...)``).
+    * CPS + CutMix: teachers (no grad) on u0 and u1, pseudo labels mixed by the box
+      ``mask``; students on [labeled; mixed] images; one fused ``cps_loss`` with the
+      mixed pseudo labels (ignore on labeled rows).
+
+    Labeled and unlabeled images go through separate forward passes, as in the
+    reference, so BatchNorm statistics are those of each group.
+    """
+
+    def __init__(self, model: nn.Module, *, method: str = "cps", cutmix: bool = False, cps_weight: float = 1.5,
+                 sup_loss: str = "ce", ohem_thresh: float = 0.7, ohem_min_kept: int = 50000,
+                 ignore_index: int = 255, loss_backend: str | None = None, autocast_dtype=None):
+        """``loss_backend``: a :func:`cps_loss` backend, None for automatic, or ``"reference"``
+        for the reference code's unfused cross-entropies (the benchmark's baseline)."""
+        super().__init__()
+        if method not in ("cps", "supervised"):
+            raise ValueError(f"method={method!r}; expected 'cps' or 'supervised'")
+        if sup_loss not in ("ce", "ohem"):
+            raise ValueError(f"sup_loss={sup_loss!r}; expected 'ce' or 'ohem'")
+        self.model = model
+        self.method, self.cutmix, self.cps_weight = method, bool(cutmix), float(cps_weight)
+        self.sup_loss, self.ohem_thresh, self.ohem_min_kept = sup_loss, float(ohem_thresh), int(ohem_min_kept)
+        self.ignore_index, self.loss_backend = int(ignore_index), loss_backend
+        self.autocast_dtype = autocast_dtype  # None: no autocast
+
+    def _autocast(self, x: torch.Tensor):
+        if self.autocast_dtype is None:
+            return torch.autocast(x.device.type, enabled=False)
+        # weight-cast caching breaks CUDA graph capture; the cast is cheap next to the convolutions
+        return torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _sup(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.sup_loss == "ohem":
+            # the reference keeps at least min_kept pixels per labeled image
+            return ohem_cross_entropy(logits, label, thresh=self.ohem_thresh,
+                                      min_kept=self.ohem_min_kept * logits.shape[0], ignore_index=self.ignore_index)
+        return masked_cross_entropy(logits.float(), label, self.ignore_index)
+
+    def forward(self, img_l, label_l, u0=None, u1=None, mask=None):
+        net_a, net_b = self.model.branch_a, self.model.branch_b
+        ignore = self.ignore_index
+        if self.method == "supervised":
+            with self._autocast(img_l):
+                logits = net_a(img_l)
+            sup = self._sup(logits, label_l)
+            return sup, sup.detach(), torch.zeros_like(sup)
+
+        if self.cutmix:
+            with torch.no_grad(), self._autocast(u0):
+                # argmax of logits mixed by a 0/1 mask == the mask's choice between the two argmaxes
+                pa0, pa1 = net_a(u0).argmax(1), net_a(u1).argmax(1)
+                pb0, pb1 = net_b(u0).argmax(1), net_b(u1).argmax(1)
+                m = mask[:, 0].bool()
+                pseudo_a_u = torch.where(m, pa1, pa0)  # made by branch a, supervises b
+                pseudo_b_u = torch.where(m, pb1, pb0)
+            u = u0 * (1 - mask) + u1 * mask
+        else:
+            u = u0
+
+        with self._autocast(img_l):
+            a_u, b_u = net_a(u), net_b(u)
+            a_l, b_l = net_a(img_l), net_b(img_l)
+        ignore_l = torch.full_like(label_l, ignore)
+
+        if self.sup_loss == "ohem":
+            # OHEM is not part of the fused kernel: supervised term apart, cross term fused
+            sup = self._sup(a_l, label_l) + self._sup(b_l, label_l)
+            if self.cutmix:
+                cps = cps_loss(a_u, b_u, None, pseudo_a=pseudo_a_u, pseudo_b=pseudo_b_u, cps_weight=1.0,
+                               ignore_index=ignore, backend=self.loss_backend)
+            else:
+                cps = cps_loss(torch.cat([a_l, a_u]), torch.cat([b_l, b_u]), None, cps_weight=1.0,
+                               ignore_index=ignore, backend=self.loss_backend)
+            return sup + self.cps_weight * cps, sup.detach(), cps.detach()
+
+        if self.loss_backend == "reference":
+            # the reference code's way: argmax and four separate cross-entropies (benchmark baseline)
+            if self.cutmix:
+                cps = (F.cross_entropy(a_u.float(), pseudo_b_u.long()) + F.cross_entropy(b_u.float(), pseudo_a_u.long()))
+            else:
+                pred_a, pred_b = torch.cat([a_l, a_u]).float(), torch.cat([b_l, b_u]).float()
+                cps = (F.cross_entropy(pred_a, pred_b.detach().argmax(1))
+                       + F.cross_entropy(pred_b, pred_a.detach().argmax(1)))
+            lab = label_l.long()
+            sup = (F.cross_entropy(a_l.float(), lab, ignore_index=ignore)
+                   + F.cross_entropy(b_l.float(), lab, ignore_index=ignore))
+            return sup + self.cps_weight * cps, sup.detach(), cps.detach()
+
+        logits_a, logits_b = torch.cat([a_l, a_u]), torch.cat([b_l, b_u])
+        target = torch.cat([label_l, torch.full(u.shape[:1] + u.shape[2:], ignore, dtype=label_l.dtype,
+                                                device=label_l.device)])
+        if self.cutmix:
+            pseudo_a = torch.cat([ignore_l.to(pseudo_a_u.dtype), pseudo_a_u])
+            pseudo_b = torch.cat([ignore_l.to(pseudo_b_u.dtype), pseudo_b_u])
+        else:
+            pseudo_a = pseudo_b = None
+        return cps_loss(logits_a, logits_b, target, pseudo_a=pseudo_a, pseudo_b=pseudo_b,
+                        cps_weight=self.cps_weight, ignore_index=ignore, backend=self.loss_backend,
+                        return_parts=True)
+
+
+class SGD:
+    """SGD with momentum and per-group weight decay, driven by a device-tensor learning rate.
+
+    Same update as ``torch.optim.SGD(momentum=m, dampening=0, nesterov=False)``
+    (``buf = m * buf + (g + wd * p)``, ``p -= lr * buf``), written with foreach
+    kernels that take ``lr`` as a tensor, so a step never reads it back to the
+    host and can be captured in a CUDA graph.
+    """
+
+    def __init__(self, groups: list[dict], momentum: float = 0.9):
+        self.groups = [{"params": list(g["params"]), "weight_decay": float(g["weight_decay"]),
+                        "name": g.get("name", f"group{i}")} for i, g in enumerate(groups)]
+        self.momentum = float(momentum)
+        self.buffers = [[torch.zeros_like(p) for p in g["params"]] for g in self.groups]
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            for p in g["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor) -> None:
+        for g, bufs in zip(self.groups, self.buffers):
+            pairs = [(p, b) for p, b in zip(g["params"], bufs) if p.grad is not None]
+            if not pairs:
+                continue
+            params = [p for p, _ in pairs]
+            bufs = [b for _, b in pairs]
+            grads = [p.grad for p in params]
+            if g["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
+            torch._foreach_mul_(bufs, self.momentum)
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_sub_(params, torch._foreach_mul(bufs, lr))
+
+    def state_dict(self) -> dict:
+        return {"momentum": self.momentum, "buffers": [[b.clone() for b in bufs] for bufs in self.buffers],
+                "groups": [g["name"] for g in self.groups]}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = [g["name"] for g in self.groups]
+        if state["groups"] != names:
+            raise ValueError(f"optimizer state has groups {state['groups']}, this model has {names}")
+        for bufs, saved in zip(self.buffers, state["buffers"]):
+            if len(bufs) != len(saved):
+                raise ValueError("optimizer state does not match the model's parameters")
+            for b, s in zip(bufs, saved):
+                b.copy_(s)
+
+
+def poly_lr(base_lr: float, iteration: torch.Tensor, total: int, power: float = 0.9,
+            warmup: int = 0) -> torch.Tensor:
+    """``base_lr * (1 - it / total) ** power`` (the reference's per-iteration poly), on the device."""
+    it = iteration.to(torch.float32)
+    lr = base_lr * torch.clamp(1.0 - it / float(total), min=0.0) ** power
+    if warmup > 0:
+        lr = lr * torch.clamp((it + 1.0) / float(warmup), max=1.0)
+    return lr

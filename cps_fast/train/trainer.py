@@ -1,0 +1,451 @@
+"""The CPS trainer: data, model, optimiser, the (graph-captured) step, evaluation, checkpoints.
+
+Read :meth:`Trainer.train` top to bottom for one run. The step itself is
+:meth:`Trainer._step`: the loss module (:class:`cps_fast.train.step.CPSStep`),
+backward, the poly learning rate computed on the device, and :class:`SGD`. On a
+GPU it is captured once in a CUDA graph and replayed, with each batch copied
+into static input buffers; nothing in it reads a value back to the host, and
+losses are summed on the device and read every ``log_every`` iterations.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import data as cdata
+from ..config import Config, format_config, save_config
+from ..eval import evaluate
+from ..models import CPSModel, convert_sync_batchnorm, param_groups
+from .checkpoint import load_checkpoint, save_checkpoint
+from .logger import RunLogger
+from .step import SGD, CPSStep, poly_lr
+
+log = logging.getLogger("cps_fast.train")
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def init_distributed(device_type: str) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+    return rank, world, local
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Subset:
+    """The items of ``dataset`` at ``indices``, keeping its attributes (classes, palette, paths)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        for method in ("paths", "image_size", "name"):
+            if hasattr(dataset, method):
+                fn = getattr(dataset, method)
+                setattr(self, method, lambda i, fn=fn: fn(self.indices[i]))
+        if hasattr(dataset, "load"):
+            self.load = lambda i, *a, **k: dataset.load(self.indices[i], *a, **k)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+    def __getattr__(self, key):  # num_classes, class_names, palette, label_format, labeled ...
+        if key in ("dataset", "indices"):
+            raise AttributeError(key)
+        return getattr(self.dataset, key)
+
+
+def open_training_sets(cfg: Config):
+    """(labeled set, unlabeled set or None) for a config: its list files, or a seeded partition."""
+    if cfg.train_labeled is not None:
+        lab = cdata.open_dataset(cfg.dataset, cfg.data_root, "train", cfg.data_path(cfg.train_labeled))
+        unl = None
+        if cfg.method == "cps":
+            if cfg.train_unlabeled is None:
+                raise ValueError(f"config {cfg.name}: train_labeled is set but train_unlabeled is not; "
+                                 "CPS needs both list files (or neither, with a partition)")
+            unl = cdata.open_dataset(cfg.dataset, cfg.data_root, "train", cfg.data_path(cfg.train_unlabeled),
+                                     labeled=False)
+        return lab, unl
+    full = cdata.open_dataset(cfg.dataset, cfg.data_root, "train")
+    if cfg.partition is None:
+        return full, (cdata.open_dataset(cfg.dataset, cfg.data_root, "train", labeled=False)
+                      if cfg.method == "cps" else None)
+    lab_idx, unl_idx = cdata.partition(len(full), cfg.partition, seed=cfg.seed)
+    unl = None
+    if cfg.method == "cps":
+        unl = Subset(cdata.open_dataset(cfg.dataset, cfg.data_root, "train", labeled=False), unl_idx)
+    return Subset(full, lab_idx), unl
+
+
+def open_eval_set(cfg: Config):
+    return cdata.open_dataset(cfg.dataset, cfg.data_root, "val", cfg.data_path(cfg.val_list))
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One training run of a :class:`~cps_fast.config.Config` into ``out_dir``."""
+
+    def __init__(self, cfg: Config, out_dir: str | os.PathLike, *, device: str | None = None,
+                 resume: bool = False, max_iters: int | None = None, print_fn=print):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        dev_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev_type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was given but torch sees no CUDA device")
+        self.rank, self.world, local = init_distributed(dev_type)
+        self.device = torch.device(dev_type, local) if dev_type == "cuda" else torch.device("cpu")
+        self.is_main = self.rank == 0
+        self.print = print_fn if self.is_main else (lambda *a, **k: None)
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.use_graph = cfg.cuda_graph and self.device.type == "cuda" and cfg.amp != "fp16"
+        if cfg.cuda_graph and self.device.type == "cuda" and cfg.amp == "fp16":
+            self.print("cuda_graph is off: the fp16 GradScaler reads its found-inf flag on the host")
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+        self._seed_everything(cfg.seed + self.rank)
+        self.labeled_set, self.unlabeled_set = open_training_sets(cfg)
+        n_l = len(self.labeled_set)
+        n_u = len(self.unlabeled_set) if self.unlabeled_set is not None else 0
+        self.iters_per_epoch = cfg.iters_per_epoch_for(n_l, n_u)
+        self.total_iters = cfg.total_iters(n_l, n_u)  # the LR schedule's length
+        self.stop_iter = self.total_iters if max_iters is None else min(int(max_iters), self.total_iters)
+        self.batch_l, self.batch_u = cfg.per_rank_batch(self.world)
+
+        self.model = self._build_model()
+        self.step_module = CPSStep(
+            self.model, method=cfg.method, cutmix=cfg.cutmix, cps_weight=cfg.cps_weight, sup_loss=cfg.sup_loss,
+            ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept, ignore_index=cfg.ignore_index,
+            loss_backend=cfg.loss_backend, autocast_dtype=self.amp_dtype)
+        self.step_fn = self.step_module
+        if self.world > 1:
+            # one forward (the whole loss) and one backward per step; gradients are averaged
+            # over ranks and the loss is NOT divided by the world size (the reference does both)
+            self.step_fn = torch.nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=cfg.method == "supervised")
+        if cfg.compile:
+            self.step_fn = torch.compile(self.step_fn)
+        groups = param_groups(self.model, cfg.weight_decay)
+        if cfg.method == "supervised":  # branch b is not trained
+            b_params = {id(p) for p in self.model.branch_b.parameters()}
+            groups = [dict(g, params=[p for p in g["params"] if id(p) not in b_params]) for g in groups]
+        self.optimizer = SGD(groups, momentum=cfg.momentum)
+        self.base_lr = cfg.effective_lr()
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+
+        # device state of the step: iteration counter, learning rate, running sums for logging
+        self.iteration = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.lr = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, sup, cps, steps
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._scaler_view = _ScalerView(self.optimizer, self.lr) if self.scaler is not None else None
+        self.mask_gen = torch.Generator(device=self.device)
+        self.mask_gen.manual_seed(cfg.seed * 7919 + self.rank)
+        self.start_iter = 0
+        self.best_miou = float("nan")
+        self.history: list[dict] = []
+        self.graph = None
+        self.logger = RunLogger(self.out, enabled=self.is_main, print_fn=self.print)
+
+        if resume:
+            self._resume()
+        self.it = self.start_iter  # host copy of the iteration counter
+
+    # ------------------------------------------------------------------ setup helpers
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _build_model(self) -> CPSModel:
+        cfg = self.cfg
+        pretrained = cfg.pretrained_path()
+        if pretrained is not None and not os.path.exists(pretrained):
+            raise FileNotFoundError(
+                f"config {cfg.name}: pretrained weights {pretrained!r} do not exist; put the ResNet "
+                f"file there, pass --set weights_dir=FOLDER, or --set pretrained=None to train from scratch")
+        model = CPSModel(cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.deep_stem, pretrained,
+                         seeds=(cfg.seed, cfg.seed + 1), head_channels=cfg.head_channels)
+        if self.world > 1 and cfg.sync_bn:
+            if self.device.type == "cuda":
+                model = convert_sync_batchnorm(model)
+            else:  # torch's SyncBatchNorm runs on GPUs only
+                self.print("sync_bn is off on CPU processes: each rank normalises with its own batch statistics")
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def _loaders(self):
+        cfg = self.cfg
+        common = dict(crop_size=cfg.crop_size, scales=cfg.scales, flip=cfg.flip, backend=cfg.data_backend,
+                      seed=cfg.seed, rank=self.rank, world_size=self.world, mean=cfg.mean, std=cfg.std,
+                      num_workers=cfg.num_workers, start_iter=self.start_iter,
+                      device_id=self.device.index if self.device.type == "cuda" else None)
+        # an epoch passes the unlabeled set once; the labeled list repeats to that length
+        length = self.iters_per_epoch * self.batch_l * self.world
+        lab = cdata.labeled_loader(self.labeled_set, batch_size=self.batch_l, epoch_length=length, **common)
+        if cfg.method == "supervised":
+            return lab, None, None
+        ulen = self.iters_per_epoch * self.batch_u * self.world
+        u0 = cdata.unlabeled_loader(self.unlabeled_set, batch_size=self.batch_u, stream=0, epoch_length=ulen, **common)
+        u1 = None
+        if cfg.cutmix:
+            u1 = cdata.unlabeled_loader(self.unlabeled_set, batch_size=self.batch_u, stream=1, epoch_length=ulen,
+                                        **common)
+        return lab, u0, u1
+
+    # ------------------------------------------------------------------ the step
+
+    def _step(self, img_l, label_l, u0, u1) -> None:
+        """Forward, backward, learning rate and SGD on the device. No host synchronisation."""
+        cfg = self.cfg
+        self.optimizer.zero_grad()
+        mask = None
+        if cfg.cutmix and cfg.method == "cps":
+            h, w = u0.shape[-2:]
+            # the default CUDA generator is graph-safe: each replay draws new boxes
+            gen = None if self.graph_capturing else self.mask_gen
+            mask = cdata.box_masks(u0.shape[0], h, w, n_boxes=cfg.cutmix_n_boxes, prop_range=cfg.cutmix_prop_range,
+                                   generator=gen, device=self.device).to(u0.dtype)
+        loss, sup, cps = self.step_fn(img_l, label_l, u0, u1, mask)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        lr = poly_lr(self.base_lr, self.iteration, self.total_iters, cfg.poly_power, cfg.warmup_iters)
+        self.lr.copy_(lr)
+        if self.scaler is not None:
+            self.scaler.step(self._scaler_view)  # unscales, skips the step on inf (reads a flag: fp16 only)
+            self.scaler.update()
+        else:
+            self.optimizer.step(self.lr)
+        finite = torch.isfinite(loss.detach())
+        self.first_bad.copy_(torch.where((self.first_bad < 0) & ~finite, self.iteration, self.first_bad))
+        self.sums.add_(torch.stack([loss.detach().double(), sup.double(), cps.double(),
+                                    torch.ones((), dtype=torch.float64, device=self.device)]))
+        self.iteration.add_(1)
+
+    graph_capturing = False
+
+    def _capture(self, batch_fn) -> None:
+        """Warm up eagerly on a side stream, then capture :meth:`_step` into a CUDA graph."""
+        self.static = [t.clone() if t is not None else None for t in batch_fn()]
+        warmup = 11 if self.world > 1 else 3  # DDP needs 11 eager iterations before capture
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for k in range(warmup):
+                if k:
+                    self._copy_in(batch_fn())
+                self._step(*self.static)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.optimizer.zero_grad()
+        self._copy_in(batch_fn())
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph_capturing = True
+        with torch.cuda.graph(self.graph):
+            self._step(*self.static)
+        self.graph_capturing = False
+        self.graph.replay()  # capture records but does not run: this is the step of the batch just copied in
+        return warmup + 1
+
+    def _copy_in(self, batch) -> None:
+        for dst, src in zip(self.static, batch):
+            if dst is not None:
+                dst.copy_(src, non_blocking=True)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            save_config(cfg, self.out / "config.json")
+            self.print(format_config(cfg))
+            self.print(f"device {self.device} x {self.world}; {len(self.labeled_set)} labeled, "
+                       f"{len(self.unlabeled_set) if self.unlabeled_set is not None else 0} unlabeled images; "
+                       f"{self.iters_per_epoch} iterations/epoch, schedule {self.total_iters} iterations, "
+                       f"running {self.start_iter} -> {self.stop_iter}")
+        self.model.train()
+        self.logger.start(self.start_iter, self.stop_iter)
+        it = self.run(self.stop_iter, evaluate=True)
+        result = self._evaluate(it)
+        self._save(it)
+        self.logger.close()
+        return result
+
+    def batches(self):
+        """Yields ``[img_l, label_l, u0, u1]`` on the device (None where unused), from the resume position."""
+        streams = [iter(x) for x in self._loaders() if x is not None]
+        while True:
+            b = [next(s) for s in streams]
+            us = [x["image"] for x in b[1:]] + [None, None]
+            yield [self._to_device(t) for t in (b[0]["image"], b[0]["label"], us[0], us[1])]
+
+    def run(self, stop: int, *, evaluate: bool = False, batches=None) -> int:
+        """Train from the current iteration to ``stop``; logs, and evaluates and saves when asked.
+
+        Returns the iteration reached (a CUDA-graph capture runs a few warm-up steps at once).
+        """
+        cfg = self.cfg
+        batches = batches if batches is not None else self.batches()
+        it = self.it
+        t_window, n_window = time.perf_counter(), 0
+        while it < stop:
+            if self.use_graph and self.graph is None and stop - it > 12:
+                done = self._capture(lambda: next(batches))
+            elif self.graph is not None:
+                self._copy_in(next(batches))
+                self.graph.replay()
+                done = 1
+            else:  # CPU, --no-cuda-graph, or too few iterations left to be worth a capture
+                self._step(*next(batches))
+                done = 1
+            it += done
+            n_window += done
+            self.it = it
+            if it % cfg.log_every < done or it >= stop:
+                self._log(it, n_window, time.perf_counter() - t_window)
+                t_window, n_window = time.perf_counter(), 0
+            if evaluate and cfg.eval_every and (it % cfg.eval_every < done) and it < stop:
+                self._evaluate(it)
+            if evaluate and cfg.checkpoint_every and it % cfg.checkpoint_every < done:
+                self._save(it)
+        return it
+
+    def _to_device(self, t):
+        if t is None:
+            return None
+        t = t.to(self.device, non_blocking=True)
+        if t.dim() == 4:
+            t = t.contiguous(memory_format=self.memory_format)
+        return t
+
+    def _log(self, it: int, n_steps: int, seconds: float) -> None:
+        sums = self.sums.tolist()  # the only host read of the loop, every log_every iterations
+        self.sums.zero_()
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss at iteration {bad} (config {self.cfg.name}); lower the learning rate, "
+                "check the data, or try amp=fp32")
+        steps = max(sums[3], 1.0)
+        per_step = self.batch_l
+        if self.cfg.method == "cps":
+            per_step += self.batch_u * (2 if self.cfg.cutmix else 1)
+        imgs = n_steps * per_step * self.world
+        row = {"iter": it, "loss": sums[0] / steps, "sup": sums[1] / steps, "cps": sums[2] / steps,
+               "lr": float(self.lr), "images_per_s": imgs / max(seconds, 1e-9)}
+        self.logger.scalars(it, row)
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+
+    def _evaluate(self, it: int) -> dict:
+        cfg = self.cfg
+        self.model.eval()
+        try:
+            val = open_eval_set(cfg)
+            with torch.no_grad():
+                metrics = evaluate(
+                    lambda x: self.model(x.contiguous(memory_format=self.memory_format)), val, cfg.num_classes,
+                    crop_size=cfg.eval_crop, stride_rate=cfg.eval_stride_rate, flip=cfg.eval_flip,
+                    scales=cfg.eval_scales, mean=cfg.mean, std=cfg.std, device=self.device,
+                    ignore_index=cfg.ignore_index, batch_size=cfg.eval_batch_size, autocast_dtype=self.amp_dtype,
+                    rank=self.rank, world_size=self.world, max_items=cfg.eval_max_items,
+                    class_names=getattr(val, "class_names", None), print_fn=self.print)
+        finally:
+            self.model.train()
+        miou = 100.0 * float(metrics["miou"])
+        row = {"iter": it, "miou": miou, "pixel_acc": 100.0 * float(metrics["pixel_acc"]),
+               "iou": [float(x) for x in metrics["iou"]]}
+        self.history.append(row)
+        self.logger.scalars(it, {"val/miou": miou})
+        self.logger.images(it, self.model, val, cfg, self.device, self.memory_format)
+        if self.is_main:
+            self.print(metrics.table(getattr(val, "class_names", None)))
+            paper = f" (paper: {cfg.paper_miou:.2f})" if cfg.paper_miou else ""
+            self.print(f"iter {it}: mIoU {miou:.2f}{paper}")
+        if not (miou <= self.best_miou):  # also true for the first (NaN best)
+            self.best_miou = miou
+            # picking the best checkpoint on val is the reference's practice; last.pt is the honest one
+            self._save(it, name="best.pt")
+        return row
+
+    def _state(self, it: int) -> dict:
+        return {
+            "format": "cps-fast/1",
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "iteration": int(it),
+            "total_iters": int(self.total_iters),
+            "data_position": int(it),  # batches consumed per loader; the loaders resume there
+            "rng": {"torch": torch.get_rng_state(), "mask": self.mask_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "best_miou": self.best_miou,
+            "history": json.dumps(self.history),
+            "config": json.dumps(self.cfg.to_dict()),
+        }
+
+    def _save(self, it: int, name: str = "last.pt") -> None:
+        if self.is_main:
+            save_checkpoint(self._state(it), self.out / name)
+
+    def _resume(self) -> None:
+        path = self.out / "last.pt"
+        state = load_checkpoint(path)
+        saved = json.loads(state["config"])
+        for key in ("backbone", "num_classes", "method", "cutmix", "dataset", "batch_size_labeled",
+                    "batch_size_unlabeled"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r} but the config has "
+                                 f"{getattr(self.cfg, key)!r}; resume with the same preset and overrides")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_iter = int(state["iteration"])
+        self.iteration.fill_(self.start_iter)
+        torch.set_rng_state(state["rng"]["torch"])
+        self.mask_gen.set_state(state["rng"]["mask"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.best_miou = float(state["best_miou"])
+        self.history = json.loads(state["history"])
+        self.print(f"resumed from {path} at iteration {self.start_iter}")
+
+
+class _ScalerView:
+    """Adapts :class:`SGD` to ``GradScaler.unscale_`` / ``step`` (fp16 runs only, not captured)."""
+
+    def __init__(self, opt: SGD, lr: torch.Tensor | None = None):
+        self.opt, self.lr = opt, lr
+        self.param_groups = [{"params": g["params"]} for g in opt.groups]
+        self.state = {}
+
+    def step(self, *args, **kwargs):
+        self.opt.step(self.lr)

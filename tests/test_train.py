@@ -1,0 +1,303 @@
+"""The trainer: the step, OHEM, SGD, checkpoints, bit-exact resume, torchrun, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cps_fast.cli import main as cli_main
+from cps_fast.config import load_preset
+from cps_fast.models import CPSModel, param_groups
+from cps_fast.train import SGD, CPSStep, Trainer, load_checkpoint, ohem_cross_entropy, poly_lr
+
+TINY = dict(data_root="seed=0,n=24,size=48", crop_size=32, batch_size_labeled=2, batch_size_unlabeled=2,
+            scales=(0.75, 1.0, 1.25), partition="1/4", max_iters=8, lr=0.01, eval_every=0, eval_crop_size=48,
+            eval_max_items=4, eval_batch_size=4, log_every=2, num_workers=0, data_backend="pytorch")
+TINY_SET = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in TINY.items()]
+
+
+def tiny_cfg(**kw):
+    return load_preset("demo").replace(**{**TINY, **kw})
+
+
+def tiny_model(C=7):
+    return CPSModel("resnet18", C, 16, False, None)
+
+
+@pytest.mark.parametrize("cutmix", [False, True])
+@pytest.mark.parametrize("sup_loss", ["ce", "ohem"])
+def test_step_loss_decreases_on_a_fixed_batch(cutmix, sup_loss):
+    torch.manual_seed(0)
+    model = tiny_model().to(memory_format=torch.channels_last)
+    step = CPSStep(model, cutmix=cutmix, cps_weight=1.5, sup_loss=sup_loss, ohem_min_kept=100)
+    opt = SGD(param_groups(model, 1e-4), momentum=0.9)
+    img_l = torch.randn(2, 3, 33, 29).contiguous(memory_format=torch.channels_last)
+    label = torch.randint(0, 7, (2, 33, 29), dtype=torch.uint8)
+    label[:, :3] = 255
+    u0, u1 = torch.randn(2, 3, 33, 29), torch.randn(2, 3, 33, 29)
+    mask = torch.zeros(2, 1, 33, 29)
+    mask[:, :, 5:20, 4:15] = 1
+    losses = []
+    lr = torch.tensor(0.01)
+    for _ in range(8):
+        opt.zero_grad()
+        loss, sup, cps = step(img_l, label, u0, u1 if cutmix else None, mask if cutmix else None)
+        assert torch.isfinite(loss) and not sup.requires_grad
+        loss.backward()
+        opt.step(lr)
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_cutmix_step_matches_the_reference_formulation():
+    """One fused call on [labeled; mixed] == the reference's separate sup and cps cross-entropies."""
+    torch.manual_seed(1)
+    model = tiny_model().eval()  # eval: BatchNorm uses running stats, so passes are comparable
+    step = CPSStep(model, cutmix=True, cps_weight=1.0)
+    img_l, u0, u1 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    label = torch.randint(0, 7, (2, 32, 32))
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    loss, sup, cps = step(img_l, label, u0, u1, mask)
+    a, b = model.branch_a, model.branch_b
+    with torch.no_grad():
+        ps_a = (a(u0) * (1 - mask) + a(u1) * mask).argmax(1)  # the reference mixes logits, then argmax
+        ps_b = (b(u0) * (1 - mask) + b(u1) * mask).argmax(1)
+    mixed = u0 * (1 - mask) + u1 * mask
+    ref_cps = F.cross_entropy(a(mixed), ps_b) + F.cross_entropy(b(mixed), ps_a)
+    ref_sup = F.cross_entropy(a(img_l), label) + F.cross_entropy(b(img_l), label)
+    torch.testing.assert_close(cps, ref_cps.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sup, ref_sup.detach(), rtol=1e-4, atol=1e-5)
+
+
+def _ohem_reference(pred, target, thresh, min_kept, ignore=255):
+    """The reference's ProbOhemCrossEntropy2d, with its host-side branches."""
+    b, c, h, w = pred.shape
+    target = target.reshape(-1).long().clone()
+    valid = target != ignore
+    target = target * valid
+    num_valid = int(valid.sum())
+    prob = F.softmax(pred, dim=1).transpose(0, 1).reshape(c, -1)
+    if min_kept > num_valid:
+        pass
+    elif num_valid > 0:
+        prob = prob.masked_fill(~valid, 1)
+        mask_prob = prob[target, torch.arange(len(target))]
+        threshold = thresh
+        if min_kept > 0:
+            index = mask_prob.argsort()
+            threshold_index = index[min(len(index), min_kept) - 1]
+            if mask_prob[threshold_index] > thresh:
+                threshold = mask_prob[threshold_index]
+        kept = mask_prob.le(threshold)
+        target = target * kept
+        valid = valid & kept
+    target = target.masked_fill(~valid, ignore)
+    return F.cross_entropy(pred, target.view(b, h, w), ignore_index=ignore)
+
+
+@pytest.mark.parametrize("min_kept", [10, 300, 5000])
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+def test_ohem_matches_reference(min_kept, scale):
+    pred = torch.randn(2, 19, 17, 23, dtype=torch.float64) * scale
+    target = torch.randint(0, 19, (2, 17, 23))
+    target[torch.rand(target.shape) < 0.2] = 255
+    got = ohem_cross_entropy(pred, target, thresh=0.7, min_kept=min_kept)
+    torch.testing.assert_close(got.double(), _ohem_reference(pred, target, 0.7, min_kept), rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_matches_torch_sgd():
+    torch.manual_seed(0)
+    model = tiny_model()
+    ref = tiny_model()
+    ref.load_state_dict(model.state_dict())
+    # eval mode: BatchNorm over 2 images (and 2 pooled values in ASPP) would amplify rounding chaotically
+    model.eval()
+    ref.eval()
+    ours = SGD(param_groups(model, 1e-3), momentum=0.9)
+    theirs = torch.optim.SGD([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                              for g in param_groups(ref, 1e-3)], lr=0.05, momentum=0.9)
+    x = torch.randn(2, 3, 32, 32)
+    for k in range(3):
+        lr = 1e-3 * (1 - k / 10) ** 0.9  # small: a chaotic trajectory would amplify rounding
+        ours.zero_grad()
+        theirs.zero_grad()
+        model(x).square().mean().backward()
+        ref(x).square().mean().backward()
+        ours.step(torch.tensor(lr))
+        for g in theirs.param_groups:
+            g["lr"] = lr
+        theirs.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_poly_lr():
+    it = torch.tensor(25)
+    assert abs(float(poly_lr(0.01, it, 100, 0.9)) - 0.01 * 0.75 ** 0.9) < 1e-9
+    assert float(poly_lr(0.01, torch.tensor(100), 100)) == 0.0
+    assert abs(float(poly_lr(0.01, torch.tensor(0), 100, warmup=10)) - 0.001) < 1e-9
+
+
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_resume_is_bit_exact(tmp_path, cutmix):
+    cfg = tiny_cfg(cutmix=cutmix, cps_weight=1.0 if cutmix else 1.5)
+    straight = Trainer(cfg, tmp_path / "straight", print_fn=lambda *a: None)
+    straight.train()
+    Trainer(cfg, tmp_path / "split", max_iters=3, print_fn=lambda *a: None).train()
+    state = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert state["iteration"] == 3
+    resumed = Trainer(cfg, tmp_path / "split", resume=True, print_fn=lambda *a: None)
+    resumed.train()
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["iteration"] == b["iteration"] == cfg.max_iters
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), f"{k} differs after resume"
+    for x, y in zip(sum(a["optimizer"]["buffers"], []), sum(b["optimizer"]["buffers"], [])):
+        assert torch.equal(x, y)
+
+
+def test_checkpoint_contents(tmp_path):
+    cfg = tiny_cfg(max_iters=2)
+    Trainer(cfg, tmp_path, print_fn=lambda *a: None).train()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["model"]["branch_a.classifier.weight"].shape[0] == 7
+    assert any(k.startswith("branch_b.") for k in state["model"])
+    assert json.loads(state["config"])["max_iters"] == 2
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "config.json").exists()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in rows) and any("val/miou" in r for r in rows)
+    assert not list(tmp_path.glob(".last.pt.*"))  # no temporary file left behind
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    Trainer(tiny_cfg(max_iters=2), tmp_path, print_fn=lambda *a: None).train()
+    with pytest.raises(ValueError, match="cutmix=False but the config has True"):
+        Trainer(tiny_cfg(cutmix=True), tmp_path, resume=True, print_fn=lambda *a: None)
+
+
+def test_missing_pretrained_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        Trainer(tiny_cfg(pretrained="nope.pth"), tmp_path, print_fn=lambda *a: None)
+
+
+def test_non_finite_loss_is_reported(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite loss at iteration"):
+        Trainer(tiny_cfg(lr=1e6, max_iters=6), tmp_path, print_fn=lambda *a: None).train()
+
+
+def test_cli_train_eval_predict(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli_main(["train", "demo", "--out", str(out), "--iters", "2", "--device", "cpu", *sum((["--set", s] for s in TINY_SET), [])])
+    assert (out / "last.pt").exists()
+    cli_main(["eval", str(out / "last.pt"), "--device", "cpu", "--set", "eval_max_items=3"])
+    assert "mIoU" in capsys.readouterr().out
+    from PIL import Image
+
+    from cps_fast.data import open_dataset
+
+    item = open_dataset("synthetic", "seed=0,n=4,size=40", "val")[0]
+    img_path = tmp_path / "x.png"
+    Image.fromarray(item["image"]).save(img_path)
+    cli_main(["predict", str(out / "last.pt"), str(img_path), "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    mask = Image.open(tmp_path / "pred" / "x_mask.png")
+    assert mask.mode == "P" and mask.size == (40, 40)
+    assert (tmp_path / "pred" / "x_overlay.png").exists()
+
+
+def test_cli_override_errors(tmp_path):
+    from cps_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cps_wieght"):
+        cli_main(["train", "demo", "--out", str(tmp_path), "--set", "cps_wieght=2"])
+    with pytest.raises(ConfigError, match="crop_size"):
+        cli_main(["train", "demo", "--out", str(tmp_path), "--set", "crop_size=big"])
+
+
+def test_demo_writes_its_summary(tmp_path):
+    from cps_fast.train.demo import demo_main
+
+    class Args:
+        out = str(tmp_path)
+        iters = 2
+        device = "cpu"
+        overrides = [s for s in TINY_SET if not s.startswith("max_iters")]
+
+    summary = demo_main(Args)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert {"supervised_miou", "cps_miou"} <= set(saved) and saved["cps_miou"] == summary["cps_miou"]
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "predictions.png").exists()
+
+
+def test_bench_loss_smoke(tmp_path):
+    rows = cli_main(["bench", "loss", "--device", "cpu", "--shape", "1,5,9,11", "--providers", "eager,torch",
+                     "--dtypes", "fp32", "--reps", "1", "--json", str(tmp_path / "l.json")])
+    saved = json.loads((tmp_path / "l.json").read_text())
+    assert {r["provider"] for r in saved} == {"eager", "torch"}
+    assert all(r["median_ms"] > 0 and r["device"] for r in saved)
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "cps_fast.cli", "train", "demo", "--out", str(tmp_path), "--iters", "3", "--device", "cpu",
+           *sum((["--set", s] for s in TINY_SET + ["batch_size_labeled=4", "batch_size_unlabeled=4"]), [])]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "x 2" in res.stdout  # "device cpu x 2"
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["iteration"] == 3
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+def _gpu_cfg(**kw):
+    return tiny_cfg(amp="bf16", cuda_graph=True, channels_last=True, cutmix=True, cps_weight=1.0,
+                    data_root="seed=0,n=64,size=96", crop_size=64, batch_size_labeled=4, batch_size_unlabeled=4,
+                    max_iters=24, **kw)
+
+
+@pytest.mark.gpu
+def test_graph_step_equals_eager_without_cutmix(tmp_path):
+    """Captured and eager steps give the same parameters (bf16 tolerance); no CutMix, whose
+    boxes come from different generators in the two modes."""
+    runs = {}
+    for graph in (False, True):
+        cfg = _gpu_cfg(cuda_graph=graph).replace(cutmix=False, cps_weight=1.5)
+        Trainer(cfg, tmp_path / str(graph), device="cuda", print_fn=lambda *a: None).train()
+        runs[graph] = load_checkpoint(tmp_path / str(graph) / "last.pt")["model"]
+    for k, v in runs[False].items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(runs[True][k], v, rtol=5e-2, atol=5e-3, msg=k)
+
+
+@pytest.mark.gpu
+def test_captured_step_has_no_host_sync_and_learns(tmp_path):
+    t = Trainer(_gpu_cfg(max_iters=60, log_every=20), tmp_path, device="cuda", print_fn=lambda *a: None)
+    lab = iter(__import__("cps_fast").data.labeled_loader(t.labeled_set, batch_size=4, crop_size=64,
+                                                          backend="pytorch", num_workers=0))
+    batches = []
+    for _ in range(4):
+        b = next(lab)
+        batches.append([t._to_device(b["image"]), t._to_device(b["label"]), t._to_device(b["image"].flip(-1)),
+                        t._to_device(b["image"].flip(-2))])
+    t.model.train()
+    t._capture(lambda: batches[0])
+    torch.cuda.synchronize()
+    losses = []
+    for k in range(30):
+        t._copy_in(batches[k % 4])
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            t.graph.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        if k % 10 == 9:
+            s = t.sums.tolist()
+            t.sums.zero_()
+            losses.append(s[0] / s[3])
+    assert losses[-1] < losses[0], losses
