@@ -1,0 +1,192 @@
+"""Benchmark of the fused CPS loss against the reference code's way of computing it.
+
+Providers:
+  eager    argmax + four F.cross_entropy calls and autograd, as the reference CPS code
+           (under bf16 autocast on a GPU when the dtype is bf16)
+  compile  torch.compile of that same function
+  triton   cps_fast.cps_loss(backend="triton")
+  cuda     cps_fast.cps_loss(backend="cuda")   (the CUDA C++ extension)
+  cpu      cps_fast.cps_loss(backend="cpu")    (the C++ extension)
+
+Byte count of one call: the fused kernel reads each logits tensor once and, with
+gradients, writes each gradient once, plus the labels::
+
+    bytes = E * itemsize * (2 forward | 4 forward+backward) + P * label_itemsize
+
+with E = N*C*H*W elements per logits tensor and P = N*H*W pixels; "GB/s" is that
+count over the median time for every provider (for eager it is the bytes an
+ideal kernel moves, not what eager moves). On a GPU the fraction of a
+device-to-device copy measured in the same run is reported too.
+
+    python benchmarks/bench_loss.py                  # shapes for the device at hand
+    python benchmarks/bench_loss.py --device cpu --threads 2 --json out.json
+    cps-fast bench loss ...                          # the same
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import cps_fast  # noqa: E402
+from cps_fast import backends  # noqa: E402
+
+GPU_SHAPES = {"voc": (8, 21, 512, 512), "cityscapes": (8, 19, 800, 800)}
+CPU_SHAPES = {"voc-small": (4, 21, 256, 256)}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def reference_way(a, b, target, cps_weight=1.5, ignore_index=255):
+    """The reference CPS code's loss: argmax pseudo labels and four cross-entropies."""
+    pa = a.detach().argmax(dim=1)
+    pb = b.detach().argmax(dim=1)
+    sup = F.cross_entropy(a, target, ignore_index=ignore_index) + F.cross_entropy(b, target, ignore_index=ignore_index)
+    cps = F.cross_entropy(a, pb, ignore_index=ignore_index) + F.cross_entropy(b, pa, ignore_index=ignore_index)
+    return sup + cps_weight * cps
+
+
+def make_provider(name, device, dtype):
+    """A function (a, b, target) -> loss for provider ``name``, or a string saying why it cannot run."""
+    if name in ("eager", "compile"):
+        fn = reference_way
+        if name == "compile":
+            try:
+                fn = torch.compile(reference_way, dynamic=False)
+            except Exception as exc:  # pragma: no cover - depends on the install
+                return f"torch.compile unavailable: {exc}"
+        autocast = device.type == "cuda" and dtype != torch.float32
+
+        def run(a, b, t):
+            if autocast:  # the reference trains under autocast; logits stay in the low dtype
+                with torch.autocast("cuda", dtype=dtype):
+                    return fn(a, b, t.long())
+            return fn(a, b, t.long())
+
+        return run
+    reason = backends.why_unavailable(name, device)
+    if reason:
+        return reason
+    return lambda a, b, t: cps_fast.cps_loss(a, b, t, cps_weight=1.5, backend=name)
+
+
+def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
+    N, C, H, W = shape
+    dtype = DTYPES[dtype_name]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    base = common.peak_memory_reset(device)
+    a = torch.randn(shape, device=device, dtype=torch.float32).mul_(3).to(dtype).contiguous(memory_format=fmt)
+    b = torch.randn(shape, device=device, dtype=torch.float32).mul_(3).to(dtype).contiguous(memory_format=fmt)
+    t = torch.randint(0, C, (N, H, W), device=device, dtype=torch.uint8)
+    t[torch.rand(N, H, W, device=device) < 0.1] = 255
+    backward = mode == "fwd+bwd"
+    a.requires_grad_(backward)
+    b.requires_grad_(backward)
+    inputs_mb = common.peak_memory_mb(device, base)
+    base = common.peak_memory_reset(device)
+
+    def setup():
+        a.grad = b.grad = None
+
+    def step():
+        loss = fn(a, b, t)
+        if backward:
+            loss.backward()
+
+    if not backward:
+        step = torch.no_grad()(step)
+    times = common.measure(step, device, warmup=3, reps=reps, setup=setup)
+    peak = common.peak_memory_mb(device, base)
+    E, P = a.numel(), N * H * W
+    nbytes = E * a.element_size() * (4 if backward else 2) + P * t.element_size()
+    row = {
+        "provider": provider, "mode": mode, "shape": list(shape), "dtype": dtype_name, "layout": layout,
+        **common.quantiles(times),
+        "bytes": nbytes,
+        "byte_formula": "E*itemsize*(4 fwd+bwd | 2 fwd) + P*1",
+        "gbs": nbytes / (statistics.median(times) * 1e-3) / 1e9,
+        "peak_mb": peak,
+        "inputs_mb": inputs_mb,
+    }
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--providers", default=None,
+                   help="comma list of eager,compile,triton,cuda,cpu (default: what runs on the device; "
+                        "triton is left out on the CPU, where it only runs in the slow interpreter)")
+    p.add_argument("--shapes", default=None, help="comma list of " + ",".join([*GPU_SHAPES, *CPU_SHAPES]))
+    p.add_argument("--shape", default=None, help="a custom N,C,H,W shape instead of --shapes")
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--layouts", default="nchw,channels_last")
+    p.add_argument("--modes", default="fwd+bwd,fwd")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="output path (default benchmarks/results/loss-<device>.json)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = {**GPU_SHAPES, **CPU_SHAPES}
+    names = args.shapes.split(",") if args.shapes else list(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    if args.shape:
+        shapes["custom"] = tuple(int(v) for v in args.shape.split(","))
+        names = ["custom"]
+    if args.providers:
+        providers = args.providers.split(",")
+    else:
+        providers = ["eager", "compile"] + [b for b in ("triton", "cuda", "cpu")
+                                            if not (b == "triton" and device.type == "cpu")]
+    reps = args.reps or (20 if device.type == "cuda" else 5)
+    env = common.environment(device)
+    copy_gbs = common.copy_bandwidth_gbs(device) if device.type == "cuda" else None
+
+    rows = []
+    for shape_name in names:
+        for dtype_name in args.dtypes.split(","):
+            for provider in providers:
+                fn = make_provider(provider, device, DTYPES[dtype_name])
+                if isinstance(fn, str):
+                    print(f"skip {provider}: {fn}", file=sys.stderr)
+                    continue
+                for layout in args.layouts.split(","):
+                    for mode in args.modes.split(","):
+                        try:
+                            row = bench_case(provider, fn, shapes[shape_name], dtype_name, layout, device, mode, reps)
+                        except Exception as exc:  # e.g. torch.compile failing on this install
+                            print(f"skip {provider} {shape_name} {dtype_name} {layout} {mode}: "
+                                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                            continue
+                        row.update(env, shape_name=shape_name, copy_gbs=copy_gbs)
+                        row["copy_fraction"] = row["gbs"] / copy_gbs if copy_gbs else None
+                        rows.append(row)
+    # speed-up of every row over eager on the same case
+    eager = {(r["shape_name"], r["dtype"], r["layout"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == "eager"}
+    for r in rows:
+        e = eager.get((r["shape_name"], r["dtype"], r["layout"], r["mode"]))
+        r["speedup_vs_eager"] = e / r["median_ms"] if e else None
+
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}"
+          + (f"  copy {copy_gbs:.0f} GB/s" if copy_gbs else ""))
+    common.print_table(rows, [
+        ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""), ("mode", "mode", ""),
+        ("provider", "provider", ""), ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"),
+        ("p80_ms", "p80", ".3f"), ("gbs", "GB/s", ".1f"), ("copy_fraction", "of copy", ".2f"),
+        ("speedup_vs_eager", "x eager", ".2f"), ("peak_mb", "peak MB", ".0f"),
+    ])
+    path = common.write_json(rows, args.json, "loss", device)
+    print(f"wrote {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

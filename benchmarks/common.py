@@ -1,0 +1,135 @@
+"""Shared helpers of the benchmark scripts: environment, timing, ceilings, table and JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and device facts recorded with every row."""
+    env = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return env
+
+
+def quantiles(times_ms: list[float]) -> dict:
+    q = statistics.quantiles(times_ms, n=10, method="inclusive") if len(times_ms) > 1 else [times_ms[0]] * 9
+    return {"median_ms": statistics.median(times_ms), "p20_ms": q[1], "p80_ms": q[7], "reps": len(times_ms)}
+
+
+def measure(fn, device: torch.device, *, warmup: int = 3, reps: int = 10, setup=None) -> list[float]:
+    """Times of ``fn()`` in milliseconds (CUDA events on a GPU, perf_counter on the CPU).
+
+    ``setup()`` runs before each call, outside the timed region (e.g. to clear gradients).
+    """
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(reps):
+        if setup:
+            setup()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
+    n = nbytes // 4
+    if device.type == "cpu":
+        n = min(n, 1 << 26)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = measure(lambda: dst.copy_(src), device, warmup=3, reps=10)
+    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float:
+    """Dense matmul throughput in TFLOP/s, measured now."""
+    if device.type == "cpu":
+        n, dtype = 1024, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = measure(lambda: a @ b, device, warmup=3, reps=10)
+    return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+def peak_memory_reset(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def peak_memory_mb(device: torch.device, baseline: int) -> float | None:
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    return None
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` with ``columns`` given as (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        line = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            line.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for k, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(rows: list[dict], path: str | os.PathLike | None, name: str, device: torch.device) -> Path:
+    if path is None:
+        tag = "cuda" if device.type == "cuda" else "cpu"
+        path = RESULTS / f"{name}-{tag}.json"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    return path
