@@ -116,7 +116,8 @@ class Config:
     sup_loss: Literal["ce", "ohem"] = _f("ce", "loss", "supervised loss: cross-entropy or OHEM cross-entropy")
     ohem_thresh: float = _f(0.7, "loss", "OHEM: keep pixels whose true-class probability is below this")
     ohem_min_kept: int = _f(50000, "loss", "OHEM: keep at least this many pixels per labeled image")
-    loss_backend: Optional[str] = _f(None, "loss", "force a cps_loss backend (triton|cuda|cpu|torch); None = auto")
+    loss_backend: Optional[str] = _f(None, "loss", "force a cps_loss backend (triton|cuda|cpu|torch), or 'reference' for the reference "
+        "code's unfused cross-entropies (a benchmark baseline); None = auto")
 
     # --- performance
     amp: Literal["bf16", "fp16", "fp32"] = _f("bf16", "perf", "autocast dtype (fp16 uses a GradScaler)")
@@ -182,8 +183,8 @@ class Config:
         need(0 <= lo <= hi <= 1, "cutmix_prop_range", "(low, high) with 0 <= low <= high <= 1")
         need(0 < self.ohem_thresh <= 1, "ohem_thresh", "a probability in (0, 1]")
         need(self.ohem_min_kept >= 0, "ohem_min_kept", ">= 0")
-        need(self.loss_backend in (None, "triton", "cuda", "cpu", "torch"), "loss_backend",
-             "None or one of 'triton', 'cuda', 'cpu', 'torch'")
+        need(self.loss_backend in (None, "triton", "cuda", "cpu", "torch", "reference"), "loss_backend",
+             "None or one of 'triton', 'cuda', 'cpu', 'torch', 'reference'")
         need(self.eval_every >= 0, "eval_every", ">= 0")
         need(self.eval_crop_size is None or self.eval_crop_size >= 1, "eval_crop_size", "None or a positive size")
         need(0 < self.eval_stride_rate <= 1, "eval_stride_rate", "a fraction in (0, 1]")

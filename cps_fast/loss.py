@@ -198,43 +198,76 @@ def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
         grad.mul_(grad_output.to(grad.dtype))
 
 
+@torch.library.custom_op("cps_fast::cps_loss_forward", mutates_args=())
+def fused_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, target: torch.Tensor | None,
+                  pseudo_a: torch.Tensor | None, pseudo_b: torch.Tensor | None, cps_weight: float,
+                  ignore_index: int, need_grad: bool, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One kernel launch: ``(sums[3], counts[3], grad_a, grad_b)`` (grads empty when not needed).
+
+    Registered as a custom op so that ``torch.compile`` traces through the fused loss
+    (with the fake implementation below) instead of breaking the graph.
+    """
+    if need_grad and not (_dense(logits_a) and _dense(logits_b)):
+        # a layout empty_like cannot reproduce (e.g. a sliced view): compute on dense copies
+        logits_a, logits_b = logits_a.contiguous(), logits_b.contiguous()
+    C = logits_a.shape[1]
+    a3, b3 = _as_ncl(logits_a), _as_ncl(logits_b)
+    n_rows = a3.shape[0]
+    t2, pa2, pb2 = (_as_nl(y, n_rows) for y in (target, pseudo_a, pseudo_b))
+    numel = a3.shape[0] * a3.shape[2]
+    dev = logits_a.device
+    counts = torch.stack([
+        _count_valid(t2, C, ignore_index, 0.0, dev),
+        _count_valid(pa2, C, ignore_index, float(numel), dev),
+        _count_valid(pb2, C, ignore_index, float(numel), dev),
+    ])
+    if need_grad:
+        grad_a, grad_b = _empty_like(logits_a), _empty_like(logits_b)
+        ga3, gb3 = _as_ncl(grad_a), _as_ncl(grad_b)
+    else:
+        grad_a, grad_b = logits_a.new_empty(0), logits_b.new_empty(0)
+        ga3 = gb3 = None
+    sums = _launch(backend, a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index)
+    return sums, counts, grad_a, grad_b
+
+
+@fused_forward.register_fake
+def _fused_forward_fake(logits_a, logits_b, target, pseudo_a, pseudo_b, cps_weight, ignore_index, need_grad,
+                        backend):
+    sums = logits_a.new_empty(3, dtype=torch.float32)
+    counts = logits_a.new_empty(3, dtype=torch.float32)
+    if not need_grad:
+        return sums, counts, logits_a.new_empty(0), logits_b.new_empty(0)
+    # empty_like keeps a dense input's strides and makes a non-dense one contiguous, as the real op
+    return sums, counts, torch.empty_like(logits_a), torch.empty_like(logits_b)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or (
+        x.dim() == 2 and x.t().is_contiguous())
+
+
+@torch.compiler.assume_constant_result
+def _select_backend(device_type: str, requested: str | None) -> str:
+    # a constant for torch.compile: the choice depends on the install, not on tensor values
+    return backends.select_backend(device_type, requested)
+
+
 class CPSLossFunction(torch.autograd.Function):
     """Forward computes the loss and both gradients; backward scales them by grad_output."""
 
     @staticmethod
     def forward(ctx, logits_a, logits_b, target, pseudo_a, pseudo_b, cps_weight, ignore_index, backend):
-        N, C = logits_a.shape[0], logits_a.shape[1]
-        a3, b3 = _as_ncl(logits_a), _as_ncl(logits_b)
-        n_rows = a3.shape[0]
-        t2, pa2, pb2 = (_as_nl(y, n_rows) for y in (target, pseudo_a, pseudo_b))
-        numel = a3.shape[0] * a3.shape[2]
-        dev = logits_a.device
-        counts = torch.stack([
-            _count_valid(t2, C, ignore_index, 0.0, dev),
-            _count_valid(pa2, C, ignore_index, float(numel), dev),
-            _count_valid(pb2, C, ignore_index, float(numel), dev),
-        ])
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_a = _empty_like(logits_a) if need_grad else None
-        grad_b = _empty_like(logits_b) if need_grad else None
-        ga3 = _as_ncl(grad_a) if need_grad else None
-        gb3 = _as_ncl(grad_b) if need_grad else None
-        if need_grad and (ga3.stride() != a3.stride() or gb3.stride() != b3.stride()):
-            # a layout empty_like cannot reproduce (e.g. a sliced view): compute on dense copies
-            a3, b3 = a3.contiguous(), b3.contiguous()
-            grad_a, grad_b = _empty_like(a3), _empty_like(b3)
-            ga3, gb3 = grad_a, grad_b
-            grad_a_view = (ga3.squeeze(0).t() if logits_a.dim() == 2 else ga3.view(logits_a.shape))
-            grad_b_view = (gb3.squeeze(0).t() if logits_b.dim() == 2 else gb3.view(logits_b.shape))
-        else:
-            grad_a_view, grad_b_view = grad_a, grad_b
-        sums = _launch(backend, a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index)
+        sums, counts, grad_a, grad_b = fused_forward(logits_a, logits_b, target, pseudo_a, pseudo_b,
+                                                     cps_weight, ignore_index, need_grad, backend)
         inv = 1.0 / counts.clamp_min(1.0)
         sup = sums[0] * inv[0]
         cps = sums[1] * inv[2] + sums[2] * inv[1]
         loss = sup + cps_weight * cps
         if need_grad:
-            ctx.save_for_backward(grad_a_view, grad_b_view)
+            ctx.save_for_backward(grad_a, grad_b)
         ctx.used = False
         ctx.mark_non_differentiable(sup, cps)
         return loss, sup, cps
@@ -248,8 +281,12 @@ class CPSLossFunction(torch.autograd.Function):
             )
         ctx.used = True
         grad_a, grad_b = ctx.saved_tensors
-        for g in (grad_a, grad_b):
-            _scale_grad_(g, grad_loss)
+        if torch.compiler.is_compiling():  # let the compiler fuse the scaling into what follows
+            grad_a = grad_a * grad_loss.to(grad_a.dtype)
+            grad_b = grad_b * grad_loss.to(grad_b.dtype)
+        else:
+            for g in (grad_a, grad_b):
+                _scale_grad_(g, grad_loss)
         return (grad_a if ctx.needs_input_grad[0] else None,
                 grad_b if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None, None)
@@ -285,7 +322,8 @@ def cps_loss(
         return_parts: also return ``sup`` and ``cps``, detached, as device scalars.
         validate: check that labels lie in ``[0, C)`` or equal ``ignore_index``.
             Default: on for CPU tensors, off for CUDA tensors (the check reads a
-            value back to the host); never done while a CUDA graph is captured.
+            value back to the host); never done while a CUDA graph is captured or
+            under ``torch.compile``.
 
     Returns:
         the float32 scalar ``sup + cps_weight * cps``, or ``(loss, sup, cps)``.
@@ -294,11 +332,12 @@ def cps_loss(
     C = logits_a.shape[1]
     if validate is None:
         validate = not logits_a.is_cuda
-    if validate and not (logits_a.is_cuda and torch.cuda.is_current_stream_capturing()):
+    capturing = logits_a.is_cuda and torch.cuda.is_current_stream_capturing()
+    if validate and not capturing and not torch.compiler.is_compiling():
         for name, y in (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)):
             if y is not None:
                 _validate_labels(name, y, C, ignore_index)
-    name = backends.select_backend(logits_a.device, backend)
+    name = _select_backend(logits_a.device.type, backend)
     loss, sup, cps = CPSLossFunction.apply(
         logits_a, logits_b, target, pseudo_a, pseudo_b, float(cps_weight), int(ignore_index), name
     )

@@ -386,3 +386,18 @@ def test_no_host_sync_in_eager_loss():
         (2 * loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_torch_compile_traces_the_fused_loss_without_graph_breaks():
+    """cps_loss is a custom op with a fake implementation: fullgraph compilation works."""
+    f = torch.compile(lambda a, b, t: cps_fast.cps_loss(a, b, t, cps_weight=1.5), fullgraph=True)
+    a = make_logits("channels_last", 2, 5, 8, 9, torch.float32, "cpu")
+    b = make_logits("channels_last", 2, 5, 8, 9, torch.float32, "cpu")
+    t = make_labels((2, 8, 9), 5, 0.2, "cpu")
+    a_leaf, b_leaf = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = f(a_leaf, b_leaf, t)
+    (2 * loss).backward()
+    ref = run(cps_loss_reference, a.double(), b.double(), t, grad_scale=2.0, cps_weight=1.5)
+    torch.testing.assert_close(loss.detach().double(), ref[0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(a_leaf.grad.double(), ref[3], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b_leaf.grad.double(), ref[4], rtol=1e-4, atol=1e-6)

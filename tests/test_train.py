@@ -301,3 +301,10 @@ def test_captured_step_has_no_host_sync_and_learns(tmp_path):
             t.sums.zero_()
             losses.append(s[0] / s[3])
     assert losses[-1] < losses[0], losses
+
+
+def test_bench_step_smoke(tmp_path):
+    rows = cli_main(["bench", "step", "--device", "cpu", "--iters", "1", "--warmup", "1", "--images", "8",
+                     "--variants", "reference,+fused_loss", "--set", "crop_size=48", "--json", str(tmp_path / "s.json")])
+    assert [r["variant"] for r in rows] == ["reference", "+fused_loss"]
+    assert all(r["images_per_s"] > 0 for r in rows)

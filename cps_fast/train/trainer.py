@@ -328,7 +328,7 @@ class Trainer:
             it += done
             n_window += done
             self.it = it
-            if it % cfg.log_every < done or it >= stop:
+            if it % cfg.log_every < done or it >= self.stop_iter:
                 self._log(it, n_window, time.perf_counter() - t_window)
                 t_window, n_window = time.perf_counter(), 0
             if evaluate and cfg.eval_every and (it % cfg.eval_every < done) and it < stop:
