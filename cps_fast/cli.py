@@ -75,7 +75,7 @@ def _cmd_predict(args, rest):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cps-fast", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cps-fast", description="Semi-supervised semantic segmentation with Cross Pseudo Supervision.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train supervised-only and CPS on synthetic data (CPU, minutes)")

@@ -43,6 +43,41 @@ def _load_labels(ptr, n, l, s_n, s_l, pmask, ignore_index, C, HAS: tl.constexpr)
 
 
 @triton.jit
+def _pseudo_labels(pa_ptr, pb_ptr, n, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index, C, arg_a, arg_b,
+                   HAS_PA: tl.constexpr, HAS_PB: tl.constexpr):
+    """Given pseudo labels (with validity), or the branches' argmax (always valid)."""
+    if HAS_PA:
+        pa, vpa = _load_labels(pa_ptr, n, l, s_pan, s_pal, pmask, ignore_index, C, True)
+    else:
+        pa, vpa = arg_a, pmask
+    if HAS_PB:
+        pb, vpb = _load_labels(pb_ptr, n, l, s_pbn, s_pbl, pmask, ignore_index, C, True)
+    else:
+        pb, vpb = arg_b, pmask
+    return pa, vpa, pb, vpb
+
+
+@triton.jit
+def _store_sums(part_ptr, pid, lse_a, lse_b, xa_t, xb_t, xa_pb, xb_pa, vt, vpa, vpb):
+    """This program's sums of vt*(CE(a,t)+CE(b,t)), vpb*CE(a,pb), vpa*CE(b,pa)."""
+    tl.store(part_ptr + pid * 3 + 0, tl.sum(tl.where(vt, (lse_a - xa_t) + (lse_b - xb_t), 0.0), axis=0))
+    tl.store(part_ptr + pid * 3 + 1, tl.sum(tl.where(vpb, lse_a - xa_pb, 0.0), axis=0))
+    tl.store(part_ptr + pid * 3 + 2, tl.sum(tl.where(vpa, lse_b - xb_pa, 0.0), axis=0))
+
+
+@triton.jit
+def _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb):
+    """Per-pixel weights of the three cross-entropies in the loss: (target, pseudo_a, pseudo_b)."""
+    inv_t = 1.0 / tl.maximum(tl.load(counts_ptr + 0), 1.0)
+    inv_pa = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
+    inv_pb = 1.0 / tl.maximum(tl.load(counts_ptr + 2), 1.0)
+    ct = tl.where(vt, inv_t, 0.0)
+    cpa = tl.where(vpa, cps_weight * inv_pa, 0.0)  # CE(b, pa) weight per pixel
+    cpb = tl.where(vpb, cps_weight * inv_pb, 0.0)  # CE(a, pb) weight per pixel
+    return ct, cpa, cpb
+
+
+@triton.jit
 def _cps_loss_tile_kernel(
     a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr,
     P, L, C,
@@ -80,14 +115,8 @@ def _cps_loss_tile_kernel(
     lse_b = mb + tl.log(sb)
 
     t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
-    if HAS_PA:
-        pa, vpa = _load_labels(pa_ptr, n, l, s_pan, s_pal, pmask, ignore_index, C, True)
-    else:
-        pa, vpa = arg_a, pmask
-    if HAS_PB:
-        pb, vpb = _load_labels(pb_ptr, n, l, s_pbn, s_pbl, pmask, ignore_index, C, True)
-    else:
-        pb, vpb = arg_b, pmask
+    pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, n, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index, C,
+                                      arg_a, arg_b, HAS_PA, HAS_PB)
 
     hit_t = c[None, :] == t[:, None]
     hit_pa = c[None, :] == pa[:, None]
@@ -97,20 +126,10 @@ def _cps_loss_tile_kernel(
     xa_pb = tl.sum(tl.where(hit_pb, xa, 0.0), axis=1)
     xb_pa = tl.sum(tl.where(hit_pa, xb, 0.0), axis=1)
 
-    s_sup = tl.sum(tl.where(vt, (lse_a - xa_t) + (lse_b - xb_t), 0.0), axis=0)
-    s_apb = tl.sum(tl.where(vpb, lse_a - xa_pb, 0.0), axis=0)
-    s_bpa = tl.sum(tl.where(vpa, lse_b - xb_pa, 0.0), axis=0)
-    tl.store(part_ptr + pid * 3 + 0, s_sup)
-    tl.store(part_ptr + pid * 3 + 1, s_apb)
-    tl.store(part_ptr + pid * 3 + 2, s_bpa)
+    _store_sums(part_ptr, pid, lse_a, lse_b, xa_t, xb_t, xa_pb, xb_pa, vt, vpa, vpb)
 
     if WRITE_GRAD:
-        inv_t = 1.0 / tl.maximum(tl.load(counts_ptr + 0), 1.0)
-        inv_pa = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
-        inv_pb = 1.0 / tl.maximum(tl.load(counts_ptr + 2), 1.0)
-        ct = tl.where(vt, inv_t, 0.0)
-        cpb = tl.where(vpb, cps_weight * inv_pb, 0.0)  # CE(a, pb) weight per pixel
-        cpa = tl.where(vpa, cps_weight * inv_pa, 0.0)  # CE(b, pa) weight per pixel
+        ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
         ga = ea * ((ct + cpb) / sa)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pb, cpb[:, None], 0.0)
         gb = eb * ((ct + cpa) / sb)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pa, cpa[:, None], 0.0)
         tl.store(ga_ptr + a_off, ga.to(ga_ptr.dtype.element_ty), mask=m2)
@@ -181,33 +200,17 @@ def _cps_loss_loop_kernel(
     lse_b = mb + tl.log(sb)
 
     t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
-    if HAS_PA:
-        pa, vpa = _load_labels(pa_ptr, n, l, s_pan, s_pal, pmask, ignore_index, C, True)
-    else:
-        pa, vpa = arg_a, pmask
-    if HAS_PB:
-        pb, vpb = _load_labels(pb_ptr, n, l, s_pbn, s_pbl, pmask, ignore_index, C, True)
-    else:
-        pb, vpb = arg_b, pmask
+    pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, n, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index, C,
+                                      arg_a, arg_b, HAS_PA, HAS_PB)
 
     xa_t = _gather(a_ptr, a_row, s_ac, t, vt)
     xb_t = _gather(b_ptr, b_row, s_bc, t, vt)
     xa_pb = _gather(a_ptr, a_row, s_ac, pb, vpb)
     xb_pa = _gather(b_ptr, b_row, s_bc, pa, vpa)
-    s_sup = tl.sum(tl.where(vt, (lse_a - xa_t) + (lse_b - xb_t), 0.0), axis=0)
-    s_apb = tl.sum(tl.where(vpb, lse_a - xa_pb, 0.0), axis=0)
-    s_bpa = tl.sum(tl.where(vpa, lse_b - xb_pa, 0.0), axis=0)
-    tl.store(part_ptr + pid * 3 + 0, s_sup)
-    tl.store(part_ptr + pid * 3 + 1, s_apb)
-    tl.store(part_ptr + pid * 3 + 2, s_bpa)
+    _store_sums(part_ptr, pid, lse_a, lse_b, xa_t, xb_t, xa_pb, xb_pa, vt, vpa, vpb)
 
     if WRITE_GRAD:
-        inv_t = 1.0 / tl.maximum(tl.load(counts_ptr + 0), 1.0)
-        inv_pa = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
-        inv_pb = 1.0 / tl.maximum(tl.load(counts_ptr + 2), 1.0)
-        ct = tl.where(vt, inv_t, 0.0)
-        cpb = tl.where(vpb, cps_weight * inv_pb, 0.0)
-        cpa = tl.where(vpa, cps_weight * inv_pa, 0.0)
+        ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
         _write_grad_loop(a_ptr, ga_ptr, a_row, s_ac, pmask, C, ma, sa, ct + cpb, t, ct, pb, cpb, BLOCK_P, BLOCK_C)
         _write_grad_loop(b_ptr, gb_ptr, b_row, s_bc, pmask, C, mb, sb, ct + cpa, t, ct, pa, cpa, BLOCK_P, BLOCK_C)
 
