@@ -59,7 +59,7 @@ def test_preset_matches_reference_table(ds, bb, cm, i, r):
 def test_demo_preset_is_cpu_friendly():
     cfg = load_preset("demo")
     assert cfg.dataset == "synthetic" and cfg.backbone == "resnet18"
-    assert cfg.amp == "fp32" and not cfg.cuda_graph and cfg.pretrained is None
+    assert cfg.amp in ("fp32", "bf16") and not cfg.cuda_graph and cfg.pretrained is None
     assert cfg.crop_size <= 128 and cfg.max_iters <= 500
     assert cfg.total_iters(64, 448) == cfg.max_iters
 

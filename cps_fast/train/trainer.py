@@ -36,12 +36,15 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # ----------------------------------------------------------------------------- distributed
 
 
-def init_distributed(device_type: str) -> tuple[int, int, int]:
+def init_distributed(device_type: str, cuda_graph: bool = False) -> tuple[int, int, int]:
     """(rank, world_size, local_rank); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda" and cuda_graph:
+        # NCCL inside a captured graph needs async error handling off (PyTorch's CUDA graph notes)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":
@@ -116,7 +119,7 @@ class Trainer:
         dev_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dev_type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was given but torch sees no CUDA device")
-        self.rank, self.world, local = init_distributed(dev_type)
+        self.rank, self.world, local = init_distributed(dev_type, cfg.cuda_graph)
         self.device = torch.device(dev_type, local) if dev_type == "cuda" else torch.device("cpu")
         self.is_main = self.rank == 0
         self.print = print_fn if self.is_main else (lambda *a, **k: None)
