@@ -84,7 +84,7 @@ def _plot_curves(history: dict, path: Path, size=(640, 400)) -> None:
         y = xy(0, k)[1]
         d.line([left - 4, y, left, y], fill="black")
         d.text((left - 30, y - 6), f"{k}", fill="black")
-    d.text((W // 2 - 30, H - bottom + 20), "iteration", fill="black")
+    d.text((W // 2 - 30, H - bottom + 24), "iteration", fill="black")
     d.text((5, top - 20), "val mIoU (%)", fill="black")
     colours = {"supervised": (200, 60, 60), "cps": (40, 90, 200)}
     for k, (name, rows) in enumerate(history.items()):
@@ -95,7 +95,10 @@ def _plot_curves(history: dict, path: Path, size=(640, 400)) -> None:
         for x, y in line:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         d.text((left + 10, top + 10 + 15 * k), f"{name}: {rows[-1]['miou']:.1f}" if rows else name, fill=colour)
-    d.text((W - right - 120, H - bottom + 5), f"{xmax}", fill="black")
+    for it in sorted({r["iter"] for rows in history.values() for r in rows}):
+        x = xy(it, 0)[0]
+        d.line([x, H - bottom, x, H - bottom + 4], fill="black")
+        d.text((x - 10, H - bottom + 6), f"{it}", fill="black")
     img.save(path)
 
 
@@ -117,4 +120,13 @@ def _plot_predictions(cfg, models: dict, path: Path, n: int = 4) -> None:
             pred = model(x.to(p.device, memory_format=torch.channels_last)).argmax(1)[0].cpu().numpy()
             cells.append(lut[pred.astype(np.uint8)])
         rows.append(np.concatenate(cells, axis=1))
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    cell_w = grid.width // (2 + len(models))
+    zoom = max(1, 256 // cell_w)  # small synthetic scenes are enlarged, pixels kept sharp
+    grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST)
+    out = Image.new("RGB", (grid.width, grid.height + 20), "white")
+    out.paste(grid, (0, 20))
+    d = ImageDraw.Draw(out)
+    for k, title in enumerate(["input", "label", *models]):
+        d.text((k * cell_w * zoom + 6, 4), title, fill="black")
+    out.save(path)
