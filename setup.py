@@ -33,13 +33,18 @@ def _extensions():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError:  # metadata-only operations (e.g. `setup.py --version`)
-        return [], {}
+    except ImportError as exc:
+        # never build without the extension by accident (pip's isolated build env has no torch)
+        raise RuntimeError(
+            f"cps-fast builds its extension against the installed torch, but torch does not import "
+            f"here ({exc}). Install torch first, then `pip install --no-build-isolation -e .`"
+        ) from exc
 
+    os.chdir(ROOT)  # sources are given relative to the project root
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if not cpp:
-        return [], {}
+        raise RuntimeError(f"no C++ sources found in {os.path.join(ROOT, 'csrc')}")
     with_cuda = (
         bool(cu)
         and torch.version.cuda is not None

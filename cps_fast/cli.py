@@ -41,7 +41,7 @@ def run_benchmark(name: str, argv: list[str]):
 
 
 def _cmd_bench(args, rest):
-    run_benchmark(args.what, rest)
+    return run_benchmark(args.what, rest)
 
 
 def _cmd_splits(args, rest):
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None):
+    """Run a command line; returns what the subcommand returns (rows, metrics), for scripting."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -132,10 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("bench", "splits"):
         head = argv[:2] if argv[0] == "bench" else argv[:1]
         args = parser.parse_args(head)
-        args.func(args, argv[len(head):])
-        return
+        return args.func(args, argv[len(head):])
     args = parser.parse_args(argv)
-    args.func(args, [])
+    return args.func(args, [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: exit status 0 unless a command raises."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cps_fast.cli import main as cli_main
+from cps_fast.cli import run as cli_main
 from cps_fast.config import load_preset
 from cps_fast.models import CPSModel, param_groups
 from cps_fast.train import SGD, CPSStep, Trainer, load_checkpoint, ohem_cross_entropy, poly_lr
