@@ -107,7 +107,7 @@ def predict_main(args) -> list[str]:
             pred = predict(lambda x: model(x), image, cfg.num_classes, crop_size=cfg.eval_crop,
                            stride_rate=cfg.eval_stride_rate, mean=cfg.mean, std=cfg.std, device=device)
         stem = Path(path).stem
-        mask = Image.fromarray(pred.astype(np.uint8), mode="P")
+        mask = Image.fromarray(pred.astype(np.uint8))  # mode L; putpalette makes it P, indices kept
         mask.putpalette(lut.reshape(-1).tolist())
         mask.save(out / f"{stem}_mask.png")
         overlay = (0.5 * image + 0.5 * lut[pred]).astype(np.uint8)
