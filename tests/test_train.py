@@ -308,3 +308,17 @@ def test_bench_step_smoke(tmp_path):
                      "--variants", "reference,+fused_loss", "--set", "crop_size=48", "--json", str(tmp_path / "s.json")])
     assert [r["variant"] for r in rows] == ["reference", "+fused_loss"]
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
+def test_train_on_voc_files(tmp_path, backend):
+    """The trainer on a VOC folder (JPEGs + palette PNGs) through each data backend, with CutMix."""
+    from cps_fast.data import write_voc
+
+    root = tmp_path / "voc"
+    write_voc(str(root), n_train=12, n_val=3, size=(48, 56), seed=1, label_format="palette")
+    cfg = tiny_cfg(dataset="voc", data_root=str(root), num_classes=21, partition="1/3", cutmix=True,
+                   cps_weight=1.0, data_backend=backend, max_iters=3, eval_crop_size=48)
+    result = Trainer(cfg, tmp_path / "run", print_fn=lambda *a: None).train()
+    assert 0.0 <= result["miou"] <= 100.0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 3

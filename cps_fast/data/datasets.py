@@ -140,7 +140,7 @@ def read_image(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.array(im.convert("RGB"))  # writable: callers may modify it
     except Exception as e:  # PIL raises several types for corrupt data
         raise DataError(f"image file {path} is unreadable or corrupt: {e}") from e
     return arr
@@ -159,9 +159,9 @@ def read_label(path: str, fmt: str = "auto") -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             if im.mode in ("P", "L"):
-                arr = np.asarray(im)
+                arr = np.array(im)
             elif im.mode in ("I", "I;16", "I;16B", "I;16L"):
-                arr = np.asarray(im)
+                arr = np.array(im)
                 if arr.max(initial=0) > 255:
                     raise DataError(f"label file {path} has value {int(arr.max())} > 255")
                 arr = arr.astype(np.uint8)

@@ -128,6 +128,8 @@ class Trainer:
         if cfg.cuda_graph and self.device.type == "cuda" and cfg.amp == "fp16":
             self.print("cuda_graph is off: the fp16 GradScaler reads its found-inf flag on the host")
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop sizes (the reference sets it too)
 
         self._seed_everything(cfg.seed + self.rank)
         self.labeled_set, self.unlabeled_set = open_training_sets(cfg)
