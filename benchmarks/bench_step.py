@@ -21,7 +21,6 @@ every preset's full schedule at that step time.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time

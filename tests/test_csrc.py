@@ -172,7 +172,7 @@ def test_cpu_no_gradients_and_out_of_range_labels():
 def test_cpu_argmax_ties_go_to_lowest_class():
     """Integer-valued logits make many ties; in-kernel argmax must match torch.argmax."""
     gen = torch.Generator().manual_seed(13)
-    shape, C = (2, 21, 11, 23), 21
+    shape = (2, 21, 11, 23)
     for layout in ("nchw", "channels_last"):
         a = torch.randint(-2, 3, shape, generator=gen).float()
         b = torch.randint(-2, 3, shape, generator=gen).float()

@@ -325,7 +325,7 @@ def test_dali_keeps_palette_indices_and_maps_cityscapes(tmp_path):
     want = np.stack([ds[i]["label"] for i in range(2)])
     got = b["label"].numpy()
     assert sorted(map(tuple, got.reshape(2, -1))) == sorted(map(tuple, want.reshape(2, -1)))
-    ids = make_cityscapes(str(tmp_path / "city"), "labelIds", size=(20, 30))
+    make_cityscapes(str(tmp_path / "city"), "labelIds", size=(20, 30))
     cs = D.open_dataset("cityscapes", str(tmp_path / "city"))
     b = next(iter(D.labeled_loader(cs, batch_size=4, crop_size=(20, 30), backend="dali-cpu",
                                    scales=(1.0,), flip=False)))

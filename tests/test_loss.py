@@ -344,7 +344,7 @@ def test_cuda_graph_capture_and_replay(backend, layout):
     """The loss (forward + backward) captures into a CUDA graph and replays on new inputs."""
     if backend not in backends.available_backends("cuda"):
         pytest.skip(f"{backend} not available: {backends.why_unavailable(backend, 'cuda')}")
-    C, shape = 21, (4, 21, 64, 96)
+    C = 21
     a = make_logits(layout, 4, C, 64, 96, torch.bfloat16, "cuda").requires_grad_()
     b = make_logits(layout, 4, C, 64, 96, torch.bfloat16, "cuda").requires_grad_()
     t = make_labels((4, 64, 96), C, 0.3, "cuda", dtype=torch.uint8)

@@ -233,7 +233,7 @@ def test_demo_writes_its_summary(tmp_path):
 
 
 def test_bench_loss_smoke(tmp_path):
-    rows = cli_main(["bench", "loss", "--device", "cpu", "--shape", "1,5,9,11", "--providers", "eager,torch",
+    cli_main(["bench", "loss", "--device", "cpu", "--shape", "1,5,9,11", "--providers", "eager,torch",
                      "--dtypes", "fp32", "--reps", "1", "--json", str(tmp_path / "l.json")])
     saved = json.loads((tmp_path / "l.json").read_text())
     assert {r["provider"] for r in saved} == {"eager", "torch"}

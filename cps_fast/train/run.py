@@ -12,7 +12,7 @@ from PIL import Image
 from ..config import Config, apply_overrides, load_preset
 from ..models import CPSModel
 from .checkpoint import load_checkpoint
-from .trainer import AMP_DTYPES, Trainer, open_eval_set
+from .trainer import AMP_DTYPES, Trainer
 
 
 def config_from_args(args) -> Config:

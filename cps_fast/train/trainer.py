@@ -174,6 +174,7 @@ class Trainer:
         self.best_miou = float("nan")
         self.history: list[dict] = []
         self.graph = None
+        self._val_set = None
         self.logger = RunLogger(self.out, enabled=self.is_main, print_fn=self.print)
 
         if resume:
@@ -250,15 +251,15 @@ class Trainer:
             self.optimizer.step(self.lr)
         finite = torch.isfinite(loss.detach())
         self.first_bad.copy_(torch.where((self.first_bad < 0) & ~finite, self.iteration, self.first_bad))
-        self.sums.add_(torch.stack([loss.detach().double(), sup.double(), cps.double(),
-                                    torch.ones((), dtype=torch.float64, device=self.device)]))
+        self.sums[:3].add_(torch.stack([loss.detach(), sup, cps]).double())
+        self.sums[3].add_(1)
         self.iteration.add_(1)
 
     graph_capturing = False
 
     def _capture(self, batch_fn) -> None:
         """Warm up eagerly on a side stream, then capture :meth:`_step` into a CUDA graph."""
-        self.static = [t.clone() if t is not None else None for t in batch_fn()]
+        self.static = [None if t is None else self._to_device(t).clone() for t in batch_fn()]
         warmup = 11 if self.world > 1 else 3  # DDP needs 11 eager iterations before capture
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -304,12 +305,14 @@ class Trainer:
         return result
 
     def batches(self):
-        """Yields ``[img_l, label_l, u0, u1]`` on the device (None where unused), from the resume position."""
+        """Yields ``[img_l, label_l, u0, u1]`` as the loaders give them (None where unused), from the
+        resume position. The eager step moves them to the device; a replayed graph copies them
+        straight into its static buffers."""
         streams = [iter(x) for x in self._loaders() if x is not None]
         while True:
             b = [next(s) for s in streams]
             us = [x["image"] for x in b[1:]] + [None, None]
-            yield [self._to_device(t) for t in (b[0]["image"], b[0]["label"], us[0], us[1])]
+            yield [b[0]["image"], b[0]["label"], us[0], us[1]]
 
     def run(self, stop: int, *, evaluate: bool = False, batches=None) -> int:
         """Train from the current iteration to ``stop``; logs, and evaluates and saves when asked.
@@ -328,7 +331,7 @@ class Trainer:
                 self.graph.replay()
                 done = 1
             else:  # CPU, --no-cuda-graph, or too few iterations left to be worth a capture
-                self._step(*next(batches))
+                self._step(*[self._to_device(t) for t in next(batches)])
                 done = 1
             it += done
             n_window += done
@@ -373,7 +376,9 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         try:
-            val = open_eval_set(cfg)
+            if self._val_set is None:
+                self._val_set = open_eval_set(cfg)
+            val = self._val_set
             with torch.no_grad():
                 metrics = evaluate(
                     lambda x: self.model(x.contiguous(memory_format=self.memory_format)), val, cfg.num_classes,
