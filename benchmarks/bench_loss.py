@@ -16,7 +16,9 @@ gradients, writes each gradient once, plus the labels::
 with E = N*C*H*W elements per logits tensor and P = N*H*W pixels; "GB/s" is that
 count over the median time for every provider (for eager it is the bytes an
 ideal kernel moves, not what eager moves). On a GPU the fraction of a
-device-to-device copy measured in the same run is reported too.
+device-to-device copy measured in the same run is reported too. On a GPU each call is
+timed by replaying a CUDA graph of it (the GPU's time, as in the trainer's captured step;
+column "timing"), falling back to CUDA events around eager calls when capture fails.
 
     python benchmarks/bench_loss.py                  # shapes for the device at hand
     python benchmarks/bench_loss.py --device cpu --threads 2 --json out.json
@@ -70,6 +72,21 @@ def make_provider(name, device, dtype):
             return fn(a, b, t.long())
 
         return run
+    if name.startswith("triton["):  # a forced tile configuration "triton[BPxW]"
+        block_p, num_warps = (int(v) for v in name[len("triton["):-1].split("x"))
+        inner = make_provider("triton", device, dtype)
+        if isinstance(inner, str):
+            return inner
+        from cps_fast.kernels import cps_loss as triton_ops
+
+        def run_config(a, b, t):
+            saved, triton_ops.TILE_OVERRIDE = triton_ops.TILE_OVERRIDE, (block_p, num_warps)
+            try:
+                return inner(a, b, t)
+            finally:
+                triton_ops.TILE_OVERRIDE = saved
+
+        return run_config
     reason = backends.why_unavailable(name, device)
     if reason:
         return reason
@@ -101,7 +118,17 @@ def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
 
     if not backward:
         step = torch.no_grad()(step)
-    times = common.measure(step, device, warmup=3, reps=reps, setup=setup)
+    timing = "perf_counter"
+    if device.type == "cuda":
+        try:  # GPU time of the call, free of Python and launch overhead (as in the trainer's graph)
+            times, timing = common.measure_graph(step, device, warmup=3, reps=reps, setup=setup), "graph-replay"
+        except Exception as exc:  # e.g. a provider that cannot be captured: time eagerly instead
+            print(f"note: {provider} {layout} {dtype_name} {mode} not capturable ({type(exc).__name__}); "
+                  f"timing eager calls", file=sys.stderr)
+            torch.cuda.synchronize(device)
+            times, timing = common.measure(step, device, warmup=3, reps=reps, setup=setup), "events"
+    else:
+        times = common.measure(step, device, warmup=3, reps=reps, setup=setup)
     peak = common.peak_memory_mb(device, base)
     E, P = a.numel(), N * H * W
     nbytes = E * a.element_size() * (4 if backward else 2) + P * t.element_size()
@@ -113,6 +140,7 @@ def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
         "gbs": nbytes / (statistics.median(times) * 1e-3) / 1e9,
         "peak_mb": peak,
         "inputs_mb": inputs_mb,
+        "timing": timing,
     }
     return row
 
@@ -130,6 +158,9 @@ def main(argv=None):
     p.add_argument("--modes", default="fwd+bwd,fwd")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--triton-configs", default=None,
+                   help="also time the triton tile kernel with these BLOCK_P:num_warps configurations, "
+                        "e.g. 64:8,128:16,256:16 (rows 'triton[BPxW]'; the default heuristic stays 'triton')")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/loss-<device>.json)")
     args = p.parse_args(argv)
 
@@ -150,6 +181,10 @@ def main(argv=None):
     env = common.environment(device)
     copy_gbs = common.copy_bandwidth_gbs(device) if device.type == "cuda" else None
 
+    configs = [tuple(int(v) for v in c.split(":")) for c in args.triton_configs.split(",")] if args.triton_configs else []
+    providers += [f"triton[{bp}x{w}]" for bp, w in configs]
+
+    path = common.result_path(args.json, "loss", device)
     rows = []
     for shape_name in names:
         for dtype_name in args.dtypes.split(","):
@@ -169,6 +204,7 @@ def main(argv=None):
                         row.update(env, shape_name=shape_name, copy_gbs=copy_gbs)
                         row["copy_fraction"] = row["gbs"] / copy_gbs if copy_gbs else None
                         rows.append(row)
+                        common.write_json(rows, path, "loss", device)  # kept if the run is killed
     # speed-up of every row over eager on the same case
     eager = {(r["shape_name"], r["dtype"], r["layout"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == "eager"}
     for r in rows:
@@ -183,7 +219,7 @@ def main(argv=None):
         ("p80_ms", "p80", ".3f"), ("gbs", "GB/s", ".1f"), ("copy_fraction", "of copy", ".2f"),
         ("speedup_vs_eager", "x eager", ".2f"), ("peak_mb", "peak MB", ".0f"),
     ])
-    path = common.write_json(rows, args.json, "loss", device)
+    common.write_json(rows, path, "loss", device)
     print(f"wrote {len(rows)} rows to {path}")
     return rows
 

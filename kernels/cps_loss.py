@@ -37,7 +37,7 @@ def _load_labels(ptr, n, l, s_n, s_l, pmask, ignore_index, C, HAS: tl.constexpr)
         lab = tl.load(ptr + n * s_n + l * s_l, mask=pmask, other=ignore_index).to(tl.int32)
         valid = pmask & (lab != ignore_index) & (lab >= 0) & (lab < C)
     else:  # no labels: class -1 matches no column and every pixel is invalid
-        lab = tl.full(n.shape, -1, dtype=tl.int32)
+        lab = tl.full(l.shape, -1, dtype=tl.int32)
         valid = lab >= 0
     return lab, valid
 
@@ -78,35 +78,50 @@ def _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb):
 
 
 @triton.jit
+def _image_block(L, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+    """This program's image ``n`` (int64 scalar) and pixel indices ``l`` inside it.
+
+    Programs walk image by image, so ``l`` is contiguous and NCHW loads (pixel stride
+    1) vectorise; offsets inside one image stay int32 unless ``WIDE`` (an image of
+    2**31 elements or more).
+    """
+    blocks = tl.cdiv(L, BLOCK_P)
+    pid = tl.program_id(0)
+    n = (pid // blocks).to(tl.int64)
+    l = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:
+        l = l.to(tl.int64)
+    return pid, n, l
+
+
+@triton.jit
 def _cps_loss_tile_kernel(
     a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr,
-    P, L, C,
+    L, C,
     s_an, s_ac, s_al, s_bn, s_bc, s_bl,
     s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl,
     cps_weight, ignore_index,
     HAS_T: tl.constexpr, HAS_PA: tl.constexpr, HAS_PB: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    pmask = p < P
-    n = p // L
-    l = p - n * L
+    pid, n, l = _image_block(L, BLOCK_P, WIDE)
+    pmask = l < L
     c = tl.arange(0, BLOCK_C)
+    if WIDE:
+        c = c.to(tl.int64)
     cmask = c < C
     m2 = pmask[:, None] & cmask[None, :]
-    c64 = c.to(tl.int64)[None, :]
 
-    a_off = (n * s_an + l * s_al)[:, None] + c64 * s_ac
-    b_off = (n * s_bn + l * s_bl)[:, None] + c64 * s_bc
-    xa = tl.load(a_ptr + a_off, mask=m2, other=float("-inf")).to(tl.float32)
-    xb = tl.load(b_ptr + b_off, mask=m2, other=float("-inf")).to(tl.float32)
+    a_off = l[:, None] * s_al + c[None, :] * s_ac  # inside image n
+    b_off = l[:, None] * s_bl + c[None, :] * s_bc
+    xa = tl.load(a_ptr + n * s_an + a_off, mask=m2, other=float("-inf")).to(tl.float32)
+    xb = tl.load(b_ptr + n * s_bn + b_off, mask=m2, other=float("-inf")).to(tl.float32)
 
     # max and argmax (ties to the lowest class, as torch.argmax)
     ma = tl.where(pmask, tl.max(xa, axis=1), 0.0)
     mb = tl.where(pmask, tl.max(xb, axis=1), 0.0)
-    arg_a = tl.min(tl.where(xa == ma[:, None], c[None, :], BLOCK_C), axis=1)
-    arg_b = tl.min(tl.where(xb == mb[:, None], c[None, :], BLOCK_C), axis=1)
+    arg_a = tl.min(tl.where(xa == ma[:, None], c[None, :], BLOCK_C), axis=1).to(tl.int32)
+    arg_b = tl.min(tl.where(xb == mb[:, None], c[None, :], BLOCK_C), axis=1).to(tl.int32)
     ea = tl.exp(xa - ma[:, None])
     eb = tl.exp(xb - mb[:, None])
     sa = tl.where(pmask, tl.sum(ea, axis=1), 1.0)  # padding rows: keep log and division finite
@@ -132,8 +147,8 @@ def _cps_loss_tile_kernel(
         ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
         ga = ea * ((ct + cpb) / sa)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pb, cpb[:, None], 0.0)
         gb = eb * ((ct + cpa) / sb)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pa, cpa[:, None], 0.0)
-        tl.store(ga_ptr + a_off, ga.to(ga_ptr.dtype.element_ty), mask=m2)
-        tl.store(gb_ptr + b_off, gb.to(gb_ptr.dtype.element_ty), mask=m2)
+        tl.store(ga_ptr + n * s_an + a_off, ga.to(ga_ptr.dtype.element_ty), mask=m2)
+        tl.store(gb_ptr + n * s_bn + b_off, gb.to(gb_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -179,18 +194,15 @@ def _write_grad_loop(x_ptr, g_ptr, row_off, s_c, pmask, C, m, s, coef, t, ct, pl
 @triton.jit
 def _cps_loss_loop_kernel(
     a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr,
-    P, L, C,
+    L, C,
     s_an, s_ac, s_al, s_bn, s_bc, s_bl,
     s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl,
     cps_weight, ignore_index,
     HAS_T: tl.constexpr, HAS_PA: tl.constexpr, HAS_PB: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    pmask = p < P
-    n = p // L
-    l = p - n * L
+    pid, n, l = _image_block(L, BLOCK_P, WIDE)
+    pmask = l < L
     a_row = n * s_an + l * s_al
     b_row = n * s_bn + l * s_bl
 
@@ -228,13 +240,30 @@ def _scale_kernel(g_ptr, s_ptr, numel, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------- launchers
 
 
-def _block_sizes(C: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_P, BLOCK_C, num_warps, tiled) for a class axis of size C."""
+# (BLOCK_P, num_warps) forced for the tile path, or None; benchmarks set it to sweep
+# configurations (bench_loss.py --triton-configs), nothing else should.
+TILE_OVERRIDE: tuple[int, int] | None = None
+
+
+def _block_sizes(C: int, class_contiguous: bool = False) -> tuple[int, int, int, bool]:
+    """(BLOCK_P, BLOCK_C, num_warps, tiled) for a class axis of size C.
+
+    Tile path: a [BLOCK_P, BLOCK_C] tile of TILE_ELEMS elements per tensor, spread so
+    that each thread holds 8 elements of it. Compiled for sm_90, this keeps the tile
+    kernel at <= 128 registers with no spills (NCHW, 16 warps) where 4 warps needed
+    255 registers and spilled (benchmarks/kernel_report.py; tests/test_kernel_report.py).
+    Loop path: 64 pixels per program when pixels are contiguous (NCHW: coalesced
+    along pixels); 16 when classes are (channels_last), where 64 spilled 2 KB.
+    """
     if C <= MAX_TILE_C:
         block_c = triton.next_power_of_2(C)
         block_p = max(16, min(256, TILE_ELEMS // block_c))
-        return block_p, block_c, 8 if block_c >= 64 else 4, True
-    return 64, LOOP_BLOCK_C, 4, False
+        if TILE_OVERRIDE is not None:
+            block_p, num_warps = TILE_OVERRIDE
+            return block_p, block_c, num_warps, True
+        num_warps = max(1, min(16, block_p * block_c // 256))
+        return block_p, block_c, num_warps, True
+    return (16 if class_contiguous else 64), LOOP_BLOCK_C, 4, False
 
 
 def _label_args(y, dummy):
@@ -246,9 +275,10 @@ def _label_args(y, dummy):
 def cps_loss_fwd(a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index):
     """Launch the fused kernel on ``(N, C, L)`` views; returns the float32 ``[3]`` sums."""
     N, C, L = a3.shape
-    P = N * L
-    block_p, block_c, num_warps, tiled = _block_sizes(C)
-    grid = (triton.cdiv(P, block_p),)
+    block_p, block_c, num_warps, tiled = _block_sizes(C, class_contiguous=a3.stride(1) == 1 and L > 1)
+    grid = (N * triton.cdiv(L, block_p),)  # programs walk image by image (see _image_block)
+    # int32 offsets inside one image unless some tensor's image spans 2**31 elements
+    wide = max(_image_span(x) for x in (a3, b3, ga3, gb3) if x is not None) >= 2**31
     partials = torch.empty((grid[0], 3), dtype=torch.float32, device=a3.device)
     write_grad = ga3 is not None
     t, s_tn, s_tl, has_t = _label_args(t2, counts)
@@ -257,14 +287,20 @@ def cps_loss_fwd(a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_inde
     kernel = _cps_loss_tile_kernel if tiled else _cps_loss_loop_kernel
     kernel[grid](
         a3, b3, ga3 if write_grad else a3, gb3 if write_grad else b3, t, pa, pb, counts, partials,
-        P, L, C,
+        L, C,
         a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1), b3.stride(2),
         s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl,
         float(cps_weight), int(ignore_index),
         HAS_T=has_t, HAS_PA=has_pa, HAS_PB=has_pb, WRITE_GRAD=write_grad,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps,
+        BLOCK_P=block_p, BLOCK_C=block_c, WIDE=wide, num_warps=num_warps,
     )
     return partials.sum(dim=0)
+
+
+def _image_span(x3: torch.Tensor) -> int:
+    """One past the largest element offset inside one image of an ``(N, C, L)`` view."""
+    _, C, L = x3.shape
+    return (C - 1) * abs(x3.stride(1)) + (L - 1) * abs(x3.stride(2)) + 1
 
 
 def _flat_storage_view(g: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,201 @@
+"""Compile the Triton kernels for an H100 (sm_90a) on any machine and report their resources.
+
+No GPU is needed: each launcher runs on ``meta`` tensors of a real training shape,
+its kernel launch is intercepted, and the kernel is compiled ahead of time for
+``GPUTarget("cuda", 90, 32)`` with the specialisation Triton's JIT would apply to
+those arguments (integers equal to 1 become constants, integers and pointers
+divisible by 16 are marked so). ``cuobjdump`` (shipped with Triton) reads the
+registers, spill stack and shared memory of the cubin, and the PTX shows the
+width of the global loads and stores.
+
+Why: a kernel that compiles in the interpreter can still fail to compile for the
+GPU, and registers, spills and load widths decide a memory-bound kernel's speed.
+CI checks them here (tests/test_kernel_report.py); the GPU run measures time.
+
+    python benchmarks/kernel_report.py [--json PATH]     (with TRITON_INTERPRET unset)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("kernel_report: unset TRITON_INTERPRET; this compiles the kernels for a GPU, not the interpreter")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
+                 torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.bool: "i1"}
+
+
+@dataclass
+class Launch:
+    """One intercepted kernel launch: the jit function, its arguments and options."""
+
+    fn: object
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` function: ``rec[grid](*args, **kw)`` records the call."""
+
+    def __init__(self, fn, sink: list):
+        self.fn, self.sink = fn, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append(Launch(self.fn, args, kwargs))
+        return launch
+
+
+def intercept(module, names: list[str], launcher, *args, **kwargs) -> list[Launch]:
+    """Run ``launcher(*args, **kwargs)`` with the kernels ``module.<names>`` recorded instead of run."""
+    sink: list[Launch] = []
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n in names:
+            setattr(module, n, _Recorder(saved[n], sink))
+        launcher(*args, **kwargs)
+    finally:
+        for n, fn in saved.items():
+            setattr(module, n, fn)
+    return sink
+
+
+def _signature(launch: Launch):
+    """Triton signature, constexprs and attributes for the launch, as the JIT specialises them."""
+    fn = launch.fn
+    names = fn.arg_names
+    values = dict(zip(names, launch.args))
+    values.update({k: v for k, v in launch.kwargs.items() if k in names})
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        v = values[name]
+        is_constexpr = i in fn.constexprs if hasattr(fn, "constexprs") else False
+        if is_constexpr:
+            sig[name] = "constexpr"
+            consts[(i,)] = v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TRITON_TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name] = "constexpr"
+                consts[(i,)] = 1
+            else:
+                sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"kernel_report: argument {name} of {fn.__name__} has type {type(v).__name__}")
+    return sig, consts, attrs
+
+
+def _cuobjdump() -> str:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(path) if path.exists() else "cuobjdump"
+
+
+def compile_launch(launch: Launch) -> dict:
+    """Compile one launch for sm_90a; registers, spill stack, shared memory and access widths."""
+    sig, consts, attrs = _signature(launch)
+    options = {"num_warps": launch.kwargs.get("num_warps", 4)}
+    if "num_stages" in launch.kwargs:
+        options["num_stages"] = launch.kwargs["num_stages"]
+    kernel = triton.compile(ASTSource(fn=launch.fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=TARGET, options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True,
+                             text=True, check=True).stdout
+    usage = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+    ptx = kernel.asm["ptx"]
+
+    def widest(op: str) -> int:
+        """Widest global access of ``op`` in bits (vector count x element bits)."""
+        best = 0
+        for vec, bits in re.findall(rf"{op}\.global(?:\.[a-z]+\d*)*?\.(?:v(\d)\.)?[bsuf](\d+)", ptx):
+            best = max(best, int(vec or 1) * int(bits))
+        return best
+
+    return {"regs": usage.get("reg"), "stack_bytes": usage.get("stack"), "shared_bytes": usage.get("shared"),
+            "widest_load_bits": widest("ld"), "widest_store_bits": widest("st"),
+            "num_warps": options["num_warps"],
+            "constexprs": {n: v for n, v in zip(launch.fn.arg_names, launch.args) if sig.get(n) == "constexpr"}
+            | {k: v for k, v in launch.kwargs.items() if k in launch.fn.arg_names}}
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+
+def cps_loss_cases():
+    """(name, launches) for the fused CPS loss at the training shapes, both layouts, bf16 and fp32."""
+    from cps_fast.kernels import cps_loss as K
+
+    cases = []
+    for shape_name, (N, C, H, W) in (("voc", (8, 21, 512, 512)), ("cityscapes", (8, 19, 800, 800)),
+                                     ("ade", (8, 150, 512, 512)), ("c300", (2, 300, 128, 128))):
+        for dtype in (torch.bfloat16, torch.float32):
+            for layout in ("nchw", "channels_last"):
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                a = torch.empty(N, C, H, W, device="meta", dtype=dtype).contiguous(memory_format=fmt)
+                t = torch.empty(N, H * W, device="meta", dtype=torch.uint8)
+                counts = torch.empty(3, device="meta")
+                a3 = a.flatten(2)
+                launches = intercept(K, ["_cps_loss_tile_kernel", "_cps_loss_loop_kernel"], K.cps_loss_fwd,
+                                     a3, a3, t, None, None, counts, a3, a3, 1.5, 255)
+                cases.append((dict(op="cps_loss", shape_name=shape_name, shape=[N, C, H, W],
+                                   dtype=_TRITON_TYPES[dtype], layout=layout), launches))
+    return cases
+
+
+CASES = {"cps_loss": cps_loss_cases}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ops", default=",".join(CASES), help="comma list of " + ",".join(CASES))
+    p.add_argument("--json", default=None, help="output path (default benchmarks/results/kernel_report-sm90.json)")
+    args = p.parse_args(argv)
+    rows = []
+    for op in args.ops.split(","):
+        if op not in CASES:
+            raise SystemExit(f"kernel_report: unknown op {op!r}; expected one of {', '.join(CASES)}")
+        for meta, launches in CASES[op]():
+            for launch in launches:
+                row = dict(meta, kernel=launch.fn.__name__, target="sm_90a", triton=triton.__version__)
+                row.update(compile_launch(launch))
+                rows.append(row)
+    common.print_table(rows, [
+        ("op", "op", ""), ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""),
+        ("kernel", "kernel", ""), ("num_warps", "warps", ""), ("regs", "regs", ""),
+        ("stack_bytes", "spill B", ""), ("shared_bytes", "smem B", ""), ("widest_load_bits", "ld bits", ""),
+        ("widest_store_bits", "st bits", ""),
+    ])
+    path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / "kernel_report-sm90.json"
+    common.write_json(rows, str(path), "kernel_report", torch.device("cpu"))
+    print(f"wrote {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
