@@ -123,6 +123,7 @@ def main(argv=None) -> int:
             r.update(env, setting=name, backend=be, crop=s["crop"], image_hw=list(s["size"]),
                      batch=batch, workers=workers, n_images=n_img, cpu_count=os.cpu_count())
             rows.append(r)
+            write_json(rows, args.json, "data", device)  # kept if the run is killed
             print(f"  {name:10s} {be:8s} {r['images_per_s']:8.1f} img/s  {r['cpu_cores']:.2f} cores",
                   flush=True)
     print()

@@ -2,7 +2,10 @@
 
 Variants, each adding one thing to the one before:
 
-  reference      fp32, NCHW, eager, PyTorch DataLoader, unfused loss (argmax + 4 cross-entropies)
+  reference      fp32, NCHW, eager, PyTorch DataLoader, unfused loss (argmax + 4 cross-entropies),
+                 with torch's default TF32 convolutions on Ampere and newer GPUs
+  (strict fp32)  the same with TF32 off, as the reference code ran on V100s (GPU only; its
+                 speed-up column is not the baseline, "reference" is)
   +channels_last
   +bf16          autocast bf16 (GPU; on the CPU too when asked with --cpu-bf16)
   +fused_loss    cps_fast.cps_loss (one pass, gradients in the forward)
@@ -59,6 +62,8 @@ def variants(device: torch.device, cpu_bf16: bool) -> list[tuple[str, dict]]:
     for name, change in steps:
         acc = {**acc, **change}
         out.append((name, dict(acc)))
+    if gpu:
+        out.insert(1, ("reference_strict_fp32", dict(out[0][1], tf32=False)))
     return out
 
 
@@ -71,6 +76,9 @@ def measure_variant(cfg, device, root: str, warmup: int, iters: int) -> dict:
         batches = trainer.batches()
         base = common.peak_memory_reset(device)
         trainer.run(warmup, batches=batches)  # includes the CUDA-graph capture when on
+        if trainer.use_graph and trainer.graph is None:
+            raise RuntimeError(f"the step was not captured in {warmup} warm-up iterations (the trainer "
+                               f"captures only with more than 12 iterations left); pass --warmup 13 or more")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times = []
@@ -125,46 +133,71 @@ def main(argv=None):
     iters = args.iters or (30 if gpu else 5)
     warmup = args.warmup or (15 if gpu else 2)
     env = common.environment(device)
+    path = common.result_path(args.json, "step", device)
     rows = []
     with tempfile.TemporaryDirectory() as root:
         size = (375, 500) if cfg.crop_size <= 512 else (1024, 2048)
         write_voc(root, n_train=args.images, n_val=2, size=size if gpu else (128, 160), seed=0)
         chosen = args.variants.split(",") if args.variants else None
+        dali_missing = None
         for name, change in variants(device, args.cpu_bf16):
-            if chosen and name not in chosen:
-                continue
-            if change.get("data_backend", "").startswith("dali"):
+            if change.get("data_backend", "").startswith("dali") and dali_missing is None:
                 try:
                     resolve_backend(change["data_backend"])
+                    dali_missing = False
                 except Exception as exc:
-                    print(f"skip {name}: {exc}", file=sys.stderr)
+                    dali_missing = exc
+            if dali_missing and change.get("data_backend", "").startswith("dali"):
+                if name == "+dali":
+                    print(f"skip {name}: {dali_missing}", file=sys.stderr)
                     continue
-            r = measure_variant(cfg.replace(**change), device, root, warmup, iters)
+                change = {**change, "data_backend": "pytorch"}  # later improvements still measured
+            if chosen and name not in chosen:
+                continue
+            tf32 = change.get("tf32", True)
+            saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            try:
+                if not tf32:
+                    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+                r = measure_variant(cfg.replace(**{k: v for k, v in change.items() if k != "tf32"}), device, root,
+                                    warmup, iters)
+            except Exception as exc:  # one failing variant must not lose the others
+                print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                rows.append({**env, "variant": name, "error": f"{type(exc).__name__}: {exc}", "settings": change})
+                common.write_json(rows, path, "step", device)
+                continue
+            finally:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
             r.update(env, variant=name, preset=args.preset, crop=cfg.crop_size, backbone=cfg.backbone,
                      batch=[cfg.batch_size_labeled, cfg.batch_size_unlabeled], settings=change)
             rows.append(r)
+            common.write_json(rows, path, "step", device)  # kept if a later variant is killed
             print(f"{name:>15}: {r['median_ms']:.1f} ms/iter, {r['images_per_s']:.1f} images/s", file=sys.stderr)
-    if rows:
-        ref = rows[0]["median_ms"]
-        for r in rows:
-            r["speedup"] = ref / r["median_ms"]
-            if rows[0]["peak_mb"]:
-                r["memory_fraction"] = r["peak_mb"] / rows[0]["peak_mb"]
+    ok = [r for r in rows if "error" not in r]
+    for base in ("reference_strict_fp32", "reference"):  # "reference" last: it is the baseline column
+        ref = next((r for r in ok if r["variant"] == base), None)
+        if ref is None:
+            continue
+        suffix = "_vs_strict_fp32" if base != "reference" else ""
+        for r in ok:
+            r["speedup" + suffix] = ref["median_ms"] / r["median_ms"]
+            if ref["peak_mb"]:
+                r["memory_fraction" + suffix] = r["peak_mb"] / ref["peak_mb"]
     print(f"device: {env['device']}  torch {env['torch']}  preset {args.preset} ({cfg.backbone}, crop {cfg.crop_size}, "
           f"batch {cfg.batch_size_labeled}+{cfg.batch_size_unlabeled}{' x2 CutMix' if cfg.cutmix else ''})")
     common.print_table(rows, [
         ("variant", "variant", ""), ("median_ms", "ms/iter", ".1f"), ("p20_ms", "p20", ".1f"), ("p80_ms", "p80", ".1f"),
         ("images_per_s", "images/s", ".1f"), ("speedup", "x reference", ".2f"), ("peak_mb", "peak MB", ".0f"),
-        ("memory_fraction", "of ref mem", ".2f"),
+        ("memory_fraction", "of ref mem", ".2f"), ("speedup_vs_strict_fp32", "x strict fp32", ".2f"),
     ])
-    if rows and gpu:
-        best = rows[-1]["median_ms"]
+    if ok and gpu:
+        best = ok[-1]["median_ms"]
         hours = schedule_hours(best)
         print(f"\nestimated full-schedule hours on this device at {best:.1f} ms/iter "
               "(measured at the preset above; other crops scale roughly with pixels):")
         common.print_table(hours, [("preset", "preset", ""), ("iterations", "iterations", "d"), ("hours", "hours", ".2f")])
         rows.append({"variant": "schedule_hours", "step_ms": best, "presets": hours, **env})
-    path = common.write_json(rows, args.json, "step", device)
+    common.write_json(rows, path, "step", device)
     print(f"wrote {path}")
     return rows
 

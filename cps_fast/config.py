@@ -100,6 +100,9 @@ class Config:
         "none", "optim", "scale lr with batch_size_labeled / lr_reference_batch")
     lr_reference_batch: int = _f(8, "optim", "global labeled batch that 'lr' is meant for")
     momentum: float = _f(0.9, "optim", "SGD momentum")
+    optimizer_impl: Literal["auto", "fused", "foreach", "apex"] = _f(
+        "auto", "optim", "SGD kernels: torch's fused SGD (auto where available), foreach, or NVIDIA apex "
+        "FusedSGD (host learning rate: no CUDA graph)")
     weight_decay: float = _f(1e-4, "optim", "SGD weight decay (not applied to normalisation parameters and biases)")
     poly_power: float = _f(0.9, "optim", "poly schedule: lr * (1 - it / total) ** power, per iteration")
     warmup_iters: int = _f(0, "optim", "linear warm-up iterations (reference: 0)")

@@ -108,7 +108,8 @@ def test_ohem_matches_reference(min_kept, scale):
     torch.testing.assert_close(got.double(), _ohem_reference(pred, target, 0.7, min_kept), rtol=1e-5, atol=1e-6)
 
 
-def test_sgd_matches_torch_sgd():
+@pytest.mark.parametrize("impl", ["fused", "foreach", "auto"])
+def test_sgd_matches_torch_sgd(impl):
     torch.manual_seed(0)
     model = tiny_model()
     ref = tiny_model()
@@ -116,7 +117,8 @@ def test_sgd_matches_torch_sgd():
     # eval mode: BatchNorm over 2 images (and 2 pooled values in ASPP) would amplify rounding chaotically
     model.eval()
     ref.eval()
-    ours = SGD(param_groups(model, 1e-3), momentum=0.9)
+    ours = SGD(param_groups(model, 1e-3), momentum=0.9, impl=impl)
+    assert ours.impl in ("fused", "foreach") and ours.capturable
     theirs = torch.optim.SGD([{"params": g["params"], "weight_decay": g["weight_decay"]}
                               for g in param_groups(ref, 1e-3)], lr=0.05, momentum=0.9)
     x = torch.randn(2, 3, 32, 32)
@@ -132,6 +134,48 @@ def test_sgd_matches_torch_sgd():
         theirs.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class _FakeApexFusedSGD(torch.optim.SGD):
+    """Stands in for apex.optimizers.FusedSGD (not installable here): same constructor and state layout."""
+
+    def step(self):
+        for group in self.param_groups:
+            assert isinstance(group["lr"], float)  # apex takes a host learning rate
+            for p in group["params"]:
+                # our buffers are handed over as apex's momentum_buffer state: no first-step branch
+                assert self.state[p]["momentum_buffer"] is not None
+        return super().step()
+
+
+def test_sgd_apex_impl_shares_buffers_and_refuses_graphs(monkeypatch):
+    import sys
+    import types
+
+    with pytest.raises(RuntimeError, match="needs NVIDIA apex"):
+        monkeypatch.setitem(sys.modules, "apex", None)
+        SGD(param_groups(tiny_model(), 1e-3), impl="apex")
+    apex = types.ModuleType("apex")
+    apex.optimizers = types.SimpleNamespace(FusedSGD=_FakeApexFusedSGD)
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)
+    torch.manual_seed(0)
+    model, ref = tiny_model().eval(), tiny_model().eval()
+    ref.load_state_dict(model.state_dict())
+    ours = SGD(param_groups(model, 1e-3), momentum=0.9, impl="apex")
+    theirs = SGD(param_groups(ref, 1e-3), momentum=0.9, impl="foreach")
+    assert not ours.capturable
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        for net, opt in ((model, ours), (ref, theirs)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step(torch.tensor(1e-3))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert ours.state_dict()["buffers"][0][0].abs().sum() > 0  # the shared buffers moved
+    with pytest.raises(ValueError, match="impl="):
+        SGD(param_groups(model, 1e-3), impl="adam")
 
 
 def test_poly_lr():
@@ -256,9 +300,10 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 def _gpu_cfg(**kw):
-    return tiny_cfg(amp="bf16", cuda_graph=True, channels_last=True, cutmix=True, cps_weight=1.0,
-                    data_root="seed=0,n=64,size=96", crop_size=64, batch_size_labeled=4, batch_size_unlabeled=4,
-                    max_iters=24, **kw)
+    base = dict(amp="bf16", cuda_graph=True, channels_last=True, cutmix=True, cps_weight=1.0,
+                data_root="seed=0,n=64,size=96", crop_size=64, batch_size_labeled=4, batch_size_unlabeled=4,
+                max_iters=24)
+    return tiny_cfg(**{**base, **kw})
 
 
 @pytest.mark.gpu
@@ -286,7 +331,16 @@ def test_captured_step_has_no_host_sync_and_learns(tmp_path):
         batches.append([t._to_device(b["image"]), t._to_device(b["label"]), t._to_device(b["image"].flip(-1)),
                         t._to_device(b["image"].flip(-2))])
     t.model.train()
+    # the eager step (--no-cuda-graph, fp16) must not synchronise either; a replay cannot, by construction
+    t._step(*batches[1])  # first calls: cuDNN autotuning, Triton compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t._step(*batches[1])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     t._capture(lambda: batches[0])
+    assert t.graph is not None
     torch.cuda.synchronize()
     losses = []
     for k in range(30):

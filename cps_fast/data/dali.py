@@ -225,6 +225,11 @@ class DaliLoader:
 
     def _run(self):
         try:
+            if self.device == "gpu":
+                # outputs ordered on torch's stream: DALI reuses their buffers only after the
+                # copies feed_ndarray queues there (a host-synchronous run could recycle them
+                # while the copy still waits behind the training step)
+                return self._pipe.run(torch.cuda.current_stream(self.device_id).cuda_stream)
             return self._pipe.run()
         except Exception as e:
             names = [n for batch in self._source.recent for n in batch]

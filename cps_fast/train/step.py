@@ -155,16 +155,42 @@ class SGD:
     """SGD with momentum and per-group weight decay, driven by a device-tensor learning rate.
 
     Same update as ``torch.optim.SGD(momentum=m, dampening=0, nesterov=False)``
-    (``buf = m * buf + (g + wd * p)``, ``p -= lr * buf``), written with foreach
-    kernels that take ``lr`` as a tensor, so a step never reads it back to the
-    host and can be captured in a CUDA graph.
+    (``buf = m * buf + (g + wd * p)``, ``p -= lr * buf``). ``lr`` is a tensor on the
+    parameters' device, so a step never reads it back to the host and can be captured
+    in a CUDA graph. Implementations (``impl``):
+
+    * ``"fused"``: ``torch._fused_sgd_`` (one multi-tensor kernel per group reading
+      the learning rate from device memory; CUDA, and CPU in recent torch);
+    * ``"foreach"``: four ``torch._foreach_*`` launches per group (any device);
+    * ``"apex"``: NVIDIA apex's ``FusedSGD`` when apex is installed; it takes the
+      learning rate as a Python float, so each step reads ``lr`` to the host and
+      cannot be captured in a CUDA graph;
+    * ``"auto"``: fused where torch has it for the device, else foreach.
     """
 
-    def __init__(self, groups: list[dict], momentum: float = 0.9):
+    IMPLS = ("auto", "fused", "foreach", "apex")
+
+    def __init__(self, groups: list[dict], momentum: float = 0.9, impl: str = "auto"):
+        if impl not in self.IMPLS:
+            raise ValueError(f"SGD impl={impl!r}; expected one of {self.IMPLS}")
         self.groups = [{"params": list(g["params"]), "weight_decay": float(g["weight_decay"]),
                         "name": g.get("name", f"group{i}")} for i, g in enumerate(groups)]
         self.momentum = float(momentum)
         self.buffers = [[torch.zeros_like(p) for p in g["params"]] for g in self.groups]
+        params = [p for g in self.groups for p in g["params"]]
+        device = params[0].device if params else torch.device("cpu")
+        if impl == "auto":
+            impl = "fused" if fused_sgd_available(device) else "foreach"
+        elif impl == "fused" and not fused_sgd_available(device):
+            raise RuntimeError(f"SGD impl='fused': this torch ({torch.__version__}) has no fused SGD kernel "
+                               f"for {device.type} tensors; use impl='foreach'")
+        self.impl = impl
+        self._apex = _apex_fused_sgd(self.groups, self.buffers, self.momentum) if impl == "apex" else None
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a step can be captured in a CUDA graph (no host read of the learning rate)."""
+        return self.impl != "apex"
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -173,6 +199,12 @@ class SGD:
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor) -> None:
+        if self._apex is not None:
+            lr_host = float(lr)  # apex takes a float: one host read per step
+            for group in self._apex.param_groups:
+                group["lr"] = lr_host
+            self._apex.step()
+            return
         for g, bufs in zip(self.groups, self.buffers):
             pairs = [(p, b) for p, b in zip(g["params"], bufs) if p.grad is not None]
             if not pairs:
@@ -180,6 +212,10 @@ class SGD:
             params = [p for p, _ in pairs]
             bufs = [b for _, b in pairs]
             grads = [p.grad for p in params]
+            if self.impl == "fused":
+                torch._fused_sgd_(params, grads, bufs, weight_decay=g["weight_decay"], momentum=self.momentum,
+                                  lr=lr, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+                continue
             if g["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
             torch._foreach_mul_(bufs, self.momentum)
@@ -199,6 +235,48 @@ class SGD:
                 raise ValueError("optimizer state does not match the model's parameters")
             for b, s in zip(bufs, saved):
                 b.copy_(s)
+
+
+def fused_sgd_available(device: torch.device) -> bool:
+    """Whether ``torch._fused_sgd_`` (with a tensor learning rate) runs on ``device``'s tensors here."""
+    if not hasattr(torch, "_fused_sgd_") or device.type not in ("cuda", "cpu"):
+        return False
+    try:  # CPU fused optimizers arrived after the CUDA ones: probe once per device type
+        return _probe_fused_sgd(device.type)
+    except RuntimeError:
+        return False
+
+
+_FUSED_PROBED: dict[str, bool] = {}
+
+
+def _probe_fused_sgd(device_type: str) -> bool:
+    if device_type not in _FUSED_PROBED:
+        p = torch.ones(4, device=device_type)
+        try:
+            torch._fused_sgd_([p], [p.clone()], [torch.zeros_like(p)], weight_decay=0.0, momentum=0.9,
+                              lr=torch.ones((), device=device_type), dampening=0.0, nesterov=False,
+                              maximize=False, is_first_step=False)
+            _FUSED_PROBED[device_type] = True
+        except (RuntimeError, NotImplementedError):
+            _FUSED_PROBED[device_type] = False
+    return _FUSED_PROBED[device_type]
+
+
+def _apex_fused_sgd(groups: list[dict], buffers: list[list[torch.Tensor]], momentum: float):
+    """apex.optimizers.FusedSGD over ``groups``, sharing our momentum buffers (checkpoints stay ours)."""
+    try:
+        from apex.optimizers import FusedSGD
+    except ImportError as err:
+        raise RuntimeError("SGD impl='apex' needs NVIDIA apex (github.com/NVIDIA/apex, built with "
+                           "--cpp_ext --cuda_ext); the PyPI package named apex is unrelated. Use impl='fused'"
+                           ) from err
+    opt = FusedSGD([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups], lr=0.0,
+                   momentum=momentum, dampening=0.0, nesterov=False)
+    for g, bufs in zip(groups, buffers):
+        for p, b in zip(g["params"], bufs):
+            opt.state[p]["momentum_buffer"] = b  # a zero buffer: m * 0 + g == g, as a first step
+    return opt
 
 
 def poly_lr(base_lr: float, iteration: torch.Tensor, total: int, power: float = 0.9,

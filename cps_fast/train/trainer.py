@@ -9,6 +9,7 @@ losses are summed on the device and read every ``log_every`` iterations.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .. import data as cdata
-from ..config import Config, format_config, save_config
+from ..config import Config, ConfigError, format_config, save_config
 from ..eval import evaluate
 from ..models import CPSModel, convert_sync_batchnorm, param_groups
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -149,16 +150,25 @@ class Trainer:
         if self.world > 1:
             # one forward (the whole loss) and one backward per step; gradients are averaged
             # over ranks and the loss is NOT divided by the world size (the reference does both)
-            self.step_fn = torch.nn.parallel.DistributedDataParallel(
-                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=cfg.method == "supervised")
+            side = torch.cuda.Stream(self.device) if self.use_graph else None
+            if side is not None:  # graph capture wants DDP built on a side stream (torch CUDA-graph notes)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                self.step_fn = torch.nn.parallel.DistributedDataParallel(
+                    self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False, find_unused_parameters=cfg.method == "supervised")
+            if side is not None:
+                torch.cuda.current_stream(self.device).wait_stream(side)
         if cfg.compile:
             self.step_fn = torch.compile(self.step_fn)
         groups = param_groups(self.model, cfg.weight_decay)
         if cfg.method == "supervised":  # branch b is not trained
             b_params = {id(p) for p in self.model.branch_b.parameters()}
             groups = [dict(g, params=[p for p in g["params"] if id(p) not in b_params]) for g in groups]
-        self.optimizer = SGD(groups, momentum=cfg.momentum)
+        self.optimizer = SGD(groups, momentum=cfg.momentum, impl=cfg.optimizer_impl)
+        if self.use_graph and not self.optimizer.capturable:
+            raise ConfigError(f"optimizer_impl={cfg.optimizer_impl!r} reads the learning rate on the host each step "
+                              f"and cannot run inside a CUDA graph; pass --no-cuda-graph or use 'fused'")
         self.base_lr = cfg.effective_lr()
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
 
@@ -273,9 +283,12 @@ class Trainer:
         self._copy_in(batch_fn())
         self.graph = torch.cuda.CUDAGraph()
         self.graph_capturing = True
-        with torch.cuda.graph(self.graph):
-            self._step(*self.static)
-        self.graph_capturing = False
+        try:
+            # thread_local: loader threads (pin-memory, DALI's executor) keep calling CUDA during capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self._step(*self.static)
+        finally:
+            self.graph_capturing = False
         self.graph.replay()  # capture records but does not run: this is the step of the batch just copied in
         return warmup + 1
 
