@@ -118,17 +118,8 @@ def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
 
     if not backward:
         step = torch.no_grad()(step)
-    timing = "perf_counter"
-    if device.type == "cuda":
-        try:  # GPU time of the call, free of Python and launch overhead (as in the trainer's graph)
-            times, timing = common.measure_graph(step, device, warmup=3, reps=reps, setup=setup), "graph-replay"
-        except Exception as exc:  # e.g. a provider that cannot be captured: time eagerly instead
-            print(f"note: {provider} {layout} {dtype_name} {mode} not capturable ({type(exc).__name__}); "
-                  f"timing eager calls", file=sys.stderr)
-            torch.cuda.synchronize(device)
-            times, timing = common.measure(step, device, warmup=3, reps=reps, setup=setup), "events"
-    else:
-        times = common.measure(step, device, warmup=3, reps=reps, setup=setup)
+    times, timing = common.measure_kernel(step, device, reps=reps, setup=setup,
+                                          label=f"{provider} {layout} {dtype_name} {mode}")
     peak = common.peak_memory_mb(device, base)
     E, P = a.numel(), N * H * W
     nbytes = E * a.element_size() * (4 if backward else 2) + P * t.element_size()

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -109,6 +110,21 @@ def measure_graph(fn, device: torch.device, *, warmup: int = 3, reps: int = 20, 
         times.append(start.elapsed_time(end))
     del graph
     return times
+
+
+def measure_kernel(fn, device: torch.device, *, warmup: int = 3, reps: int = 20, setup=None,
+                   label: str = "") -> tuple[list[float], str]:
+    """``(times_ms, timing)``: CUDA-graph replays on a GPU (:func:`measure_graph`), falling back to
+    CUDA events around eager calls when the call cannot be captured; wall clock on the CPU."""
+    if device.type != "cuda":
+        return measure(fn, device, warmup=warmup, reps=reps, setup=setup), "perf_counter"
+    try:
+        return measure_graph(fn, device, warmup=warmup, reps=reps, setup=setup), "graph-replay"
+    except Exception as exc:  # e.g. a provider that cannot be captured: time it eagerly instead
+        print(f"note: {label} not capturable ({type(exc).__name__}: {str(exc)[:120]}); timing eager calls",
+              file=sys.stderr)
+        torch.cuda.synchronize(device)
+        return measure(fn, device, warmup=warmup, reps=reps, setup=setup), "events"
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:

@@ -137,7 +137,8 @@ def compile_launch(launch: Launch) -> dict:
             best = max(best, int(vec or 1) * int(bits))
         return best
 
-    return {"regs": usage.get("reg"), "stack_bytes": usage.get("stack"), "shared_bytes": usage.get("shared"),
+    shared = usage.get("shared", 0) + int(getattr(kernel.metadata, "shared", 0) or 0)  # static + dynamic
+    return {"regs": usage.get("reg"), "stack_bytes": usage.get("stack"), "shared_bytes": shared,
             "widest_load_bits": widest("ld"), "widest_store_bits": widest("st"),
             "num_warps": options["num_warps"],
             "constexprs": {n: v for n, v in zip(launch.fn.arg_names, launch.args) if sig.get(n) == "constexpr"}
@@ -168,7 +169,46 @@ def cps_loss_cases():
     return cases
 
 
-CASES = {"cps_loss": cps_loss_cases}
+def ncps_loss_cases():
+    """(name, launches) for the n-CPS loss: K = 2, 3, 4 with and without ensemble labels, bf16."""
+    from cps_fast.kernels import ncps_loss as NK
+
+    cases = []
+    for shape_name, (N, C, H, W), ks in (("voc", (8, 21, 512, 512), (2, 3, 4)), ("c300", (2, 300, 128, 128), (3,))):
+        for K in ks:
+            for ensemble in (False, True) if shape_name == "voc" else (False,):
+                for layout in ("nchw", "channels_last"):
+                    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                    xs = [torch.empty(N, C, H, W, device="meta", dtype=torch.bfloat16).contiguous(memory_format=fmt)
+                          .flatten(2) for _ in range(K)]
+                    t = torch.empty(N, H * W, device="meta", dtype=torch.uint8)
+                    launches = intercept(NK, ["_ncps_tile_kernel", "_ncps_loop_kernel"], NK.ncps_loss_fwd,
+                                         xs, t, [None] * K, torch.empty(K + 1, device="meta"), xs, 1.5, 255, ensemble)
+                    cases.append((dict(op="ncps_loss", shape_name=shape_name, shape=[N, C, H, W], K=K,
+                                       ensemble=ensemble, dtype="bf16", layout=layout), launches))
+    return cases
+
+
+def cps_upsample_cases():
+    """(name, launches) for the upsample-fused loss at DeepLabv3+'s decoder resolution (1/4)."""
+    from cps_fast.kernels import cps_upsample as UK
+
+    cases = []
+    for shape_name, (N, C, h, w), (H, W) in (("voc", (8, 21, 128, 128), (512, 512)),
+                                             ("cityscapes", (8, 19, 200, 200), (800, 800))):
+        for dtype in (torch.bfloat16, torch.float32):
+            for layout in ("nchw", "channels_last"):
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                a = torch.empty(N, C, h, w, device="meta", dtype=dtype).contiguous(memory_format=fmt)
+                t = torch.empty(N, H * W, device="meta", dtype=torch.uint8)
+                launches = intercept(UK, ["_cps_upsample_kernel"], UK.cps_upsample_fwd, a, a, t, None, None,
+                                     torch.empty(3, device="meta"), a, a, H, W, 1.5, 255, True)
+                cases.append((dict(op="cps_upsample", shape_name=shape_name, shape=[N, C, h, w], out=[H, W],
+                                   dtype=_TRITON_TYPES[dtype], layout=layout), launches))
+    return cases
+
+
+CASES = {"cps_loss": cps_loss_cases, "ncps_loss": ncps_loss_cases, "cps_upsample": cps_upsample_cases}
 
 
 def main(argv=None):

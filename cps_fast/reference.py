@@ -76,3 +76,71 @@ def cps_step_reference(sup_l, sup_r, unsup_l, unsup_r, gt, cps_weight, ignore_in
     cps = F.cross_entropy(pred_l, max_r, ignore_index=ignore_index) + F.cross_entropy(pred_r, max_l, ignore_index=ignore_index)
     sup = F.cross_entropy(sup_l, gt.long(), ignore_index=ignore_index) + F.cross_entropy(sup_r, gt.long(), ignore_index=ignore_index)
     return sup + cps_weight * cps
+
+
+def cps_loss_upsampled_reference(
+    low_a: torch.Tensor,
+    low_b: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    size,
+    pseudo_a: torch.Tensor | None = None,
+    pseudo_b: torch.Tensor | None = None,
+    cps_weight: float = 1.0,
+    ignore_index: int = 255,
+    align_corners: bool = True,
+    return_parts: bool = False,
+):
+    """The upsample-fused CPS loss computed the plain way: bilinear ``F.interpolate`` to ``size``
+    (in the logits' dtype promoted to at least float32), then :func:`cps_loss_reference`.
+
+    Differentiable w.r.t. the low-resolution logits ``low_a``, ``low_b`` (``(N, C, h, w)``);
+    labels are at full resolution ``(N, H, W)``; default pseudo labels are the argmax of the
+    interpolated logits.
+    """
+    dtype = torch.promote_types(low_a.dtype, torch.float32)
+    size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+    up_a = F.interpolate(low_a.to(dtype), size=size, mode="bilinear", align_corners=align_corners)
+    up_b = F.interpolate(low_b.to(dtype), size=size, mode="bilinear", align_corners=align_corners)
+    return cps_loss_reference(up_a, up_b, target, pseudo_a=pseudo_a, pseudo_b=pseudo_b, cps_weight=cps_weight,
+                              ignore_index=ignore_index, return_parts=return_parts)
+
+
+def ncps_loss_reference(
+    logits,
+    target: torch.Tensor | None = None,
+    *,
+    pseudo=None,
+    cps_weight: float = 1.0,
+    ignore_index: int = 255,
+    ensemble: bool = False,
+    return_parts: bool = False,
+):
+    """The n-branch CPS loss computed the plain way, in the logits' dtype promoted to at least float32.
+
+    ``sup = sum_k CE(x_k, target)``; ``cps = sum_k cross_k`` with ``cross_k`` the mean over
+    ``j != k`` of ``CE(x_k, y_j)``, ``y_j = pseudo[j]`` or ``argmax x_j`` (detached), or with
+    ``ensemble=True`` ``CE(x_k, argmax_c mean_{j != k} softmax(x_j))``; ``loss = sup + cps_weight * cps``.
+    """
+    K = len(logits)
+    dtype = torch.promote_types(logits[0].dtype, torch.float32)
+    xs = [x.to(dtype) for x in logits]
+    pseudo = list(pseudo) if pseudo is not None else [None] * K
+    if target is not None:
+        sup = sum(masked_cross_entropy(x, target, ignore_index) for x in xs)
+    else:
+        sup = xs[0].new_zeros(())
+    if ensemble:
+        if any(y is not None for y in pseudo):
+            raise ValueError("ncps_loss_reference: ensemble=True takes no given pseudo labels")
+        probs = [torch.softmax(x.detach(), dim=1) for x in xs]
+        labels = [torch.stack([probs[j] for j in range(K) if j != k]).mean(0).argmax(dim=1) for k in range(K)]
+        cps = sum(masked_cross_entropy(xs[k], labels[k], ignore_index) for k in range(K))
+    else:
+        labels = [x.detach().argmax(dim=1) if y is None else y for x, y in zip(xs, pseudo)]
+        cps = sum(sum(masked_cross_entropy(xs[k], labels[j], ignore_index) for j in range(K) if j != k) / (K - 1)
+                  for k in range(K))
+    loss = sup + cps_weight * cps
+    if return_parts:
+        return loss, sup.detach(), cps.detach()
+    return loss

@@ -3,6 +3,11 @@
 
 #include "cps_loss.h"
 
+namespace cps_fast {
+void bind_cps_upsample(pybind11::module_& m);
+void bind_ncps_loss(pybind11::module_& m);
+}  // namespace cps_fast
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cps-fast C++/CUDA kernels (fused Cross Pseudo Supervision loss)";
   m.def("cps_loss_forward", &cps_fast::cps_loss_forward, pybind11::arg("a3"), pybind11::arg("b3"),
@@ -21,4 +26,6 @@ the logits' shapes and dtype (fully written), or None to skip. Labels outside
 Returns float32 [3] on the logits' device: sums over pixels of
 vt*(CE(a,t)+CE(b,t)), vpb*CE(a,pb), vpa*CE(b,pa).)doc");
   m.def("has_cuda", &cps_fast::has_cuda, "True when the extension was compiled with the CUDA kernel.");
+  cps_fast::bind_cps_upsample(m);
+  cps_fast::bind_ncps_loss(m);
 }

@@ -1,0 +1,179 @@
+"""Benchmark of the upsample-fused CPS loss against upsampling first and then computing the loss.
+
+Providers (forward + backward w.r.t. the low-resolution logits unless --modes says otherwise):
+  fused      cps_fast.cps_loss_upsampled (backend from --backend, default automatic:
+             triton on CUDA, the C++ cpu backend when built, else torch)
+  unfused    F.interpolate(bilinear, align_corners=True) + cps_fast.cps_loss (automatic backend)
+  reference  F.interpolate + the reference CPS code's argmax and four F.cross_entropy calls
+             (under autocast in the logits' dtype on a GPU, as the reference trains)
+
+Reported: median and 20/80% quantiles of the time, the speed-up over ``unfused``, and on
+CUDA the peak memory allocated during the call beyond the inputs
+(torch.cuda.max_memory_allocated); on the CPU time only.
+
+    python benchmarks/bench_upsample.py                               # shapes for the device at hand
+    python benchmarks/bench_upsample.py --device cpu --threads 2
+    cps-fast bench upsample ...                                       # once wired by the CLI
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from bench_loss import reference_way  # noqa: E402
+
+import cps_fast  # noqa: E402
+from cps_fast import upsample_loss  # noqa: E402
+
+# name -> ((N, C, h, w), (H, W))
+GPU_SHAPES = {"voc": ((8, 21, 128, 128), (512, 512)), "cityscapes": ((8, 19, 200, 200), (800, 800))}
+CPU_SHAPES = {"voc-small": ((2, 21, 64, 64), (256, 256))}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+CPS_WEIGHT = 1.5
+
+
+def make_provider(name, device, dtype, size, backend):
+    """A function (a, b, target) -> loss for provider ``name``, or a string saying why it cannot run."""
+    up = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # noqa: E731
+    if name == "fused":
+        try:
+            chosen = upsample_loss._select_backend(device.type, backend, 21)
+        except Exception as exc:
+            return str(exc)
+        fn = lambda a, b, t: upsample_loss.cps_loss_upsampled(  # noqa: E731
+            a, b, t, size=size, cps_weight=CPS_WEIGHT, backend=backend, validate=False)
+        fn.backend = chosen
+        return fn
+    if name == "unfused":
+        fn = lambda a, b, t: cps_fast.cps_loss(up(a), up(b), t, cps_weight=CPS_WEIGHT, validate=False)  # noqa: E731
+        fn.backend = cps_fast.backends.select_backend(device.type, None)
+        return fn
+    if name == "reference":
+        autocast = device.type == "cuda" and dtype != torch.float32
+
+        def run(a, b, t):
+            if autocast:
+                with torch.autocast("cuda", dtype=dtype):
+                    return reference_way(up(a), up(b), t.long(), cps_weight=CPS_WEIGHT)
+            return reference_way(up(a), up(b), t.long(), cps_weight=CPS_WEIGHT)
+
+        run.backend = "eager"
+        return run
+    return f"unknown provider {name!r}; expected fused, unfused or reference"
+
+
+def bench_case(provider, fn, shape, size, dtype_name, layout, device, mode, reps):
+    (N, C, _, _), (H, W) = shape, size
+    dtype = DTYPES[dtype_name]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    base = common.peak_memory_reset(device)
+    a = torch.randn(shape, device=device).mul_(3).to(dtype).contiguous(memory_format=fmt)
+    b = torch.randn(shape, device=device).mul_(3).to(dtype).contiguous(memory_format=fmt)
+    t = torch.randint(0, C, (N, H, W), device=device, dtype=torch.uint8)
+    t[torch.rand(N, H, W, device=device) < 0.1] = 255
+    backward = mode == "fwd+bwd"
+    a.requires_grad_(backward)
+    b.requires_grad_(backward)
+    inputs_mb = common.peak_memory_mb(device, base)
+
+    def setup():
+        a.grad = b.grad = None
+
+    def step():
+        loss = fn(a, b, t)
+        if backward:
+            loss.backward()
+
+    if not backward:
+        step = torch.no_grad()(step)
+    times = common.measure(step, device, warmup=1, reps=1, setup=setup)  # compile / first-call costs
+    base = common.peak_memory_reset(device)
+    times, timing = common.measure_kernel(step, device, warmup=2, reps=reps, setup=setup, label=provider)
+    return {
+        "provider": provider, "backend": getattr(fn, "backend", None), "mode": mode,
+        "shape": list(shape), "size": [H, W], "dtype": dtype_name, "layout": layout,
+        **common.quantiles(times),
+        "peak_mb": common.peak_memory_mb(device, base),
+        "inputs_mb": inputs_mb,
+        "timing": timing,
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--providers", default="fused,unfused,reference")
+    p.add_argument("--backend", default=None, help="backend of the fused provider (default: automatic)")
+    p.add_argument("--shapes", default=None, help="comma list of " + ",".join([*GPU_SHAPES, *CPU_SHAPES]))
+    p.add_argument("--shape", default=None, help="a custom N,C,h,w,H,W case instead of --shapes")
+    p.add_argument("--dtypes", default=None, help="comma list of bf16,fp32,fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--layouts", default="channels_last,nchw")
+    p.add_argument("--modes", default="fwd+bwd")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="output path (default benchmarks/results/upsample-<device>.json)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = {**GPU_SHAPES, **CPU_SHAPES}
+    names = args.shapes.split(",") if args.shapes else list(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    if args.shape:
+        v = [int(x) for x in args.shape.split(",")]
+        if len(v) != 6:
+            p.error(f"--shape expects N,C,h,w,H,W, got {args.shape!r}")
+        shapes["custom"] = (tuple(v[:4]), tuple(v[4:]))
+        names = ["custom"]
+    for n in names:
+        if n not in shapes:
+            p.error(f"unknown shape {n!r}; expected one of {', '.join(shapes)}")
+    dtypes = (args.dtypes or ("bf16" if device.type == "cuda" else "fp32")).split(",")
+    reps = args.reps or (20 if device.type == "cuda" else 5)
+    env = common.environment(device)
+
+    rows = []
+    for shape_name in names:
+        shape, size = shapes[shape_name]
+        for dtype_name in dtypes:
+            for provider in args.providers.split(","):
+                fn = make_provider(provider, device, DTYPES[dtype_name], size, args.backend)
+                if isinstance(fn, str):
+                    print(f"skip {provider}: {fn}", file=sys.stderr)
+                    continue
+                for layout in args.layouts.split(","):
+                    for mode in args.modes.split(","):
+                        try:
+                            row = bench_case(provider, fn, shape, size, dtype_name, layout, device, mode, reps)
+                        except Exception as exc:
+                            print(f"skip {provider} {shape_name} {dtype_name} {layout} {mode}: "
+                                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                            continue
+                        row.update(env, shape_name=shape_name)
+                        rows.append(row)
+    unfused = {(r["shape_name"], r["dtype"], r["layout"], r["mode"]): r for r in rows if r["provider"] == "unfused"}
+    for r in rows:
+        u = unfused.get((r["shape_name"], r["dtype"], r["layout"], r["mode"]))
+        r["speedup_vs_unfused"] = u["median_ms"] / r["median_ms"] if u else None
+        r["memory_vs_unfused"] = (r["peak_mb"] / u["peak_mb"]) if u and r["peak_mb"] and u["peak_mb"] else None
+
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
+    common.print_table(rows, [
+        ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""), ("mode", "mode", ""),
+        ("provider", "provider", ""), ("backend", "backend", ""), ("median_ms", "median ms", ".3f"),
+        ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"), ("speedup_vs_unfused", "x unfused", ".2f"),
+        ("peak_mb", "peak MB", ".1f"), ("memory_vs_unfused", "mem/unfused", ".2f"),
+    ])
+    path = common.write_json(rows, args.json, "upsample", device)
+    print(f"wrote {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""The fused n-branch Cross Pseudo Supervision loss (n-CPS).
+
+For ``K >= 2`` branches with logits ``x_1 .. x_K`` of one shape::
+
+    sup     = sum_k CE(x_k, target)
+    cross_k = mean over j != k of CE(x_k, y_j)        y_j = argmax x_j, or pseudo[j] when given
+              (ensemble=True: CE(x_k, argmax_c mean_{j != k} softmax(x_j)))
+    cps     = sum_k cross_k
+    loss    = sup + cps_weight * cps
+
+each CE the mean over its non-ignored pixels (0, never NaN, when none is
+valid), exactly as :func:`cps_fast.cps_loss`; for ``K = 2`` both modes equal
+``cps_loss(x_1, x_2, target, ...)``. In ensemble mode with ``K = 2`` the "mean
+softmax" of the single other branch is taken as that branch's argmax (the same
+label, without softmax rounding), so the equality is exact. Ensemble mode with
+given pseudo labels is refused: whether a given label should replace the
+ensemble's label or one branch's vote inside it is ambiguous.
+
+One kernel reads each branch's logits once and writes each gradient once;
+backward only scales the gradients by ``grad_output`` on the device.
+
+Every backend implements one function (see :func:`_launch`)::
+
+    sums = fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble)
+
+* ``xs``: ``K`` ``(N, C, L)`` views of the logits with any strides (NCHW gives
+  class stride ``L``, channels_last class stride 1); float32/float16/bfloat16.
+* ``t2``: ``(N, L)`` integer labels or None. ``ys``: ``K`` entries, each ``(N, L)``
+  integer labels or None (the argmax of that branch, computed in the kernel);
+  all None in ensemble mode.
+* ``counts``: float32 ``[K + 1]`` on the device: valid pixels of the target and
+  of each label ``y_j`` (in ensemble mode the label of branch ``j``, always
+  valid: the pixel count).
+* ``gs``: ``K`` outputs with the logits' shapes and strides, or None to skip the
+  gradients. For ``grad_output == 1``, with ``ct = vt / n_t``::
+
+      default:  c_j = cps_weight / (K - 1) * v_j / n_j
+                g_k = softmax(x_k) * (ct + sum_{j != k} c_j) - onehot(t) ct - sum_{j != k} onehot(y_j) c_j
+      ensemble: c_k = cps_weight * v_k / n_k
+                g_k = softmax(x_k) * (ct + c_k) - onehot(t) ct - onehot(e_k) c_k
+
+  with ``v`` a label's validity and ``n = max(count, 1)``.
+* returns float32 ``[K + 1]`` on the device: ``sum_p vt * sum_k CE(x_k, t)`` and,
+  for each label ``j``, ``sum_p v_j * sum_{k != j} CE(x_k, y_j)`` (default) or
+  ``sum_p CE(x_j, e_j)`` (ensemble).
+
+A label outside ``[0, C)`` that is not ``ignore_index`` is treated as ignored by
+the kernels; :func:`ncps_loss` rejects it first when ``validate`` is on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import backends
+from .loss import (_FLOAT_DTYPES, _LABEL_DTYPES, _as_ncl, _as_nl, _count_valid, _dense, _empty_like,
+                   _scale_grad_, _validate_labels)
+
+log = logging.getLogger("cps_fast")
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_ncps_inputs(logits, target, pseudo, ignore_index, ensemble) -> None:
+    if isinstance(logits, torch.Tensor) or not isinstance(logits, Sequence):
+        what = f"a Tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"ncps_loss: logits must be a list or tuple of K >= 2 tensors (one per branch), got {what}")
+    K = len(logits)
+    if K < 2:
+        raise ValueError(f"ncps_loss: got K = {K} branch logits; expected K >= 2 branches")
+    for k, x in enumerate(logits):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ncps_loss: logits[{k}] must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"ncps_loss: logits[{k}] has dtype {x.dtype}; expected float32, float16 or bfloat16 logits")
+        if x.dim() not in (2, 4):
+            raise ValueError(f"ncps_loss: logits[{k}] has shape {tuple(x.shape)}; expected (N, C, H, W) or (P, C) logits")
+    x0 = logits[0]
+    for k, x in enumerate(logits[1:], start=1):
+        if x.shape != x0.shape:
+            raise ValueError(f"ncps_loss: logits[0] has shape {tuple(x0.shape)} but logits[{k}] has shape "
+                             f"{tuple(x.shape)}; all branches' logits must have one shape")
+        if x.dtype != x0.dtype:
+            raise TypeError(f"ncps_loss: logits[0] is {x0.dtype} but logits[{k}] is {x.dtype}; expected one dtype")
+        if x.device != x0.device:
+            raise ValueError(f"ncps_loss: logits[0] is on {x0.device} but logits[{k}] is on {x.device}")
+    C = x0.shape[1]
+    if C < 2:
+        raise ValueError(f"ncps_loss: the logits have C = {C} classes (dim 1 of {tuple(x0.shape)}); expected C >= 2")
+    if pseudo is not None:
+        if isinstance(pseudo, torch.Tensor) or not isinstance(pseudo, Sequence):
+            raise TypeError(f"ncps_loss: pseudo must be None or a list of K = {K} label tensors (or None entries), "
+                            f"got {type(pseudo).__name__}")
+        if len(pseudo) != K:
+            raise ValueError(f"ncps_loss: pseudo has {len(pseudo)} entries for K = {K} branches; expected one label "
+                             f"tensor (or None for the argmax) per branch")
+        if ensemble and any(y is not None for y in pseudo):
+            raise ValueError("ncps_loss: ensemble=True with given pseudo labels is ambiguous (replace the ensemble's "
+                             "label, or one branch's vote inside it?); pass pseudo=None with ensemble=True, or "
+                             "ensemble=False to supervise with the given labels")
+    label_shape = (x0.shape[0],) + tuple(x0.shape[2:])
+    named = [("target", target)] + [(f"pseudo[{j}]", y) for j, y in enumerate(pseudo or ())]
+    for name, y in named:
+        if y is None:
+            continue
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"ncps_loss: {name} must be a torch.Tensor or None, got {type(y).__name__}")
+        if y.dtype not in _LABEL_DTYPES:
+            raise TypeError(f"ncps_loss: {name} has dtype {y.dtype}; expected integer labels (uint8, int32 or int64)")
+        if tuple(y.shape) != label_shape:
+            raise ValueError(f"ncps_loss: {name} has shape {tuple(y.shape)}; expected {label_shape} to match logits "
+                             f"of shape {tuple(x0.shape)}")
+        if y.device != x0.device:
+            raise ValueError(f"ncps_loss: {name} is on {y.device} but the logits are on {x0.device}")
+    if not (-(2**31) <= ignore_index < 2**31):
+        raise ValueError(f"ncps_loss: ignore_index={ignore_index} does not fit in int32")
+    if 0 <= ignore_index < C:
+        raise ValueError(
+            f"ncps_loss: ignore_index={ignore_index} is also a class of the C = {C} logits, so a pixel labelled "
+            f"{ignore_index} is ambiguous; pass an ignore_index outside [0, {C}), e.g. -1"
+        )
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _launch(backend, xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble):
+    if backend == "triton":
+        from .kernels import ncps_loss as triton_ops
+
+        return triton_ops.ncps_loss_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble)
+    if backend == "cpu":
+        return backends.extension().ncps_loss_forward(
+            list(xs), t2, list(ys), counts, list(gs) if gs is not None else None, float(cps_weight),
+            int(ignore_index), bool(ensemble))
+    if backend == "torch":
+        return _torch_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble)
+    raise ValueError(f"ncps_loss: no kernel for backend {backend!r}")
+
+
+def _torch_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble):
+    """The kernel contract in plain PyTorch (float32 math), for any device."""
+    K = len(xs)
+    C = xs[0].shape[1]
+    x = [v.float() for v in xs]
+    logp = [torch.log_softmax(v, dim=1) for v in x]  # (N, C, L)
+
+    def onehot(lab):
+        """(N, C, L) one-hot of the valid labels (all zero where ignored or out of range)."""
+        lab = lab.long()
+        valid = (lab != ignore_index) & (lab >= 0) & (lab < C)
+        hot = torch.zeros_like(x[0]).scatter_(1, torch.where(valid, lab, 0).unsqueeze(1), 1.0)
+        return hot * valid.unsqueeze(1)
+
+    if ensemble:
+        if K == 2:
+            labels = [x[1].argmax(dim=1), x[0].argmax(dim=1)]
+        else:
+            prob = [v.exp() for v in logp]
+            total = torch.stack(prob).sum(0)
+            labels = [(total - prob[k]).argmax(dim=1) for k in range(K)]
+    else:
+        labels = [x[j].argmax(dim=1) if ys[j] is None else ys[j] for j in range(K)]
+    hot = [onehot(y) for y in labels]
+    hot_t = onehot(t2) if t2 is not None else torch.zeros_like(x[0])
+    sums = [-(hot_t * sum(logp)).sum()]
+    for j in range(K):
+        if ensemble:
+            sums.append(-(hot[j] * logp[j]).sum())
+        else:
+            sums.append(-(hot[j] * sum(logp[k] for k in range(K) if k != j)).sum())
+    if gs is not None:
+        inv = 1.0 / counts.clamp_min(1.0)
+        w = float(cps_weight) if ensemble else float(cps_weight) / (K - 1)
+        for k in range(K):
+            if ensemble:
+                tgt = hot_t * inv[0] + hot[k] * (w * inv[1 + k])
+            else:
+                tgt = hot_t * inv[0] + sum(hot[j] * (w * inv[1 + j]) for j in range(K) if j != k)
+            # d/dx of sum_p [c_p * CE(x_p, y_p)] = c_p * (softmax(x_p) - onehot(y_p))
+            gs[k].copy_(logp[k].exp() * tgt.sum(1, keepdim=True) - tgt)
+    return torch.stack(sums)
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+@torch.compiler.assume_constant_result
+def _select_backend(device_type: str, requested: str | None) -> str:
+    """backends.select_backend, then the cases where this op differs from cps_loss.
+
+    There is no CUDA C++ kernel of this op: asking for ``cuda`` raises; an
+    automatic choice of it becomes ``torch``. An extension built before this op
+    existed cannot run ``cpu``.
+    """
+    name = backends.select_backend(device_type, requested)
+    explicit = (requested is not None and requested != "auto") or (
+        requested is None and bool(os.environ.get(backends.ENV_VAR)))
+    reason = None
+    if name == "cuda":
+        reason = "ncps_loss has no CUDA C++ kernel; use backend='triton' on CUDA tensors (or 'torch')"
+    elif name == "cpu" and not hasattr(backends.extension(), "ncps_loss_forward"):
+        reason = ("cps_fast._C has no ncps_loss_forward (built before this op existed); rebuild with "
+                  "`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
+    if reason is None:
+        return name
+    if explicit:
+        raise backends.BackendUnavailable(f"backend {name!r} cannot run ncps_loss: {reason}")
+    if (device_type, name) not in _logged:
+        _logged.add((device_type, name))
+        log.info("cps_fast: ncps_loss uses the torch backend for %s tensors (%s)", device_type, reason)
+    return "torch"
+
+
+@torch.library.custom_op("cps_fast::ncps_loss_forward", mutates_args=())
+def fused_forward(logits: list[torch.Tensor], target: Optional[torch.Tensor], pseudo: list[Optional[torch.Tensor]],
+                  cps_weight: float, ignore_index: int, ensemble: bool, need_grad: bool, backend: str
+                  ) -> list[torch.Tensor]:
+    """One kernel launch: ``[sums (K + 1), counts (K + 1), grad_1, ..., grad_K]`` (grads empty when not needed).
+
+    Registered as a custom op so that ``torch.compile`` traces through the fused
+    loss (with the fake implementation below) instead of breaking the graph.
+    """
+    if need_grad and not all(_dense(x) for x in logits):
+        # a layout empty_like cannot reproduce (e.g. a sliced view): compute on dense copies
+        logits = [x if _dense(x) else x.contiguous() for x in logits]
+    C = logits[0].shape[1]
+    xs = [_as_ncl(x) for x in logits]
+    n_rows = xs[0].shape[0]
+    t2 = _as_nl(target, n_rows)
+    ys = [_as_nl(y, n_rows) for y in pseudo]
+    numel = n_rows * xs[0].shape[2]
+    dev = logits[0].device
+    counts = torch.stack([_count_valid(t2, C, ignore_index, 0.0, dev)]
+                         + [_count_valid(y, C, ignore_index, float(numel), dev) for y in ys])
+    if need_grad:
+        grads = [_empty_like(x) for x in logits]
+        gs = [_as_ncl(g) for g in grads]
+    else:
+        grads = [x.new_empty(0) for x in logits]
+        gs = None
+    sums = _launch(backend, xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble)
+    return [sums, counts] + grads
+
+
+@fused_forward.register_fake
+def _fused_forward_fake(logits, target, pseudo, cps_weight, ignore_index, ensemble, need_grad, backend):
+    K = len(logits)
+    sums = logits[0].new_empty(K + 1, dtype=torch.float32)
+    counts = logits[0].new_empty(K + 1, dtype=torch.float32)
+    if not need_grad:
+        return [sums, counts] + [x.new_empty(0) for x in logits]
+    # empty_like keeps a dense input's strides and makes a non-dense one contiguous, as the real op
+    return [sums, counts] + [torch.empty_like(x) for x in logits]
+
+
+class NCPSLossFunction(torch.autograd.Function):
+    """Forward computes the loss and all K gradients; backward scales them by grad_output.
+
+    ``apply(cps_weight, ignore_index, ensemble, backend, K, target, *pseudo, *logits)``
+    with exactly K pseudo entries (None for the argmax).
+    """
+
+    @staticmethod
+    def forward(ctx, cps_weight, ignore_index, ensemble, backend, K, target, *rest):
+        pseudo, logits = list(rest[:K]), list(rest[K:])
+        need_grad = any(ctx.needs_input_grad[6 + K:])
+        out = fused_forward(logits, target, pseudo, cps_weight, ignore_index, ensemble, need_grad, backend)
+        sums, counts, grads = out[0], out[1], out[2:]
+        inv = 1.0 / counts.clamp_min(1.0)
+        sup = sums[0] * inv[0]
+        cps = (sums[1:] * inv[1:]).sum()
+        if not ensemble:
+            cps = cps / (K - 1)
+        loss = sup + cps_weight * cps
+        if need_grad:
+            ctx.save_for_backward(*grads)
+        ctx.K = K
+        ctx.used = False
+        ctx.mark_non_differentiable(sup, cps)
+        return loss, sup, cps
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sup, _grad_cps):
+        if ctx.used:
+            raise RuntimeError(
+                "ncps_loss: backward ran twice through the same loss (retain_graph=True); the fused loss "
+                "scales its stored gradients in place, so call ncps_loss again instead"
+            )
+        ctx.used = True
+        K = ctx.K
+        grads = list(ctx.saved_tensors)
+        if torch.compiler.is_compiling():  # let the compiler fuse the scaling into what follows
+            grads = [g * grad_loss.to(g.dtype) for g in grads]
+        else:
+            for g in grads:
+                _scale_grad_(g, grad_loss)
+        needs = ctx.needs_input_grad[6 + K:]
+        return (None,) * (6 + K) + tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def ncps_loss(
+    logits: Sequence[torch.Tensor],
+    target: torch.Tensor | None = None,
+    *,
+    pseudo: Sequence[torch.Tensor | None] | None = None,
+    cps_weight: float = 1.0,
+    ignore_index: int = 255,
+    ensemble: bool = False,
+    backend: str | None = None,
+    return_parts: bool = False,
+    validate: bool | None = None,
+):
+    """Fused Cross Pseudo Supervision loss of K >= 2 branches (n-CPS).
+
+    Args:
+        logits: K tensors of one shape, dtype and device: ``(N, C, H, W)`` (NCHW
+            or channels_last, read in place) or ``(P, C)``; float32/float16/bfloat16.
+        target: ``(N, H, W)`` / ``(P,)`` integer labels, ``ignore_index`` where
+            unlabeled; None for no supervised term.
+        pseudo: None, or K entries where ``pseudo[j]`` is branch j's label
+            (supervising every other branch) or None for ``argmax(logits[j])``
+            (ties to the lowest class). May contain ``ignore_index``. Not allowed
+            with ``ensemble=True``.
+        cps_weight: weight of the cross term.
+        ignore_index: label value to skip (must lie outside ``[0, C)``).
+        ensemble: supervise branch k with the argmax of the other branches'
+            mean softmax instead of with each other branch's argmax in turn.
+        backend: ``"triton"``, ``"cpu"``, ``"torch"`` or None/"auto"
+            (``$CPS_FAST_BACKEND`` applies when None). There is no ``"cuda"``
+            C++ kernel of this op; on CUDA tensors use ``"triton"``.
+        return_parts: also return ``sup`` and ``cps``, detached, as device scalars.
+        validate: check that labels lie in ``[0, C)`` or equal ``ignore_index``.
+            Default: on for CPU tensors, off for CUDA tensors (the check reads a
+            value back to the host); never done while a CUDA graph is captured or
+            under ``torch.compile``.
+
+    Returns:
+        the float32 scalar ``sup + cps_weight * cps`` (see the module docstring),
+        or ``(loss, sup, cps)``.
+    """
+    _check_ncps_inputs(logits, target, pseudo, ignore_index, ensemble)
+    K = len(logits)
+    x0 = logits[0]
+    C = x0.shape[1]
+    pseudo = list(pseudo) if pseudo is not None else [None] * K
+    if validate is None:
+        validate = not x0.is_cuda
+    capturing = x0.is_cuda and torch.cuda.is_current_stream_capturing()
+    if validate and not capturing and not torch.compiler.is_compiling():
+        for name, y in [("target", target)] + [(f"pseudo[{j}]", y) for j, y in enumerate(pseudo)]:
+            if y is not None:
+                try:
+                    _validate_labels(name, y, C, ignore_index)
+                except ValueError as exc:  # the shared helper names cps_loss; this is ncps_loss
+                    raise ValueError(f"n{exc}") from None
+    name = _select_backend(x0.device.type, backend)
+    loss, sup, cps = NCPSLossFunction.apply(
+        float(cps_weight), int(ignore_index), bool(ensemble), name, K, target, *pseudo, *logits
+    )
+    if return_parts:
+        return loss, sup, cps
+    return loss
+
+
+class NCPSLoss(nn.Module):
+    """Module form of :func:`ncps_loss`; ``forward(logits, target=None, *, pseudo=None)``."""
+
+    def __init__(self, cps_weight: float = 1.0, ignore_index: int = 255, ensemble: bool = False,
+                 backend: str | None = None, return_parts: bool = False):
+        super().__init__()
+        self.cps_weight = float(cps_weight)
+        self.ignore_index = int(ignore_index)
+        self.ensemble = bool(ensemble)
+        self.backend = backend
+        self.return_parts = return_parts
+
+    def forward(self, logits, target=None, *, pseudo=None):
+        return ncps_loss(
+            logits, target, pseudo=pseudo, cps_weight=self.cps_weight, ignore_index=self.ignore_index,
+            ensemble=self.ensemble, backend=self.backend, return_parts=self.return_parts,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"cps_weight={self.cps_weight}, ignore_index={self.ignore_index}, ensemble={self.ensemble}, "
+                f"backend={self.backend}")

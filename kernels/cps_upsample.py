@@ -1,0 +1,329 @@
+"""Triton kernel of the upsample-fused CPS loss and its host launcher.
+
+Computes what ``F.interpolate(low, size=(H, W), mode="bilinear", align_corners=ac)``
+followed by the fused CPS loss computes, value and gradients w.r.t. the LOW-resolution
+logits, without materialising full-resolution logits or gradients. The launcher
+contract (shapes, ``counts``, the returned sums) is in :mod:`cps_fast.upsample_loss`.
+
+Work decomposition (a gather formulation: no atomics on the gradient):
+
+* A program owns a ``BH x BW`` block of low-resolution pixels of one image and every
+  class. It walks, ``BLOCK_F`` pixels at a time, the full-resolution pixels whose
+  bilinear footprint touches its block (source row ``i0`` in ``[r0 - 1, r0 + BH)``,
+  likewise columns; a slightly wider rectangle is walked and exact masks applied).
+* For each such pixel it interpolates the ``C`` logits of both branches on the fly
+  from their <= 4 low-resolution neighbours (reads that hit L1/L2), in float32, and
+  computes max, argmax, log-sum-exp, label gathers and the full-resolution gradient
+  in registers exactly as the tile kernel of :mod:`cps_fast.kernels.cps_loss` does.
+* The full-resolution gradient ``G [BLOCK_F, C]`` is reduced onto the owned pixels
+  with the bilinear weights: ``acc += Wm @ G`` with a dense ``[BH*BW, BLOCK_F]``
+  weight matrix built in registers (``Wm[o, p] = wy(p, row o) * wx(p, col o)``), on
+  ``tl.dot``. ``input_precision`` is "ieee" (exact float32 FMA) for float32 logits and
+  "tf32" (tensor cores, operands rounded to 10 mantissa bits, float32 accumulation) for
+  bfloat16/float16 logits, whose gradient is rounded to 7/10 mantissa bits on output
+  anyway; "tf32x3" was tried and spills registers on sm_90.
+* Loss sums count each full-resolution pixel once, in the program that owns its
+  ``(i0, j0)`` corner; per-program partial sums are added afterwards.
+
+Halo recomputation: a program walks about ``(BH + 1)(BW + 1) s^2`` pixels for
+``BH * BW * s^2`` owned ones at scale ``s`` (about 1.3-1.6x); without gradients only
+owned pixels are walked.
+
+Source coordinates follow PyTorch's ``upsample_bilinear2d`` (float32
+``area_pixel_compute_source_index``; ``i0 = min(floor(src), in - 1)``,
+``lambda = clamp(src - i0, 0, 1)``, ``i1 = min(i0 + 1, in - 1)``), so the weights
+agree with ``F.interpolate`` to float32 rounding, for any input and output sizes
+(downsampling included). NCHW and channels_last logits are read in place via strides.
+
+Class axis: C up to :data:`MAX_C` (256) on this register-tile kernel; larger C raises
+a ``ValueError`` (the ``torch`` and ``cpu`` backends have no such limit).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .cps_loss import _grad_weights, _load_labels, _pseudo_labels
+
+MAX_C = 256
+
+# BLOCK_C -> (BH, BW, BLOCK_F, num_warps), chosen so that the sm_90 build does not spill
+# (ptxas, Triton 3.9: 107-171 registers per thread up to C = 128; C = 256 spills ~200 bytes
+# of stack at 16 warps). Each of the 4 bilinear gathers holds a 64-bit address per element,
+# which is what bounds BLOCK_F. Not yet tuned on a GPU.
+_CONFIGS = {
+    16: (8, 8, 32, 8),
+    32: (8, 8, 32, 8),
+    64: (4, 8, 16, 8),
+    128: (4, 4, 16, 16),
+    256: (4, 4, 16, 16),
+}
+
+
+@triton.jit
+def _source_index(d, scale, in_size, ALIGN: tl.constexpr):
+    """PyTorch's bilinear source index of output coordinates ``d``: (i0, i1, lambda)."""
+    df = d.to(tl.float32)
+    if ALIGN:
+        src = scale * df
+    else:
+        src = tl.maximum(scale * (df + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(tl.floor(src).to(tl.int32), in_size - 1)
+    lam = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
+    i1 = tl.minimum(i0 + 1, in_size - 1)
+    return i0, i1, lam
+
+
+@triton.jit
+def _footprint(lo, hi, inv_scale, out_size, ALIGN: tl.constexpr):
+    """Output coordinates ``[start, stop)`` containing every one whose ``i0`` lies in ``[lo, hi]``.
+
+    Inverts the source map and widens by one pixel on each side against float rounding;
+    callers apply the exact masks. ``inv_scale < 0`` flags a zero scale (every i0 is 0).
+    """
+    if ALIGN:
+        off = 0.0
+    else:
+        off = 0.5
+    out_f = out_size.to(tl.float32)
+    start = tl.floor((lo.to(tl.float32) + off) * inv_scale - off) - 1.0
+    stop = tl.ceil((hi.to(tl.float32) + 1.0 + off) * inv_scale - off) + 1.0
+    zero_scale = inv_scale < 0.0
+    start = tl.where(zero_scale, tl.where(lo <= 0, 0.0, out_f), start)
+    stop = tl.where(zero_scale, out_f, stop)
+    start = tl.minimum(tl.maximum(start, 0.0), out_f)
+    stop = tl.minimum(tl.maximum(stop, start), out_f)
+    return start.to(tl.int32), stop.to(tl.int32)
+
+
+@triton.jit
+def _bilinear(base, i0, i1, j0, j1, ly, lx, s_h, s_w, c_off, m2, cmask):
+    """``[BLOCK_F, BLOCK_C]`` interpolated float32 logits (-inf on padding classes, 0 on masked pixels)."""
+    r0 = i0 * s_h
+    r1 = i1 * s_h
+    q0 = j0 * s_w
+    q1 = j1 * s_w
+    x00 = tl.load(base + (r0 + q0)[:, None] + c_off, mask=m2, other=0.0).to(tl.float32)
+    x01 = tl.load(base + (r0 + q1)[:, None] + c_off, mask=m2, other=0.0).to(tl.float32)
+    x10 = tl.load(base + (r1 + q0)[:, None] + c_off, mask=m2, other=0.0).to(tl.float32)
+    x11 = tl.load(base + (r1 + q1)[:, None] + c_off, mask=m2, other=0.0).to(tl.float32)
+    wx0 = (1.0 - lx)[:, None]
+    wx1 = lx[:, None]
+    top = x00 * wx0 + x01 * wx1
+    bot = x10 * wx0 + x11 * wx1
+    x = top * (1.0 - ly)[:, None] + bot * ly[:, None]
+    return tl.where(cmask[None, :], x, float("-inf"))
+
+
+@triton.jit
+def _axis_weights(own, i0, i1, lam):
+    """``[n_owned, BLOCK_F]`` bilinear weights of full-res pixels on owned low-res rows (or columns)."""
+    w = tl.where(i0[None, :] == own[:, None], 1.0 - lam[None, :], 0.0)
+    return w + tl.where(i1[None, :] == own[:, None], lam[None, :], 0.0)
+
+
+@triton.jit
+def _cps_upsample_kernel(
+    a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr,
+    C, h, w, H, W, n_bands, n_tiles,
+    s_an, s_ac, s_ah, s_aw, s_bn, s_bc, s_bh, s_bw,
+    s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl,
+    scale_h, scale_w, inv_h, inv_w,
+    cps_weight, ignore_index,
+    ALIGN: tl.constexpr, HAS_T: tl.constexpr, HAS_PA: tl.constexpr, HAS_PB: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BH: tl.constexpr, BW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    band = (pid // n_tiles) % n_bands
+    n = pid // (n_tiles * n_bands)
+    r0 = band * BH
+    c0 = tile * BW
+    if WRITE_GRAD:  # pixels whose i1 (not i0) falls on the block's first row/column contribute too
+        lo_r = r0 - 1
+        lo_c = c0 - 1
+    else:
+        lo_r = r0
+        lo_c = c0
+    y0, y1 = _footprint(lo_r, r0 + BH - 1, inv_h, H, ALIGN)
+    x0, x1 = _footprint(lo_c, c0 + BW - 1, inv_w, W, ALIGN)
+    fw = tl.maximum(x1 - x0, 1)
+    n_pix = (y1 - y0) * (x1 - x0)
+
+    n64 = n.to(tl.int64)
+    a_base = a_ptr + n64 * s_an
+    b_base = b_ptr + n64 * s_bn
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    ca = c[None, :] * s_ac
+    cb = c[None, :] * s_bc
+    nv = tl.zeros((BLOCK_F,), dtype=tl.int64) + n64  # image index per pixel, for the label helpers
+
+    own = tl.arange(0, BH * BW)
+    own_r = r0 + own // BW
+    own_c = c0 + own % BW
+    acc_a = tl.zeros((BH * BW, BLOCK_C), dtype=tl.float32)
+    acc_b = tl.zeros((BH * BW, BLOCK_C), dtype=tl.float32)
+    sum_t = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    sum_pb = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    sum_pa = tl.zeros((BLOCK_F,), dtype=tl.float32)
+
+    for q0 in range(0, n_pix, BLOCK_F):
+        q = q0 + tl.arange(0, BLOCK_F)
+        pmask = q < n_pix
+        fy = tl.minimum(y0 + q // fw, H - 1)
+        fx = tl.minimum(x0 + q % fw, W - 1)
+        i0, i1, ly = _source_index(fy, scale_h, h, ALIGN)
+        j0, j1, lx = _source_index(fx, scale_w, w, ALIGN)
+        m2 = pmask[:, None] & cmask[None, :]
+        xa = _bilinear(a_base, i0, i1, j0, j1, ly, lx, s_ah, s_aw, ca, m2, cmask)
+        xb = _bilinear(b_base, i0, i1, j0, j1, ly, lx, s_bh, s_bw, cb, m2, cmask)
+
+        # max and argmax (ties to the lowest class, as torch.argmax), log-sum-exp
+        ma = tl.where(pmask, tl.max(xa, axis=1), 0.0)
+        mb = tl.where(pmask, tl.max(xb, axis=1), 0.0)
+        arg_a = tl.min(tl.where(xa == ma[:, None], c[None, :], BLOCK_C), axis=1)
+        arg_b = tl.min(tl.where(xb == mb[:, None], c[None, :], BLOCK_C), axis=1)
+        ea = tl.exp(xa - ma[:, None])
+        eb = tl.exp(xb - mb[:, None])
+        sa = tl.where(pmask, tl.sum(ea, axis=1), 1.0)
+        sb = tl.where(pmask, tl.sum(eb, axis=1), 1.0)
+        lse_a = ma + tl.log(sa)
+        lse_b = mb + tl.log(sb)
+
+        l = fy * W + fx
+        t, vt = _load_labels(t_ptr, nv, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
+        pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, nv, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index,
+                                          C, arg_a, arg_b, HAS_PA, HAS_PB)
+        hit_t = c[None, :] == t[:, None]
+        hit_pa = c[None, :] == pa[:, None]
+        hit_pb = c[None, :] == pb[:, None]
+        xa_t = tl.sum(tl.where(hit_t, xa, 0.0), axis=1)
+        xb_t = tl.sum(tl.where(hit_t, xb, 0.0), axis=1)
+        xa_pb = tl.sum(tl.where(hit_pb, xa, 0.0), axis=1)
+        xb_pa = tl.sum(tl.where(hit_pa, xb, 0.0), axis=1)
+
+        # each full-res pixel is counted by the program owning its (i0, j0) corner
+        owned = pmask & (i0 >= r0) & (i0 < r0 + BH) & (j0 >= c0) & (j0 < c0 + BW)
+        sum_t += tl.where(owned & vt, (lse_a - xa_t) + (lse_b - xb_t), 0.0)
+        sum_pb += tl.where(owned & vpb, lse_a - xa_pb, 0.0)
+        sum_pa += tl.where(owned & vpa, lse_b - xb_pa, 0.0)
+
+        if WRITE_GRAD:
+            ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
+            # masked pixels have all weights 0, hence a zero gradient row
+            ga = ea * ((ct + cpb) / sa)[:, None] - tl.where(hit_t, ct[:, None], 0.0) \
+                - tl.where(hit_pb, cpb[:, None], 0.0)
+            gb = eb * ((ct + cpa) / sb)[:, None] - tl.where(hit_t, ct[:, None], 0.0) \
+                - tl.where(hit_pa, cpa[:, None], 0.0)
+            wm = _axis_weights(own_r, i0, i1, ly) * _axis_weights(own_c, j0, j1, lx)
+            acc_a = tl.dot(wm, ga, acc_a, input_precision=DOT_PRECISION)
+            acc_b = tl.dot(wm, gb, acc_b, input_precision=DOT_PRECISION)
+
+    tl.store(part_ptr + pid * 3 + 0, tl.sum(sum_t, axis=0))
+    tl.store(part_ptr + pid * 3 + 1, tl.sum(sum_pb, axis=0))
+    tl.store(part_ptr + pid * 3 + 2, tl.sum(sum_pa, axis=0))
+
+    if WRITE_GRAD:
+        # every low-res pixel has exactly one owner: the gradient is fully written (zeros included)
+        om = ((own_r < h) & (own_c < w))[:, None] & cmask[None, :]
+        off_a = (own_r * s_ah + own_c * s_aw)[:, None] + ca
+        off_b = (own_r * s_bh + own_c * s_bw)[:, None] + cb
+        tl.store(ga_ptr + n64 * s_an + off_a, acc_a.to(ga_ptr.dtype.element_ty), mask=om)
+        tl.store(gb_ptr + n64 * s_bn + off_b, acc_b.to(gb_ptr.dtype.element_ty), mask=om)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def source_scale(in_size: int, out_size: int, align_corners: bool) -> np.float32:
+    """PyTorch's float32 ``area_pixel_compute_scale`` for a bilinear resize without scale factors."""
+    if align_corners:
+        return np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0.0)
+    return np.float32(in_size) / np.float32(out_size)
+
+
+# Under TRITON_INTERPRET=1 every op is a numpy call with a fixed Python overhead, so fewer,
+# larger chunks of full-res pixels run much faster; registers do not matter there.
+INTERPRET_BLOCK_F = 256
+
+
+def block_config(C: int, interpret: bool | None = None) -> tuple[int, int, int, int, int]:
+    """(BH, BW, BLOCK_F, BLOCK_C, num_warps) for a class axis of size C (C <= MAX_C)."""
+    if interpret is None:
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    block_c = max(16, triton.next_power_of_2(C))  # tl.dot needs every dimension >= 16
+    bh, bw, block_f, num_warps = _CONFIGS[block_c]
+    if interpret and INTERPRET_BLOCK_F:
+        block_f = max(block_f, INTERPRET_BLOCK_F)
+    return bh, bw, block_f, block_c, num_warps
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if torch.version.hip is not None or dtype == torch.float32:
+        return "ieee"
+    return "tf32"
+
+
+def _label_args(y, dummy):
+    if y is None:
+        return dummy, 0, 0, False
+    return y, y.stride(0), y.stride(1), True
+
+
+def cps_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, ignore_index, align_corners):
+    """Launch the upsample-fused kernel; returns the float32 ``[3]`` full-resolution loss sums.
+
+    ``a4``, ``b4``: ``(N, C, h, w)`` low-res logits (any strides); ``t2``, ``pa2``, ``pb2``:
+    ``(N, H*W)`` labels or None; ``ga4``, ``gb4``: gradient outputs with the logits'
+    shapes and strides, or None. See :mod:`cps_fast.upsample_loss` for the contract.
+    """
+    N, C, h, w = a4.shape
+    if C > MAX_C:
+        raise ValueError(
+            f"cps_upsample (triton): C = {C} classes exceeds the kernel's register tile of {MAX_C}; "
+            f"use backend='torch' (or 'cpu' on CPU tensors) for wider class axes"
+        )
+    for name, g, x in (("grad_a", ga4, a4), ("grad_b", gb4, b4)):
+        if g is not None and (g.shape != x.shape or g.stride() != x.stride() or g.dtype != x.dtype):
+            raise ValueError(f"cps_upsample (triton): {name} must have the logits' shape, strides and dtype")
+    # per-image offsets are int32 inside the kernel
+    for name, x in (("low_a", a4), ("low_b", b4)):
+        if max(x.stride(1) * (C - 1) + x.stride(2) * (h - 1) + x.stride(3) * (w - 1), 0) >= 2**31:
+            raise ValueError(f"cps_upsample (triton): {name} has more than 2**31 elements per image")
+    if H * W >= 2**31:
+        raise ValueError(f"cps_upsample (triton): output size {H}x{W} has more than 2**31 pixels")
+    bh, bw, block_f, block_c, num_warps = block_config(C)
+    n_bands, n_tiles = triton.cdiv(h, bh), triton.cdiv(w, bw)
+    n_prog = N * n_bands * n_tiles
+    if n_prog == 0:
+        for g in (ga4, gb4):
+            if g is not None:
+                g.zero_()
+        return torch.zeros(3, dtype=torch.float32, device=a4.device)
+    partials = torch.empty((n_prog, 3), dtype=torch.float32, device=a4.device)
+    scale_h, scale_w = source_scale(h, H, align_corners), source_scale(w, W, align_corners)
+    inv_h = float(1.0 / float(scale_h)) if scale_h > 0 else -1.0
+    inv_w = float(1.0 / float(scale_w)) if scale_w > 0 else -1.0
+    write_grad = ga4 is not None
+    t, s_tn, s_tl, has_t = _label_args(t2, counts)
+    pa, s_pan, s_pal, has_pa = _label_args(pa2, counts)
+    pb, s_pbn, s_pbl, has_pb = _label_args(pb2, counts)
+    _cps_upsample_kernel[(n_prog,)](
+        a4, b4, ga4 if write_grad else a4, gb4 if write_grad else b4, t, pa, pb, counts, partials,
+        C, h, w, H, W, n_bands, n_tiles,
+        *a4.stride(), *b4.stride(),
+        s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl,
+        float(scale_h), float(scale_w), inv_h, inv_w,
+        float(cps_weight), int(ignore_index),
+        ALIGN=bool(align_corners), HAS_T=has_t, HAS_PA=has_pa, HAS_PB=has_pb, WRITE_GRAD=write_grad,
+        BH=bh, BW=bw, BLOCK_F=block_f, BLOCK_C=block_c, DOT_PRECISION=_dot_precision(a4.dtype),
+        num_warps=num_warps, num_stages=1,  # software-pipelining the gathers only costs shared memory
+    )
+    return partials.sum(dim=0)
