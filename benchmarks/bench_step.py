@@ -9,6 +9,8 @@ Variants, each adding one thing to the one before:
   +channels_last
   +bf16          autocast bf16 (GPU; on the CPU too when asked with --cpu-bf16)
   +fused_loss    cps_fast.cps_loss (one pass, gradients in the forward)
+  +fused_upsample  cps_fast.cps_loss_upsampled on decoder-resolution logits (no full-size
+                 student logits or gradients)
   +dali          DALI data pipeline (dali-gpu on a GPU, dali-cpu on the CPU)
   +cuda_graph    the whole step captured once and replayed (GPU only)
 
@@ -50,12 +52,13 @@ def variants(device: torch.device, cpu_bf16: bool) -> list[tuple[str, dict]]:
     dali = "dali-gpu" if gpu else "dali-cpu"
     steps = [
         ("reference", dict(amp="fp32", channels_last=False, loss_backend="reference", data_backend="pytorch",
-                           cuda_graph=False)),
+                           cuda_graph=False, fused_upsample=False)),
         ("+channels_last", dict(channels_last=True)),
     ]
     if gpu or cpu_bf16:
         steps.append(("+bf16", dict(amp="bf16")))
-    steps += [("+fused_loss", dict(loss_backend=None)), ("+dali", dict(data_backend=dali))]
+    steps += [("+fused_loss", dict(loss_backend=None)), ("+fused_upsample", dict(fused_upsample=True)),
+              ("+dali", dict(data_backend=dali))]
     if gpu:
         steps.append(("+cuda_graph", dict(cuda_graph=True)))
     out, acc = [], {}

@@ -7,16 +7,17 @@
 # One device call runs at most 10 minutes and the machine is given back 30 s after a call, so
 # the work is split into steps run in back-to-back calls, each well under the limit:
 #
-#   STEPS="build tests"      bash benchmarks/run_gpu.sh   # ~4 min: build, GPU tests, CUDA loss tests
-#   STEPS="loss model"       bash benchmarks/run_gpu.sh   # ~5 min
-#   STEPS="data step"        bash benchmarks/run_gpu.sh   # ~6 min
+#   STEPS="build tests"          bash benchmarks/run_gpu.sh   # ~5 min: build, GPU tests, CUDA loss tests
+#   STEPS="loss upsample ncps"   bash benchmarks/run_gpu.sh   # ~6 min
+#   STEPS="model data"           bash benchmarks/run_gpu.sh   # ~5 min
+#   STEPS="step"                 bash benchmarks/run_gpu.sh   # ~6 min
 #
 # "build" is skipped when the extension is already built with CUDA (a warm machine keeps it);
 # every step after it builds first if needed. DALI is installed once per machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-STEPS=${STEPS:-"build tests loss model data step"}
+STEPS=${STEPS:-"build tests loss upsample ncps model data step"}
 export CPS_FAST_CUDA_ARCHS=${CPS_FAST_CUDA_ARCHS:-90a}
 export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -66,6 +67,14 @@ if has loss; then
     --json "$dir/loss.json" 2>&1 | tee "$dir/loss.txt" | tail -45
   timeout 100 $PY benchmarks/bench_loss.py --providers compile --dtypes bf16 --modes fwd+bwd \
     --json "$dir/loss-compile.json" 2>&1 | tee "$dir/loss-compile.txt" | tail -12
+fi
+if has upsample; then
+  log "upsample-fused loss benchmark"
+  timeout 120 $PY benchmarks/bench_upsample.py --json "$dir/upsample.json" 2>&1 | tee "$dir/upsample.txt" | tail -20
+fi
+if has ncps; then
+  log "n-CPS loss benchmark"
+  timeout 120 $PY benchmarks/bench_ncps.py --json "$dir/ncps.json" 2>&1 | tee "$dir/ncps.txt" | tail -20
 fi
 if has model; then
   log "model benchmark (+ matmul ceiling)"

@@ -93,6 +93,8 @@ class Config:
     pretrained: Optional[str] = _f(None, "model", "backbone weights file (relative to weights_dir); None = random init")
     weights_dir: Optional[str] = _f(None, "model", "folder for relative 'pretrained' paths (None: current directory)")
     sync_bn: bool = _f(True, "model", "SyncBatchNorm across GPUs under DDP (reference: yes)")
+    branches: int = _f(2, "model", "networks trained together: 2 is CPS, more is n-CPS (each supervised by "
+                       "every other branch's pseudo labels)")
 
     # --- optimisation
     lr: float = _f(0.0025, "optim", "base learning rate of SGD (for the global batch; see lr_scaling)")
@@ -116,6 +118,8 @@ class Config:
     cutmix: bool = _f(False, "loss", "CutMix the unlabeled images (two different images u0, u1)")
     cutmix_n_boxes: int = _f(3, "loss", "boxes per CutMix mask")
     cutmix_prop_range: tuple[float, float] = _f((0.25, 0.5), "loss", "range of the box area proportion")
+    ncps_ensemble: bool = _f(False, "loss", "n-CPS (branches > 2): supervise each branch by the argmax of the "
+                             "other branches' mean softmax instead of averaging over their argmaxes")
     sup_loss: Literal["ce", "ohem"] = _f("ce", "loss", "supervised loss: cross-entropy or OHEM cross-entropy")
     ohem_thresh: float = _f(0.7, "loss", "OHEM: keep pixels whose true-class probability is below this")
     ohem_min_kept: int = _f(50000, "loss", "OHEM: keep at least this many pixels per labeled image")
@@ -126,6 +130,9 @@ class Config:
     amp: Literal["bf16", "fp16", "fp32"] = _f("bf16", "perf", "autocast dtype (fp16 uses a GradScaler)")
     channels_last: bool = _f(True, "perf", "channels-last memory format end to end")
     cuda_graph: bool = _f(True, "perf", "capture the training step in a CUDA graph")
+    fused_upsample: bool = _f(True, "perf", "compute the CPS loss from decoder-resolution logits with the bilinear "
+                              "upsampling fused in (cps_loss_upsampled; two branches, not with loss_backend "
+                              "'reference' or 'cuda')")
     compile: bool = _f(False, "perf", "torch.compile the model")
 
     # --- evaluation
@@ -181,6 +188,9 @@ class Config:
         need(self.iters_per_epoch is None or self.iters_per_epoch >= 1, "iters_per_epoch", "None or at least 1")
         need(self.max_iters is None or self.max_iters >= 1, "max_iters", "None or at least 1")
         need(self.cps_weight >= 0, "cps_weight", ">= 0")
+        need(2 <= self.branches <= 8, "branches", "from 2 to 8")
+        need(self.branches == 2 or self.loss_backend != "reference", "branches",
+             "2 with loss_backend='reference' (the reference code has two branches)")
         need(self.cutmix_n_boxes >= 1, "cutmix_n_boxes", "at least 1")
         lo, hi = self.cutmix_prop_range
         need(0 <= lo <= hi <= 1, "cutmix_prop_range", "(low, high) with 0 <= low <= high <= 1")

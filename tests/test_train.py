@@ -29,10 +29,14 @@ def tiny_model(C=7):
 
 @pytest.mark.parametrize("cutmix", [False, True])
 @pytest.mark.parametrize("sup_loss", ["ce", "ohem"])
-def test_step_loss_decreases_on_a_fixed_batch(cutmix, sup_loss):
+@pytest.mark.parametrize("branches,fused_upsample", [(2, True), (2, False), (3, False)])
+def test_step_loss_decreases_on_a_fixed_batch(cutmix, sup_loss, branches, fused_upsample):
     torch.manual_seed(0)
-    model = tiny_model().to(memory_format=torch.channels_last)
-    step = CPSStep(model, cutmix=cutmix, cps_weight=1.5, sup_loss=sup_loss, ohem_min_kept=100)
+    model = CPSModel("resnet18", 7, 16, False, None, seeds=tuple(range(branches)))
+    model = model.to(memory_format=torch.channels_last)
+    step = CPSStep(model, cutmix=cutmix, cps_weight=1.5, sup_loss=sup_loss, ohem_min_kept=100,
+                   fused_upsample=fused_upsample)
+    assert step.fused_upsample == fused_upsample
     opt = SGD(param_groups(model, 1e-4), momentum=0.9)
     img_l = torch.randn(2, 3, 33, 29).contiguous(memory_format=torch.channels_last)
     label = torch.randint(0, 7, (2, 33, 29), dtype=torch.uint8)
@@ -52,11 +56,12 @@ def test_step_loss_decreases_on_a_fixed_batch(cutmix, sup_loss):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_cutmix_step_matches_the_reference_formulation():
+@pytest.mark.parametrize("fused_upsample", [False, True])
+def test_cutmix_step_matches_the_reference_formulation(fused_upsample):
     """One fused call on [labeled; mixed] == the reference's separate sup and cps cross-entropies."""
     torch.manual_seed(1)
     model = tiny_model().eval()  # eval: BatchNorm uses running stats, so passes are comparable
-    step = CPSStep(model, cutmix=True, cps_weight=1.0)
+    step = CPSStep(model, cutmix=True, cps_weight=1.0, fused_upsample=fused_upsample)
     img_l, u0, u1 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     label = torch.randint(0, 7, (2, 32, 32))
     mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
@@ -70,6 +75,53 @@ def test_cutmix_step_matches_the_reference_formulation():
     ref_sup = F.cross_entropy(a(img_l), label) + F.cross_entropy(b(img_l), label)
     torch.testing.assert_close(cps, ref_cps.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sup, ref_sup.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_fused_upsample_step_equals_full_resolution_step(cutmix):
+    """Decoder-resolution logits with the upsampling fused into the loss == upsample, then the loss."""
+    torch.manual_seed(2)
+    model = tiny_model().eval()
+    img_l, u0, u1 = torch.randn(2, 3, 37, 41), torch.randn(2, 3, 37, 41), torch.randn(2, 3, 37, 41)
+    label = torch.randint(0, 7, (2, 37, 41))
+    label[:, :4] = 255
+    mask = (torch.rand(2, 1, 37, 41) > 0.5).float()
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        step = CPSStep(model, cutmix=cutmix, cps_weight=1.5, fused_upsample=fused)
+        loss, sup, cps = step(img_l, label, u0, u1 if cutmix else None, mask if cutmix else None)
+        loss.backward()
+        results.append((loss.detach(), sup, cps, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (l0, s0, c0, g0), (l1, s1, c1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_three_branch_cutmix_step_matches_ncps_formulation():
+    """n-CPS with K = 3: each branch learns from the mean of CE against each other branch's mixed pseudo labels."""
+    torch.manual_seed(3)
+    model = CPSModel("resnet18", 7, 16, False, None, seeds=(0, 1, 2)).eval()
+    assert [n for n, _ in model.named_children()] == ["branch_a", "branch_b", "branch_c"]
+    step = CPSStep(model, cutmix=True, cps_weight=1.0)
+    img_l, u0, u1 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    label = torch.randint(0, 7, (2, 32, 32))
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    loss, sup, cps = step(img_l, label, u0, u1, mask)
+    nets = model.branches
+    mixed = u0 * (1 - mask) + u1 * mask
+    with torch.no_grad():
+        ps = [(n(u0) * (1 - mask) + n(u1) * mask).argmax(1) for n in nets]
+        ref_cps = sum(F.cross_entropy(n(mixed), ps[j]) / 2 for k, n in enumerate(nets) for j in range(3) if j != k)
+        ref_sup = sum(F.cross_entropy(n(img_l), label) for n in nets)
+    torch.testing.assert_close(cps, ref_cps, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sup, ref_sup, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="two-branch"):
+        CPSStep(model, loss_backend="reference")
 
 
 def _ohem_reference(pred, target, thresh, min_kept, ignore=255):
@@ -269,10 +321,13 @@ def test_demo_writes_its_summary(tmp_path):
         iters = 2
         device = "cpu"
         overrides = [s for s in TINY_SET if not s.startswith("max_iters")]
+        branches = "2,3"
 
     summary = demo_main(Args)
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert {"supervised_miou", "cps_miou"} <= set(saved) and saved["cps_miou"] == summary["cps_miou"]
+    assert {"supervised_miou", "cps_miou", "ncps3_miou"} <= set(saved) and saved["cps_miou"] == summary["cps_miou"]
+    assert set(saved["run_seconds"]) == {"supervised", "cps", "ncps3"}
+    assert (tmp_path / "ncps3" / "last.pt").exists()
     assert (tmp_path / "curves.png").exists() and (tmp_path / "predictions.png").exists()
 
 

@@ -15,68 +15,82 @@ __all__ = ["CPSModel", "convert_sync_batchnorm", "param_groups"]
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-class CPSModel(nn.Module):
-    """Two DeepLabv3+ branches with the same architecture and different heads.
+_LETTERS = "abcdefgh"
 
-    Submodules are ``branch_a`` and ``branch_b`` (each a :class:`DeepLabV3Plus`),
-    so the state dict reads ``branch_a.backbone.conv1.0.weight``,
+
+class CPSModel(nn.Module):
+    """K >= 2 DeepLabv3+ branches (two for CPS, more for n-CPS) with one architecture
+    and different heads.
+
+    Submodules are ``branch_a``, ``branch_b`` (and ``branch_c``, ... for K > 2), each a
+    :class:`DeepLabV3Plus`, so the state dict reads ``branch_a.backbone.conv1.0.weight``,
     ``branch_a.head.aspp.map_convs.0.weight``, ``branch_a.classifier.bias``,
     ``branch_b....`` (see docs/models.md). The reference names them
     ``branch1``/``branch2``; :func:`cps_fast.models.convert_reference_checkpoint`
     renames.
 
     ``CPSModel(backbone, num_classes, output_stride, deep_stem, pretrained,
-    seeds=(0, 1), **kwargs)`` builds branch a with ``seed=seeds[0]`` and branch b
-    with ``seed=seeds[1]`` (other keywords go to :func:`deeplabv3plus`); a
-    ``pretrained`` file is read once and the same weights go into both
-    backbones (``self.pretrained_result`` holds the :class:`LoadResult`).
-    Use :meth:`from_branches` to pair two existing modules.
+    seeds=(0, 1), **kwargs)`` builds one branch per seed, branch k with ``seed=seeds[k]``
+    (other keywords go to :func:`deeplabv3plus`); a ``pretrained`` file is read once
+    and the same weights go into every backbone (``self.pretrained_result`` holds the
+    :class:`LoadResult`). Use :meth:`from_branches` to group existing modules.
     """
 
     def __init__(self, backbone: str = "resnet50", num_classes: int = 21, output_stride: int = 16,
                  deep_stem: bool = True, pretrained: str | os.PathLike | None = None, *,
-                 seeds: tuple[int, int] = (0, 1), **kwargs: Any):
+                 seeds: tuple[int, ...] = (0, 1), **kwargs: Any):
         super().__init__()
-        if len(seeds) != 2 or seeds[0] == seeds[1]:
-            raise ValueError(f"CPSModel seeds={tuple(seeds)!r}; expected two different integers")
+        seeds = tuple(seeds)
+        if not 2 <= len(seeds) <= len(_LETTERS) or len(set(seeds)) != len(seeds):
+            raise ValueError(f"CPSModel seeds={seeds!r}; expected 2 to {len(_LETTERS)} different integers "
+                             f"(one per branch)")
         branches = [deeplabv3plus(backbone, num_classes, output_stride, deep_stem, None, seed=s, **kwargs)
                     for s in seeds]
         self.pretrained_result: LoadResult | None = None
         if pretrained is not None:
             self.pretrained_result = load_backbone_weights(branches[0].backbone, pretrained)
-            branches[1].backbone.load_state_dict(branches[0].backbone.state_dict())
-        self.branch_a, self.branch_b = branches
+            for other in branches[1:]:
+                other.backbone.load_state_dict(branches[0].backbone.state_dict())
+        self._set_branches(branches)
+
+    def _set_branches(self, branches) -> None:
+        self.num_branches = len(branches)
+        for letter, branch in zip(_LETTERS, branches):
+            setattr(self, f"branch_{letter}", branch)
 
     @classmethod
-    def from_branches(cls, branch_a: nn.Module, branch_b: nn.Module) -> "CPSModel":
-        """Pairs two existing branch modules (anything with ``forward(x, return_low)``)."""
+    def from_branches(cls, *branches: nn.Module) -> "CPSModel":
+        """Groups existing branch modules (anything with ``forward(x, return_low)``)."""
+        if not 2 <= len(branches) <= len(_LETTERS):
+            raise ValueError(f"CPSModel.from_branches got {len(branches)} branches; expected 2 to {len(_LETTERS)}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.pretrained_result = None
-        self.branch_a = branch_a
-        self.branch_b = branch_b
+        self._set_branches(branches)
         return self
 
     @property
-    def branches(self) -> tuple[nn.Module, nn.Module]:
-        return self.branch_a, self.branch_b
+    def branches(self) -> tuple[nn.Module, ...]:
+        return tuple(getattr(self, f"branch_{letter}") for letter in _LETTERS[:self.num_branches])
 
-    @staticmethod
-    def branch_index(branch: str | int | None) -> int:
-        """0 for ``None``, ``"a"`` or ``0``; 1 for ``"b"`` or ``1``; ValueError otherwise."""
-        if branch is None or branch in ("a", "A") or (type(branch) is int and branch == 0):
+    def branch_index(self, branch: str | int | None) -> int:
+        """0 for ``None``; k for the letter ``"a"``, ``"b"``, ... or the integer k; ValueError otherwise."""
+        if branch is None:
             return 0
-        if branch in ("b", "B") or (type(branch) is int and branch == 1):
-            return 1
-        raise ValueError(f"CPSModel branch={branch!r}; expected 'a' / 'b' or 0 / 1")
+        k = branch if type(branch) is int else (
+            _LETTERS.index(branch.lower()) if isinstance(branch, str) and len(branch) == 1
+            and branch.lower() in _LETTERS else -1)
+        if not 0 <= k < self.num_branches:
+            names = ", ".join(repr(c) for c in _LETTERS[:self.num_branches])
+            raise ValueError(f"CPSModel branch={branch!r}; expected one of {names} or 0..{self.num_branches - 1}")
+        return k
 
     def forward(self, x: torch.Tensor, branch: str | int | None = None,
                 return_low: bool | None = None) -> torch.Tensor:
         """Logits of one branch. ``branch=None`` (the default, used for
         evaluation and inference) is branch a; an explicit branch is honoured in
         train and eval mode alike. ``return_low`` as :meth:`DeepLabV3Plus.forward`."""
-        net = self.branch_a if self.branch_index(branch) == 0 else self.branch_b
-        return net(x, return_low=return_low)
+        return self.branches[self.branch_index(branch)](x, return_low=return_low)
 
 
 def param_groups(model: nn.Module, weight_decay: float = 1e-4) -> list[dict[str, Any]]:

@@ -1,10 +1,12 @@
-"""``cps-fast demo``: supervised-only vs CPS on the built-in synthetic scenes, on the CPU.
+"""``cps-fast demo``: supervised-only vs CPS (K = 2) vs n-CPS (K = 3) on the built-in
+synthetic scenes, on the CPU.
 
-Both runs use the same labeled split (the demo preset's partition of the
+Every run uses the same labeled split (the demo preset's partition of the
 synthetic train set) and the same network; CPS adds the unlabeled rest. Writes
-``OUT/summary.json`` (``supervised_miou``, ``cps_miou``), ``OUT/curves.png``
-(validation mIoU against iterations) and ``OUT/predictions.png`` (input, label,
-supervised, CPS for a few validation images), plus each run's folder.
+``OUT/summary.json`` (``supervised_miou``, ``cps_miou``, ``ncps3_miou``),
+``OUT/curves.png`` (validation mIoU against iterations) and ``OUT/predictions.png``
+(input, label and each run's prediction for a few validation images), plus each
+run's folder. ``--branches 2`` leaves the K = 3 run out.
 """
 from __future__ import annotations
 
@@ -27,19 +29,31 @@ def demo_main(args) -> dict:
     cfg = apply_overrides(load_preset("demo"), args.overrides)
     if args.iters is not None:
         cfg = cfg.replace(max_iters=int(args.iters))
+    branch_counts = sorted({int(k) for k in str(getattr(args, "branches", None) or "2,3").split(",")})
+    if not branch_counts or branch_counts[0] != 2 or branch_counts[-1] > 8:
+        raise SystemExit(f"cps-fast demo: --branches {args.branches!r}; expected 2 or 2,K with 2 < K <= 8")
+    plan = [("supervised", dict(method="supervised"))]
+    plan += [("cps" if k == 2 else f"ncps{k}", dict(method="cps", branches=k)) for k in branch_counts]
     t0 = time.perf_counter()
     runs = {}
-    for method in ("supervised", "cps"):
-        print(f"\n=== demo: {method} ({cfg.max_iters} iterations, {cfg.partition} of the synthetic set labeled) ===")
-        trainer = Trainer(cfg.replace(method=method, name=f"demo-{method}"), out / method, device=args.device,
+    for name, change in plan:
+        what = name if name != "cps" else "CPS (K = 2)"
+        if name.startswith("ncps"):
+            what = f"n-CPS (K = {change['branches']})"
+        print(f"\n=== demo: {what} ({cfg.max_iters} iterations, {cfg.partition} of the synthetic set labeled) ===")
+        trainer = Trainer(cfg.replace(**change, name=f"demo-{name}"), out / name, device=args.device,
                           print_fn=_quiet_config_print)
+        t_run = time.perf_counter()
         final = trainer.train()
-        runs[method] = {"trainer": trainer, "final": final, "history": trainer.history}
+        runs[name] = {"trainer": trainer, "final": final, "history": trainer.history,
+                      "seconds": time.perf_counter() - t_run}
     seconds = time.perf_counter() - t0
     summary = {
         "supervised_miou": runs["supervised"]["final"]["miou"],
         "cps_miou": runs["cps"]["final"]["miou"],
         "gain": runs["cps"]["final"]["miou"] - runs["supervised"]["final"]["miou"],
+        **{f"{name}_miou": r["final"]["miou"] for name, r in runs.items() if name.startswith("ncps")},
+        "run_seconds": {name: r["seconds"] for name, r in runs.items()},
         "iterations": cfg.max_iters,
         "partition": cfg.partition,
         "seconds": seconds,
@@ -51,8 +65,10 @@ def demo_main(args) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot_curves(summary["history"], out / "curves.png")
     _plot_predictions(cfg, {m: r["trainer"].model for m, r in runs.items()}, out / "predictions.png")
+    extra = "".join(f"  n-CPS K={name[4:]} mIoU {r['final']['miou']:.2f}" for name, r in runs.items()
+                    if name.startswith("ncps"))
     print(f"\nsupervised-only mIoU {summary['supervised_miou']:.2f}  CPS mIoU {summary['cps_miou']:.2f}  "
-          f"(+{summary['gain']:.2f}) in {seconds / 60:.1f} min; wrote {out / 'summary.json'}, "
+          f"(+{summary['gain']:.2f}){extra} in {seconds / 60:.1f} min; wrote {out / 'summary.json'}, "
           f"{out / 'curves.png'}, {out / 'predictions.png'}")
     return summary
 
@@ -86,7 +102,7 @@ def _plot_curves(history: dict, path: Path, size=(640, 400)) -> None:
         d.text((left - 30, y - 6), f"{k}", fill="black")
     d.text((W // 2 - 30, H - bottom + 24), "iteration", fill="black")
     d.text((5, top - 20), "val mIoU (%)", fill="black")
-    colours = {"supervised": (200, 60, 60), "cps": (40, 90, 200)}
+    colours = {"supervised": (200, 60, 60), "cps": (40, 90, 200), "ncps3": (30, 150, 60)}
     for k, (name, rows) in enumerate(history.items()):
         line = [xy(r["iter"], r["miou"]) for r in rows]
         colour = colours.get(name, (0, 0, 0))

@@ -41,7 +41,7 @@ def load_model(ckpt: str | os.PathLike, device, overrides=()) -> tuple[CPSModel,
     state = load_checkpoint(ckpt)
     cfg = apply_overrides(Config.from_dict(json.loads(state["config"]), source=str(ckpt)), overrides)
     model = CPSModel(cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.deep_stem, None,
-                     head_channels=cfg.head_channels)
+                     seeds=tuple(range(cfg.branches)), head_channels=cfg.head_channels)
     model.load_state_dict(state["model"])
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return model.to(device, memory_format=fmt).eval(), cfg

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loss import cps_loss
+from ..ncps_loss import ncps_loss
+from ..upsample_loss import cps_loss_upsampled
 from ..reference import masked_cross_entropy
 
 
@@ -43,17 +45,22 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, thresh: fl
 
 
 class CPSStep(nn.Module):
-    """The loss of one step for ``method`` "cps" (plain or CutMix) or "supervised".
+    """The loss of one step for ``method`` "cps" (plain or CutMix, K >= 2 branches) or "supervised".
 
     ``forward(img_l, label_l, u0=None, u1=None, mask=None) -> (loss, sup, cps)``:
 
-    * supervised: ``sup = CE(a(img_l), label_l)``; branch b is unused.
-    * plain CPS: both branches on the labeled and the unlabeled images; one fused
-      ``cps_loss`` on the concatenated logits, target ``ignore`` on unlabeled rows,
+    * supervised: ``sup = CE(a(img_l), label_l)``; the other branches are unused.
+    * plain CPS: every branch on the labeled and the unlabeled images; one fused
+      loss on the concatenated logits, target ``ignore`` on unlabeled rows,
       pseudo labels = argmax over all rows (the reference's ``pred_l = cat(...)``).
     * CPS + CutMix: teachers (no grad) on u0 and u1, pseudo labels mixed by the box
-      ``mask``; students on [labeled; mixed] images; one fused ``cps_loss`` with the
+      ``mask``; students on [labeled; mixed] images; one fused loss with the
       mixed pseudo labels (ignore on labeled rows).
+
+    Two branches use :func:`cps_fast.cps_loss`, or with ``fused_upsample`` (the
+    default) :func:`cps_fast.cps_loss_upsampled` on the decoder-resolution logits, so
+    full-resolution student logits and their gradients never exist. More branches
+    use :func:`cps_fast.ncps_loss` (n-CPS; ``ncps_ensemble`` picks its ensemble mode).
 
     Labeled and unlabeled images go through separate forward passes, as in the
     reference, so BatchNorm statistics are those of each group.
@@ -61,19 +68,28 @@ class CPSStep(nn.Module):
 
     def __init__(self, model: nn.Module, *, method: str = "cps", cutmix: bool = False, cps_weight: float = 1.5,
                  sup_loss: str = "ce", ohem_thresh: float = 0.7, ohem_min_kept: int = 50000,
-                 ignore_index: int = 255, loss_backend: str | None = None, autocast_dtype=None):
-        """``loss_backend``: a :func:`cps_loss` backend, None for automatic, or ``"reference"``
-        for the reference code's unfused cross-entropies (the benchmark's baseline)."""
+                 ignore_index: int = 255, loss_backend: str | None = None, autocast_dtype=None,
+                 fused_upsample: bool = False, ncps_ensemble: bool = False):
+        """``loss_backend``: a loss backend, None for automatic, or ``"reference"`` for the
+        reference code's unfused cross-entropies (the benchmark's baseline; two branches)."""
         super().__init__()
         if method not in ("cps", "supervised"):
             raise ValueError(f"method={method!r}; expected 'cps' or 'supervised'")
         if sup_loss not in ("ce", "ohem"):
             raise ValueError(f"sup_loss={sup_loss!r}; expected 'ce' or 'ohem'")
         self.model = model
+        self.num_branches = len(model.branches)
+        if self.num_branches > 2 and loss_backend == "reference":
+            raise ValueError(f"loss_backend='reference' is the two-branch reference code's loss; this model has "
+                             f"{self.num_branches} branches")
         self.method, self.cutmix, self.cps_weight = method, bool(cutmix), float(cps_weight)
         self.sup_loss, self.ohem_thresh, self.ohem_min_kept = sup_loss, float(ohem_thresh), int(ohem_min_kept)
         self.ignore_index, self.loss_backend = int(ignore_index), loss_backend
         self.autocast_dtype = autocast_dtype  # None: no autocast
+        # the upsample-fused loss has triton / cpu / torch backends and two branches
+        self.fused_upsample = (bool(fused_upsample) and self.num_branches == 2
+                               and loss_backend not in ("reference", "cuda"))
+        self.ncps_ensemble = bool(ncps_ensemble)
 
     def _autocast(self, x: torch.Tensor):
         if self.autocast_dtype is None:
@@ -88,67 +104,88 @@ class CPSStep(nn.Module):
                                       min_kept=self.ohem_min_kept * logits.shape[0], ignore_index=self.ignore_index)
         return masked_cross_entropy(logits.float(), label, self.ignore_index)
 
+    def _cross(self, logits: list, pseudo: list | None, target, size, weight: float = 1.0,
+               return_parts: bool = False):
+        """The fused loss of every branch's ``logits`` (full or decoder resolution)."""
+        ignore, backend = self.ignore_index, self.loss_backend
+        pa, pb = (None, None) if pseudo is None else pseudo[:2]
+        if self.num_branches > 2:
+            return ncps_loss(logits, target, pseudo=pseudo, cps_weight=weight, ignore_index=ignore,
+                             ensemble=self.ncps_ensemble, backend=backend, return_parts=return_parts)
+        if self.fused_upsample:
+            return cps_loss_upsampled(logits[0], logits[1], target, size=size, pseudo_a=pa, pseudo_b=pb,
+                                      cps_weight=weight, ignore_index=ignore, backend=backend,
+                                      return_parts=return_parts)
+        return cps_loss(logits[0], logits[1], target, pseudo_a=pa, pseudo_b=pb, cps_weight=weight,
+                        ignore_index=ignore, backend=backend, return_parts=return_parts)
+
     def forward(self, img_l, label_l, u0=None, u1=None, mask=None):
-        net_a, net_b = self.model.branch_a, self.model.branch_b
+        nets = self.model.branches
         ignore = self.ignore_index
         if self.method == "supervised":
             with self._autocast(img_l):
-                logits = net_a(img_l)
+                logits = nets[0](img_l)
             sup = self._sup(logits, label_l)
             return sup, sup.detach(), torch.zeros_like(sup)
 
+        pseudo_u = None
         if self.cutmix:
             with torch.no_grad(), self._autocast(u0):
-                # argmax of logits mixed by a 0/1 mask == the mask's choice between the two argmaxes
-                pa0, pa1 = net_a(u0).argmax(1), net_a(u1).argmax(1)
-                pb0, pb1 = net_b(u0).argmax(1), net_b(u1).argmax(1)
+                # argmax of logits mixed by a 0/1 mask == the mask's choice between the two argmaxes;
+                # pseudo_u[k] is made by branch k and supervises the others
                 m = mask[:, 0].bool()
-                pseudo_a_u = torch.where(m, pa1, pa0)  # made by branch a, supervises b
-                pseudo_b_u = torch.where(m, pb1, pb0)
+                pseudo_u = [torch.where(m, net(u1).argmax(1), net(u0).argmax(1)) for net in nets]
             u = u0 * (1 - mask) + u1 * mask
         else:
             u = u0
 
+        low = self.fused_upsample  # decoder-resolution logits; the loss upsamples on the fly
+        size = tuple(img_l.shape[-2:])
         with self._autocast(img_l):
-            a_u, b_u = net_a(u), net_b(u)
-            a_l, b_l = net_a(img_l), net_b(img_l)
-        ignore_l = torch.full_like(label_l, ignore)
-
-        if self.sup_loss == "ohem":
-            # OHEM is not part of the fused kernel: supervised term apart, cross term fused
-            sup = self._sup(a_l, label_l) + self._sup(b_l, label_l)
-            if self.cutmix:
-                cps = cps_loss(a_u, b_u, None, pseudo_a=pseudo_a_u, pseudo_b=pseudo_b_u, cps_weight=1.0,
-                               ignore_index=ignore, backend=self.loss_backend)
-            else:
-                cps = cps_loss(torch.cat([a_l, a_u]), torch.cat([b_l, b_u]), None, cps_weight=1.0,
-                               ignore_index=ignore, backend=self.loss_backend)
-            return sup + self.cps_weight * cps, sup.detach(), cps.detach()
+            out_u = [net(u, return_low=low) for net in nets]
+            out_l = [net(img_l, return_low=low) for net in nets]
 
         if self.loss_backend == "reference":
-            # the reference code's way: argmax and four separate cross-entropies (benchmark baseline)
+            return self._reference_loss(out_l, out_u, label_l, pseudo_u)
+
+        if self.sup_loss == "ohem":
+            # OHEM is not part of the fused kernels: supervised terms apart, cross terms fused
+            full = (lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=True)) if low else (
+                lambda x: x)
+            sup = sum(self._sup(full(x), label_l) for x in out_l)
             if self.cutmix:
-                cps = (F.cross_entropy(a_u.float(), pseudo_b_u.long()) + F.cross_entropy(b_u.float(), pseudo_a_u.long()))
+                cps = self._cross(out_u, pseudo_u, None, size)
             else:
-                pred_a, pred_b = torch.cat([a_l, a_u]).float(), torch.cat([b_l, b_u]).float()
-                cps = (F.cross_entropy(pred_a, pred_b.detach().argmax(1))
-                       + F.cross_entropy(pred_b, pred_a.detach().argmax(1)))
+                cps = self._cross([torch.cat([x_l, x_u]) for x_l, x_u in zip(out_l, out_u)], None, None, size)
+            return sup + self.cps_weight * cps, sup.detach(), cps.detach()
+
+        logits = [torch.cat([x_l, x_u]) for x_l, x_u in zip(out_l, out_u)]
+        target = torch.cat([label_l, torch.full((u.shape[0],) + size, ignore, dtype=label_l.dtype,
+                                                device=label_l.device)])
+        pseudo = None
+        if self.cutmix:
+            ignore_l = torch.full_like(label_l, ignore)
+            pseudo = [torch.cat([ignore_l.to(p.dtype), p]) for p in pseudo_u]
+        return self._cross(logits, pseudo, target, size, weight=self.cps_weight, return_parts=True)
+
+    def _reference_loss(self, out_l, out_u, label_l, pseudo_u):
+        """The reference code's way: argmax and four separate cross-entropies (benchmark baseline)."""
+        ignore = self.ignore_index
+        (a_l, b_l), (a_u, b_u) = out_l, out_u
+        if self.cutmix:
+            pseudo_a_u, pseudo_b_u = pseudo_u
+            cps = (F.cross_entropy(a_u.float(), pseudo_b_u.long()) + F.cross_entropy(b_u.float(), pseudo_a_u.long()))
+        else:
+            pred_a, pred_b = torch.cat([a_l, a_u]).float(), torch.cat([b_l, b_u]).float()
+            cps = (F.cross_entropy(pred_a, pred_b.detach().argmax(1))
+                   + F.cross_entropy(pred_b, pred_a.detach().argmax(1)))
+        if self.sup_loss == "ohem":
+            sup = self._sup(a_l, label_l) + self._sup(b_l, label_l)
+        else:
             lab = label_l.long()
             sup = (F.cross_entropy(a_l.float(), lab, ignore_index=ignore)
                    + F.cross_entropy(b_l.float(), lab, ignore_index=ignore))
-            return sup + self.cps_weight * cps, sup.detach(), cps.detach()
-
-        logits_a, logits_b = torch.cat([a_l, a_u]), torch.cat([b_l, b_u])
-        target = torch.cat([label_l, torch.full(u.shape[:1] + u.shape[2:], ignore, dtype=label_l.dtype,
-                                                device=label_l.device)])
-        if self.cutmix:
-            pseudo_a = torch.cat([ignore_l.to(pseudo_a_u.dtype), pseudo_a_u])
-            pseudo_b = torch.cat([ignore_l.to(pseudo_b_u.dtype), pseudo_b_u])
-        else:
-            pseudo_a = pseudo_b = None
-        return cps_loss(logits_a, logits_b, target, pseudo_a=pseudo_a, pseudo_b=pseudo_b,
-                        cps_weight=self.cps_weight, ignore_index=ignore, backend=self.loss_backend,
-                        return_parts=True)
+        return sup + self.cps_weight * cps, sup.detach(), cps.detach()
 
 
 class SGD:

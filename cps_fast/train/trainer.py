@@ -145,7 +145,8 @@ class Trainer:
         self.step_module = CPSStep(
             self.model, method=cfg.method, cutmix=cfg.cutmix, cps_weight=cfg.cps_weight, sup_loss=cfg.sup_loss,
             ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept, ignore_index=cfg.ignore_index,
-            loss_backend=cfg.loss_backend, autocast_dtype=self.amp_dtype)
+            loss_backend=cfg.loss_backend, autocast_dtype=self.amp_dtype, fused_upsample=cfg.fused_upsample,
+            ncps_ensemble=cfg.ncps_ensemble)
         self.step_fn = self.step_module
         if self.world > 1:
             # one forward (the whole loss) and one backward per step; gradients are averaged
@@ -162,9 +163,9 @@ class Trainer:
         if cfg.compile:
             self.step_fn = torch.compile(self.step_fn)
         groups = param_groups(self.model, cfg.weight_decay)
-        if cfg.method == "supervised":  # branch b is not trained
-            b_params = {id(p) for p in self.model.branch_b.parameters()}
-            groups = [dict(g, params=[p for p in g["params"] if id(p) not in b_params]) for g in groups]
+        if cfg.method == "supervised":  # only branch a is trained
+            others = {id(p) for branch in self.model.branches[1:] for p in branch.parameters()}
+            groups = [dict(g, params=[p for p in g["params"] if id(p) not in others]) for g in groups]
         self.optimizer = SGD(groups, momentum=cfg.momentum, impl=cfg.optimizer_impl)
         if self.use_graph and not self.optimizer.capturable:
             raise ConfigError(f"optimizer_impl={cfg.optimizer_impl!r} reads the learning rate on the host each step "
@@ -207,7 +208,7 @@ class Trainer:
                 f"config {cfg.name}: pretrained weights {pretrained!r} do not exist; put the ResNet "
                 f"file there, pass --set weights_dir=FOLDER, or --set pretrained=None to train from scratch")
         model = CPSModel(cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.deep_stem, pretrained,
-                         seeds=(cfg.seed, cfg.seed + 1), head_channels=cfg.head_channels)
+                         seeds=tuple(cfg.seed + k for k in range(cfg.branches)), head_channels=cfg.head_channels)
         if self.world > 1 and cfg.sync_bn:
             if self.device.type == "cuda":
                 model = convert_sync_batchnorm(model)
