@@ -3,9 +3,14 @@
 7 classes (background + disks/boxes/triangles, striped or checkered), 1/16 of 512
 64x64 scenes labeled (32 images), a ResNet-18 DeepLabv3+ with a 64-channel head
 trained from scratch for 500 iterations in bf16 autocast. `cps-fast demo` runs it
-once with method="supervised" and once with CPS (same labeled split); on a 2-core
-CPU that takes about 6 minutes, and CPS ends about 4 mIoU points above supervised
-(tuning run: 32.7 -> 37.2; with 1/8 labeled the gain was only about 2.5).
+once with method="supervised" and once with CPS + CutMix (same labeled split),
+evaluating on all 512 validation scenes.
+
+Tuning record (2-core CPU, final mIoU on the 512 validation scenes):
+- supervised 31.8;
+- plain CPS 33.5 (fused upsampling) and 34.1 (upsample first): gains of about 2 points, which
+  moved by +-2 with any change in rounding. On 128 validation scenes, session 1's run read 37.2.
+- CPS + CutMix 35.9, so CutMix is on: the gain is about twice as large, for 1.3x the CPS step time.
 """
 dataset = "synthetic"
 data_root = "seed=0,n=512,size=64"
@@ -27,7 +32,7 @@ max_iters = 500
 lr = 0.02
 
 cps_weight = 1.5
-cutmix = False
+cutmix = True
 sup_loss = "ce"
 
 amp = "bf16"  # also on the CPU (torch.autocast): about half the fp32 step time here
@@ -36,6 +41,6 @@ data_backend = "pytorch"
 num_workers = 2
 
 eval_every = 100
-eval_max_items = 128  # keeps the demo's evaluations to seconds
+eval_max_items = None  # all 512 validation scenes: a few seconds each, half the noise of 128
 eval_crop_size = 64
 log_every = 20

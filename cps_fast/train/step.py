@@ -134,7 +134,10 @@ class CPSStep(nn.Module):
                 # argmax of logits mixed by a 0/1 mask == the mask's choice between the two argmaxes;
                 # pseudo_u[k] is made by branch k and supervises the others
                 m = mask[:, 0].bool()
-                pseudo_u = [torch.where(m, net(u1).argmax(1), net(u0).argmax(1)) for net in nets]
+                pseudo_u = []
+                for net in nets:  # u0 before u1, as the reference (BatchNorm running statistics)
+                    p0 = net(u0).argmax(1)
+                    pseudo_u.append(torch.where(m, net(u1).argmax(1), p0))
             u = u0 * (1 - mask) + u1 * mask
         else:
             u = u0
