@@ -27,7 +27,6 @@ column "timing"), falling back to CUDA events around eager calls when capture fa
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -57,21 +56,11 @@ def reference_way(a, b, target, cps_weight=1.5, ignore_index=255):
 def make_provider(name, device, dtype):
     """A function (a, b, target) -> loss for provider ``name``, or a string saying why it cannot run."""
     if name in ("eager", "compile"):
-        fn = reference_way
-        if name == "compile":
-            try:
-                fn = torch.compile(reference_way, dynamic=False)
-            except Exception as exc:  # pragma: no cover - depends on the install
-                return f"torch.compile unavailable: {exc}"
-        autocast = device.type == "cuda" and dtype != torch.float32
-
-        def run(a, b, t):
-            if autocast:  # the reference trains under autocast; logits stay in the low dtype
-                with torch.autocast("cuda", dtype=dtype):
-                    return fn(a, b, t.long())
-            return fn(a, b, t.long())
-
-        return run
+        fn = common.compiled(reference_way) if name == "compile" else reference_way
+        if isinstance(fn, str):
+            return fn
+        fn = common.maybe_autocast(fn, device, dtype)
+        return lambda a, b, t: fn(a, b, t.long())
     if name.startswith("triton["):  # a forced tile configuration "triton[BPxW]"
         block_p, num_warps = (int(v) for v in name[len("triton["):-1].split("x"))
         inner = make_provider("triton", device, dtype)
@@ -95,29 +84,13 @@ def make_provider(name, device, dtype):
 
 def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
     N, C, H, W = shape
-    dtype = DTYPES[dtype_name]
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    base = common.peak_memory_reset(device)
-    a = torch.randn(shape, device=device, dtype=torch.float32).mul_(3).to(dtype).contiguous(memory_format=fmt)
-    b = torch.randn(shape, device=device, dtype=torch.float32).mul_(3).to(dtype).contiguous(memory_format=fmt)
-    t = torch.randint(0, C, (N, H, W), device=device, dtype=torch.uint8)
-    t[torch.rand(N, H, W, device=device) < 0.1] = 255
     backward = mode == "fwd+bwd"
-    a.requires_grad_(backward)
-    b.requires_grad_(backward)
+    base = common.peak_memory_reset(device)
+    a, b = (common.make_logits(shape, DTYPES[dtype_name], layout, device, backward) for _ in range(2))
+    t = common.make_target(N, C, H, W, device)
     inputs_mb = common.peak_memory_mb(device, base)
     base = common.peak_memory_reset(device)
-
-    def setup():
-        a.grad = b.grad = None
-
-    def step():
-        loss = fn(a, b, t)
-        if backward:
-            loss.backward()
-
-    if not backward:
-        step = torch.no_grad()(step)
+    setup, step = common.loss_step(lambda: fn(a, b, t), (a, b), backward)
     times, timing = common.measure_kernel(step, device, reps=reps, setup=setup,
                                           label=f"{provider} {layout} {dtype_name} {mode}")
     peak = common.peak_memory_mb(device, base)
@@ -128,7 +101,7 @@ def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
         **common.quantiles(times),
         "bytes": nbytes,
         "byte_formula": "E*itemsize*(4 fwd+bwd | 2 fwd) + P*1",
-        "gbs": nbytes / (statistics.median(times) * 1e-3) / 1e9,
+        "gbs": common.gbs(nbytes, times),
         "peak_mb": peak,
         "inputs_mb": inputs_mb,
         "timing": timing,
@@ -138,38 +111,24 @@ def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--providers", default=None,
                    help="comma list of eager,compile,triton,cuda,cpu (default: what runs on the device; "
                         "triton is left out on the CPU, where it only runs in the slow interpreter)")
-    p.add_argument("--shapes", default=None, help="comma list of " + ",".join([*GPU_SHAPES, *CPU_SHAPES]))
-    p.add_argument("--shape", default=None, help="a custom N,C,H,W shape instead of --shapes")
-    p.add_argument("--dtypes", default="bf16,fp32")
-    p.add_argument("--layouts", default="nchw,channels_last")
-    p.add_argument("--modes", default="fwd+bwd,fwd")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    common.add_case_args(p, "loss", shape_help="a custom N,C,H,W shape instead of --shapes",
+                         shape_names=[*GPU_SHAPES, *CPU_SHAPES], dtypes="bf16,fp32", layouts="nchw,channels_last",
+                         modes="fwd+bwd,fwd")
     p.add_argument("--triton-configs", default=None,
                    help="also time the triton tile kernel with these BLOCK_P:num_warps configurations, "
                         "e.g. 64:8,128:16,256:16 (rows 'triton[BPxW]'; the default heuristic stays 'triton')")
-    p.add_argument("--json", default=None, help="output path (default benchmarks/results/loss-<device>.json)")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shapes = {**GPU_SHAPES, **CPU_SHAPES}
-    names = args.shapes.split(",") if args.shapes else list(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    if args.shape:
-        shapes["custom"] = tuple(int(v) for v in args.shape.split(","))
-        names = ["custom"]
+    device, reps, env = common.setup_run(args)
+    shapes, names = common.shape_names(args, device, GPU_SHAPES, CPU_SHAPES)
     if args.providers:
         providers = args.providers.split(",")
     else:
         providers = ["eager", "compile"] + [b for b in ("triton", "cuda", "cpu")
                                             if not (b == "triton" and device.type == "cpu")]
-    reps = args.reps or (20 if device.type == "cuda" else 5)
-    env = common.environment(device)
     copy_gbs = common.copy_bandwidth_gbs(device) if device.type == "cuda" else None
 
     configs = [tuple(int(v) for v in c.split(":")) for c in args.triton_configs.split(",")] if args.triton_configs else []
@@ -179,39 +138,25 @@ def main(argv=None):
     rows = []
     for shape_name in names:
         for dtype_name in args.dtypes.split(","):
-            for provider in providers:
-                fn = make_provider(provider, device, DTYPES[dtype_name])
-                if isinstance(fn, str):
-                    print(f"skip {provider}: {fn}", file=sys.stderr)
-                    continue
+            for provider, fn in common.runnable(providers, lambda p: make_provider(p, device, DTYPES[dtype_name])):
                 for layout in args.layouts.split(","):
                     for mode in args.modes.split(","):
-                        try:
-                            row = bench_case(provider, fn, shapes[shape_name], dtype_name, layout, device, mode, reps)
-                        except Exception as exc:  # e.g. torch.compile failing on this install
-                            print(f"skip {provider} {shape_name} {dtype_name} {layout} {mode}: "
-                                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                        row = common.try_case(f"{provider} {shape_name} {dtype_name} {layout} {mode}", bench_case,
+                                              provider, fn, shapes[shape_name], dtype_name, layout, device, mode, reps)
+                        if row is None:
                             continue
                         row.update(env, shape_name=shape_name, copy_gbs=copy_gbs)
                         row["copy_fraction"] = row["gbs"] / copy_gbs if copy_gbs else None
                         rows.append(row)
                         common.write_json(rows, path, "loss", device)  # kept if the run is killed
-    # speed-up of every row over eager on the same case
-    eager = {(r["shape_name"], r["dtype"], r["layout"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == "eager"}
-    for r in rows:
-        e = eager.get((r["shape_name"], r["dtype"], r["layout"], r["mode"]))
-        r["speedup_vs_eager"] = e / r["median_ms"] if e else None
-
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}"
-          + (f"  copy {copy_gbs:.0f} GB/s" if copy_gbs else ""))
-    common.print_table(rows, [
+    common.add_speedup(rows, "eager", ("shape_name", "dtype", "layout", "mode"), "speedup_vs_eager")
+    common.report(rows, [
         ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""), ("mode", "mode", ""),
         ("provider", "provider", ""), ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"),
         ("p80_ms", "p80", ".3f"), ("gbs", "GB/s", ".1f"), ("copy_fraction", "of copy", ".2f"),
         ("speedup_vs_eager", "x eager", ".2f"), ("peak_mb", "peak MB", ".0f"),
-    ])
-    common.write_json(rows, path, "loss", device)
-    print(f"wrote {len(rows)} rows to {path}")
+    ], f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}"
+       + (f"  copy {copy_gbs:.0f} GB/s" if copy_gbs else ""), path, "loss", device)
     return rows
 
 

@@ -24,7 +24,6 @@ peak above the inputs during the timed calls.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -60,21 +59,11 @@ def plain_way(xs, target, cps_weight=1.5, ignore_index=255, ensemble=False):
 def make_provider(name, device, dtype, ensemble):
     """A function (xs, target) -> loss for provider ``name``, or a string saying why it cannot run."""
     if name in ("eager", "compile"):
-        fn = plain_way
-        if name == "compile":
-            try:
-                fn = torch.compile(plain_way, dynamic=False)
-            except Exception as exc:  # pragma: no cover - depends on the install
-                return f"torch.compile unavailable: {exc}"
-        autocast = device.type == "cuda" and dtype != torch.float32
-
-        def run(xs, t):
-            if autocast:
-                with torch.autocast("cuda", dtype=dtype):
-                    return fn(xs, t.long(), ensemble=ensemble)
-            return fn(xs, t.long(), ensemble=ensemble)
-
-        return run
+        fn = common.compiled(plain_way) if name == "compile" else plain_way
+        if isinstance(fn, str):
+            return fn
+        fn = common.maybe_autocast(fn, device, dtype)
+        return lambda xs, t: fn(xs, t.long(), ensemble=ensemble)
     reason = backends.why_unavailable(name, device)
     if name == "cuda":
         reason = "ncps_loss has no CUDA C++ kernel"
@@ -85,29 +74,13 @@ def make_provider(name, device, dtype, ensemble):
 
 def bench_case(provider, fn, K, shape, dtype_name, layout, device, mode, reps):
     N, C, H, W = shape
-    dtype = DTYPES[dtype_name]
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    base = common.peak_memory_reset(device)
-    xs = [torch.randn(shape, device=device).mul_(3).to(dtype).contiguous(memory_format=fmt) for _ in range(K)]
-    t = torch.randint(0, C, (N, H, W), device=device, dtype=torch.uint8)
-    t[torch.rand(N, H, W, device=device) < 0.1] = 255
     backward = mode == "fwd+bwd"
-    for x in xs:
-        x.requires_grad_(backward)
+    base = common.peak_memory_reset(device)
+    xs = [common.make_logits(shape, DTYPES[dtype_name], layout, device, backward) for _ in range(K)]
+    t = common.make_target(N, C, H, W, device)
     inputs_mb = common.peak_memory_mb(device, base)
     base = common.peak_memory_reset(device)
-
-    def setup():
-        for x in xs:
-            x.grad = None
-
-    def step():
-        loss = fn(xs, t)
-        if backward:
-            loss.backward()
-
-    if not backward:
-        step = torch.no_grad()(step)
+    setup, step = common.loss_step(lambda: fn(xs, t), xs, backward)
     times, timing = common.measure_kernel(step, device, warmup=3, reps=reps, setup=setup, label=provider)
     peak = common.peak_memory_mb(device, base)
     E, P = xs[0].numel(), N * H * W
@@ -116,7 +89,7 @@ def bench_case(provider, fn, K, shape, dtype_name, layout, device, mode, reps):
         "provider": provider, "K": K, "mode": mode, "shape": list(shape), "dtype": dtype_name, "layout": layout,
         **common.quantiles(times),
         "bytes": nbytes, "byte_formula": "K*E*itemsize*(2 fwd+bwd | 1 fwd) + P*1",
-        "gbs": nbytes / (statistics.median(times) * 1e-3) / 1e9,
+        "gbs": common.gbs(nbytes, times),
         "peak_mb": peak, "inputs_mb": inputs_mb,
         "timing": timing,
     }
@@ -124,72 +97,46 @@ def bench_case(provider, fn, K, shape, dtype_name, layout, device, mode, reps):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--providers", default=None,
                    help="comma list of eager,compile,triton,cpu,torch (default: what runs on the device; "
                         "triton is left out on the CPU, where it only runs in the slow interpreter)")
     p.add_argument("--ks", default="2,3,4", help="comma list of branch counts")
     p.add_argument("--ensemble", action="store_true", help="ensemble labels instead of pairwise argmax labels")
-    p.add_argument("--shapes", default=None, help="comma list of " + ",".join([*GPU_SHAPES, *CPU_SHAPES]))
-    p.add_argument("--shape", default=None, help="a custom N,C,H,W shape instead of --shapes")
-    p.add_argument("--dtypes", default="bf16")
-    p.add_argument("--layouts", default="channels_last,nchw")
-    p.add_argument("--modes", default="fwd+bwd")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help="output path (default benchmarks/results/ncps-<device>.json)")
+    common.add_case_args(p, "ncps", shape_help="a custom N,C,H,W shape instead of --shapes",
+                         shape_names=[*GPU_SHAPES, *CPU_SHAPES], dtypes="bf16", layouts="channels_last,nchw",
+                         modes="fwd+bwd")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shapes = {**GPU_SHAPES, **CPU_SHAPES}
-    names = args.shapes.split(",") if args.shapes else list(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    if args.shape:
-        shapes["custom"] = tuple(int(v) for v in args.shape.split(","))
-        names = ["custom"]
+    device, reps, env = common.setup_run(args)
+    shapes, names = common.shape_names(args, device, GPU_SHAPES, CPU_SHAPES)
     if args.providers:
         providers = args.providers.split(",")
     else:
         providers = ["eager", "compile"] + (["triton"] if device.type == "cuda" else ["cpu"])
-    reps = args.reps or (20 if device.type == "cuda" else 5)
-    env = common.environment(device)
 
     rows = []
     for shape_name in names:
         for dtype_name in args.dtypes.split(","):
             for K in (int(k) for k in args.ks.split(",")):
-                for provider in providers:
-                    fn = make_provider(provider, device, DTYPES[dtype_name], args.ensemble)
-                    if isinstance(fn, str):
-                        print(f"skip {provider}: {fn}", file=sys.stderr)
-                        continue
+                for provider, fn in common.runnable(
+                        providers, lambda p: make_provider(p, device, DTYPES[dtype_name], args.ensemble)):
                     for layout in args.layouts.split(","):
                         for mode in args.modes.split(","):
-                            try:
-                                row = bench_case(provider, fn, K, shapes[shape_name], dtype_name, layout, device,
-                                                 mode, reps)
-                            except Exception as exc:  # e.g. torch.compile failing on this install
-                                print(f"skip {provider} K={K} {shape_name} {dtype_name} {layout} {mode}: "
-                                      f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                            row = common.try_case(f"{provider} K={K} {shape_name} {dtype_name} {layout} {mode}",
+                                                  bench_case, provider, fn, K, shapes[shape_name], dtype_name,
+                                                  layout, device, mode, reps)
+                            if row is None:
                                 continue
                             row.update(env, shape_name=shape_name, ensemble=args.ensemble)
                             rows.append(row)
-    eager = {(r["shape_name"], r["dtype"], r["K"], r["layout"], r["mode"]): r["median_ms"]
-             for r in rows if r["provider"] == "eager"}
-    for r in rows:
-        e = eager.get((r["shape_name"], r["dtype"], r["K"], r["layout"], r["mode"]))
-        r["speedup_vs_eager"] = e / r["median_ms"] if e else None
-
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  ensemble={args.ensemble}")
-    common.print_table(rows, [
+    common.add_speedup(rows, "eager", ("shape_name", "dtype", "K", "layout", "mode"), "speedup_vs_eager")
+    common.report(rows, [
         ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("K", "K", ""), ("layout", "layout", ""),
         ("mode", "mode", ""), ("provider", "provider", ""), ("median_ms", "median ms", ".3f"),
         ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"), ("gbs", "GB/s", ".2f"),
         ("speedup_vs_eager", "x eager", ".2f"), ("peak_mb", "peak MB", ".0f"),
-    ])
-    path = common.write_json(rows, args.json, "ncps", device)
-    print(f"wrote {len(rows)} rows to {path}")
+    ], f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  ensemble={args.ensemble}",
+        args.json, "ncps", device)
     return rows
 
 

@@ -55,14 +55,8 @@ def make_provider(name, device, dtype, size, backend):
         fn.backend = cps_fast.backends.select_backend(device.type, None)
         return fn
     if name == "reference":
-        autocast = device.type == "cuda" and dtype != torch.float32
-
-        def run(a, b, t):
-            if autocast:
-                with torch.autocast("cuda", dtype=dtype):
-                    return reference_way(up(a), up(b), t.long(), cps_weight=CPS_WEIGHT)
-            return reference_way(up(a), up(b), t.long(), cps_weight=CPS_WEIGHT)
-
+        run = common.maybe_autocast(
+            lambda a, b, t: reference_way(up(a), up(b), t.long(), cps_weight=CPS_WEIGHT), device, dtype)
         run.backend = "eager"
         return run
     return f"unknown provider {name!r}; expected fused, unfused or reference"
@@ -70,28 +64,12 @@ def make_provider(name, device, dtype, size, backend):
 
 def bench_case(provider, fn, shape, size, dtype_name, layout, device, mode, reps):
     (N, C, _, _), (H, W) = shape, size
-    dtype = DTYPES[dtype_name]
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    base = common.peak_memory_reset(device)
-    a = torch.randn(shape, device=device).mul_(3).to(dtype).contiguous(memory_format=fmt)
-    b = torch.randn(shape, device=device).mul_(3).to(dtype).contiguous(memory_format=fmt)
-    t = torch.randint(0, C, (N, H, W), device=device, dtype=torch.uint8)
-    t[torch.rand(N, H, W, device=device) < 0.1] = 255
     backward = mode == "fwd+bwd"
-    a.requires_grad_(backward)
-    b.requires_grad_(backward)
+    base = common.peak_memory_reset(device)
+    a, b = (common.make_logits(shape, DTYPES[dtype_name], layout, device, backward) for _ in range(2))
+    t = common.make_target(N, C, H, W, device)
     inputs_mb = common.peak_memory_mb(device, base)
-
-    def setup():
-        a.grad = b.grad = None
-
-    def step():
-        loss = fn(a, b, t)
-        if backward:
-            loss.backward()
-
-    if not backward:
-        step = torch.no_grad()(step)
+    setup, step = common.loss_step(lambda: fn(a, b, t), (a, b), backward)
     times = common.measure(step, device, warmup=1, reps=1, setup=setup)  # compile / first-call costs
     base = common.peak_memory_reset(device)
     times, timing = common.measure_kernel(step, device, warmup=2, reps=reps, setup=setup, label=provider)
@@ -107,22 +85,14 @@ def bench_case(provider, fn, shape, size, dtype_name, layout, device, mode, reps
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--providers", default="fused,unfused,reference")
     p.add_argument("--backend", default=None, help="backend of the fused provider (default: automatic)")
-    p.add_argument("--shapes", default=None, help="comma list of " + ",".join([*GPU_SHAPES, *CPU_SHAPES]))
-    p.add_argument("--shape", default=None, help="a custom N,C,h,w,H,W case instead of --shapes")
-    p.add_argument("--dtypes", default=None, help="comma list of bf16,fp32,fp16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--layouts", default="channels_last,nchw")
-    p.add_argument("--modes", default="fwd+bwd")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help="output path (default benchmarks/results/upsample-<device>.json)")
+    common.add_case_args(p, "upsample", shape_help="a custom N,C,h,w,H,W case instead of --shapes",
+                         shape_names=[*GPU_SHAPES, *CPU_SHAPES], dtypes=None, layouts="channels_last,nchw",
+                         modes="fwd+bwd")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, reps, env = common.setup_run(args)
     shapes = {**GPU_SHAPES, **CPU_SHAPES}
     names = args.shapes.split(",") if args.shapes else list(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.shape:
@@ -135,43 +105,33 @@ def main(argv=None):
         if n not in shapes:
             p.error(f"unknown shape {n!r}; expected one of {', '.join(shapes)}")
     dtypes = (args.dtypes or ("bf16" if device.type == "cuda" else "fp32")).split(",")
-    reps = args.reps or (20 if device.type == "cuda" else 5)
-    env = common.environment(device)
 
     rows = []
     for shape_name in names:
         shape, size = shapes[shape_name]
         for dtype_name in dtypes:
-            for provider in args.providers.split(","):
-                fn = make_provider(provider, device, DTYPES[dtype_name], size, args.backend)
-                if isinstance(fn, str):
-                    print(f"skip {provider}: {fn}", file=sys.stderr)
-                    continue
+            make = lambda p: make_provider(p, device, DTYPES[dtype_name], size, args.backend)  # noqa: E731
+            for provider, fn in common.runnable(args.providers.split(","), make):
                 for layout in args.layouts.split(","):
                     for mode in args.modes.split(","):
-                        try:
-                            row = bench_case(provider, fn, shape, size, dtype_name, layout, device, mode, reps)
-                        except Exception as exc:
-                            print(f"skip {provider} {shape_name} {dtype_name} {layout} {mode}: "
-                                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                        row = common.try_case(f"{provider} {shape_name} {dtype_name} {layout} {mode}", bench_case,
+                                              provider, fn, shape, size, dtype_name, layout, device, mode, reps)
+                        if row is None:
                             continue
                         row.update(env, shape_name=shape_name)
                         rows.append(row)
-    unfused = {(r["shape_name"], r["dtype"], r["layout"], r["mode"]): r for r in rows if r["provider"] == "unfused"}
+    case = ("shape_name", "dtype", "layout", "mode")
+    unfused = common.add_speedup(rows, "unfused", case, "speedup_vs_unfused")
     for r in rows:
-        u = unfused.get((r["shape_name"], r["dtype"], r["layout"], r["mode"]))
-        r["speedup_vs_unfused"] = u["median_ms"] / r["median_ms"] if u else None
+        u = unfused.get(tuple(r[k] for k in case))
         r["memory_vs_unfused"] = (r["peak_mb"] / u["peak_mb"]) if u and r["peak_mb"] and u["peak_mb"] else None
 
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
-    common.print_table(rows, [
+    common.report(rows, [
         ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""), ("mode", "mode", ""),
         ("provider", "provider", ""), ("backend", "backend", ""), ("median_ms", "median ms", ".3f"),
         ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"), ("speedup_vs_unfused", "x unfused", ".2f"),
         ("peak_mb", "peak MB", ".1f"), ("memory_vs_unfused", "mem/unfused", ".2f"),
-    ])
-    path = common.write_json(rows, args.json, "upsample", device)
-    print(f"wrote {len(rows)} rows to {path}")
+    ], f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}", args.json, "upsample", device)
     return rows
 
 

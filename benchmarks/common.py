@@ -192,3 +192,135 @@ def write_json(rows: list[dict], path: str | os.PathLike | None, name: str, devi
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- loss-benchmark scaffolding
+# shared by bench_loss.py, bench_ncps.py and bench_upsample.py
+
+
+def add_case_args(p, name: str, *, shape_help: str, shape_names, dtypes: str | None, layouts: str,
+                  modes: str) -> None:
+    """Add the options every loss benchmark takes: device, shapes, dtypes, layouts, modes, reps, threads, json."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default=None, help="comma list of " + ",".join(shape_names))
+    p.add_argument("--shape", default=None, help=shape_help)
+    p.add_argument("--dtypes", default=dtypes,
+                   help=None if dtypes else "comma list of bf16,fp32,fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--layouts", default=layouts)
+    p.add_argument("--modes", default=modes)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help=f"output path (default benchmarks/results/{name}-<device>.json)")
+
+
+def setup_run(args) -> tuple[torch.device, int, dict]:
+    """``(device, reps, environment)`` from the parsed options (sets the CPU thread count)."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (20 if device.type == "cuda" else 5)
+    return device, reps, environment(device)
+
+
+def shape_names(args, device: torch.device, gpu_shapes: dict, cpu_shapes: dict) -> tuple[dict, list[str]]:
+    """``(shapes, names)``: the named N,C,H,W shapes and those to run (``--shape`` gives a custom one)."""
+    shapes = {**gpu_shapes, **cpu_shapes}
+    names = args.shapes.split(",") if args.shapes else list(gpu_shapes if device.type == "cuda" else cpu_shapes)
+    if args.shape:
+        shapes["custom"] = tuple(int(v) for v in args.shape.split(","))
+        names = ["custom"]
+    return shapes, names
+
+
+def make_logits(shape, dtype: torch.dtype, layout: str, device: torch.device, requires_grad: bool) -> torch.Tensor:
+    """Random logits (scale 3) in ``layout`` ("nchw" or "channels_last")."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, device=device, dtype=torch.float32).mul_(3).to(dtype).contiguous(memory_format=fmt)
+    return x.requires_grad_(requires_grad)
+
+
+def make_target(N: int, C: int, H: int, W: int, device: torch.device) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` labels with about 10% ignored (255)."""
+    t = torch.randint(0, C, (N, H, W), device=device, dtype=torch.uint8)
+    t[torch.rand(N, H, W, device=device) < 0.1] = 255
+    return t
+
+
+def loss_step(loss_fn, leaves, backward: bool):
+    """``(setup, step)`` closures: ``setup`` clears the leaves' gradients, ``step`` runs ``loss_fn()``
+    and, when ``backward``, its backward (without it, under no_grad)."""
+    def setup():
+        for x in leaves:
+            x.grad = None
+
+    def step():
+        loss = loss_fn()
+        if backward:
+            loss.backward()
+
+    return setup, (step if backward else torch.no_grad()(step))
+
+
+def maybe_autocast(fn, device: torch.device, dtype: torch.dtype):
+    """``fn`` run under CUDA autocast to ``dtype`` when on a GPU with a low dtype (as the reference
+    trains; logits stay in the low dtype), else ``fn`` as it is."""
+    if not (device.type == "cuda" and dtype != torch.float32):
+        return fn
+
+    def run(*args, **kw):
+        with torch.autocast("cuda", dtype=dtype):
+            return fn(*args, **kw)
+
+    return run
+
+
+def compiled(fn):
+    """``torch.compile(fn)``, or a string saying why it is unavailable."""
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"torch.compile unavailable: {exc}"
+
+
+def try_case(what: str, bench, *args):
+    """``bench(*args)``, or None after printing why the case was skipped (e.g. torch.compile failing)."""
+    try:
+        return bench(*args)
+    except Exception as exc:
+        print(f"skip {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def gbs(nbytes: int, times_ms: list[float]) -> float:
+    """GB/s of moving ``nbytes`` in the median of ``times_ms``."""
+    return nbytes / (statistics.median(times_ms) * 1e-3) / 1e9
+
+
+def add_speedup(rows: list[dict], baseline: str, keys: tuple[str, ...], out: str) -> dict:
+    """Set ``row[out]`` to the baseline provider's median over the row's on the same case (None
+    without one); returns the baseline rows by case."""
+    base = {tuple(r[k] for k in keys): r for r in rows if r["provider"] == baseline}
+    for r in rows:
+        b = base.get(tuple(r[k] for k in keys))
+        r[out] = b["median_ms"] / r["median_ms"] if b else None
+    return base
+
+
+def report(rows: list[dict], columns, header: str, json_path, name: str, device: torch.device) -> Path:
+    """Print ``header`` and the table, write the JSON rows and say where."""
+    print(header)
+    print_table(rows, columns)
+    path = write_json(rows, json_path, name, device)
+    print(f"wrote {len(rows)} rows to {path}")
+    return path
+
+
+def runnable(providers, make):
+    """``(name, fn)`` for each provider whose ``make(name)`` gives a function; prints why the
+    others (``make`` returned a reason string) are skipped."""
+    for name in providers:
+        fn = make(name)
+        if isinstance(fn, str):
+            print(f"skip {name}: {fn}", file=sys.stderr)
+            continue
+        yield name, fn

@@ -56,62 +56,93 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_inputs(logits_a, logits_b, target, pseudo_a, pseudo_b, ignore_index):
-    for name, x in (("logits_a", logits_a), ("logits_b", logits_b)):
+def _check_logits(op: str, named_logits, dims, expected: str, same_shape: str) -> int:
+    """Check each ``(name, logits)``: a float tensor with ``dim()`` in ``dims`` (else "expected
+    ``expected``"); all of one shape (else ``same_shape``), dtype and device; C >= 2. Returns C."""
+    for name, x in named_logits:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"cps_loss: {name} must be a torch.Tensor, got {type(x).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"cps_loss: {name} has dtype {x.dtype}; expected float32, float16 or bfloat16 logits")
-        if x.dim() not in (2, 4):
-            raise ValueError(
-                f"cps_loss: {name} has shape {tuple(x.shape)}; expected (N, C, H, W) or (P, C) logits"
-            )
-    if logits_a.shape != logits_b.shape:
-        raise ValueError(
-            f"cps_loss: logits_a has shape {tuple(logits_a.shape)} but logits_b has shape "
-            f"{tuple(logits_b.shape)}; the two branches' logits must have the same shape"
-        )
-    if logits_a.dtype != logits_b.dtype:
-        raise TypeError(f"cps_loss: logits_a is {logits_a.dtype} but logits_b is {logits_b.dtype}; expected one dtype")
-    if logits_a.device != logits_b.device:
-        raise ValueError(f"cps_loss: logits_a is on {logits_a.device} but logits_b is on {logits_b.device}")
-    C = logits_a.shape[1]
+            raise TypeError(f"{op}: {name} has dtype {x.dtype}; expected float32, float16 or bfloat16 logits")
+        if x.dim() not in dims:
+            raise ValueError(f"{op}: {name} has shape {tuple(x.shape)}; expected {expected}")
+    name0, x0 = named_logits[0]
+    for name, x in named_logits[1:]:
+        if x.shape != x0.shape:
+            raise ValueError(f"{op}: {name0} has shape {tuple(x0.shape)} but {name} has shape {tuple(x.shape)}; "
+                             f"{same_shape}")
+        if x.dtype != x0.dtype:
+            raise TypeError(f"{op}: {name0} is {x0.dtype} but {name} is {x.dtype}; expected one dtype")
+        if x.device != x0.device:
+            raise ValueError(f"{op}: {name0} is on {x0.device} but {name} is on {x.device}")
+    C = x0.shape[1]
     if C < 2:
-        raise ValueError(f"cps_loss: the logits have C = {C} classes (dim 1 of {tuple(logits_a.shape)}); expected C >= 2")
-    label_shape = (logits_a.shape[0],) + tuple(logits_a.shape[2:])
-    for name, y in (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)):
+        raise ValueError(f"{op}: the logits have C = {C} classes (dim 1 of {tuple(x0.shape)}); expected C >= 2")
+    return C
+
+
+def _check_labels(op: str, named_labels, shape: tuple, logits: torch.Tensor, expected: str) -> None:
+    """Check each ``(name, labels)`` that is not None: an integer tensor of ``shape`` (else
+    "expected ``expected``") on the logits' device."""
+    for name, y in named_labels:
         if y is None:
             continue
         if not isinstance(y, torch.Tensor):
-            raise TypeError(f"cps_loss: {name} must be a torch.Tensor or None, got {type(y).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(y).__name__}")
         if y.dtype not in _LABEL_DTYPES:
-            raise TypeError(f"cps_loss: {name} has dtype {y.dtype}; expected integer labels (uint8, int32 or int64)")
-        if tuple(y.shape) != label_shape:
-            raise ValueError(
-                f"cps_loss: {name} has shape {tuple(y.shape)}; expected {label_shape} "
-                f"to match logits of shape {tuple(logits_a.shape)}"
-            )
-        if y.device != logits_a.device:
-            raise ValueError(f"cps_loss: {name} is on {y.device} but the logits are on {logits_a.device}")
+            raise TypeError(f"{op}: {name} has dtype {y.dtype}; expected integer labels (uint8, int32 or int64)")
+        if tuple(y.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} has shape {tuple(y.shape)}; expected {expected}")
+        if y.device != logits.device:
+            raise ValueError(f"{op}: {name} is on {y.device} but the logits are on {logits.device}")
+
+
+def _check_inputs(logits_a, logits_b, target, pseudo_a, pseudo_b, ignore_index):
+    C = _check_logits("cps_loss", (("logits_a", logits_a), ("logits_b", logits_b)), (2, 4),
+                      "(N, C, H, W) or (P, C) logits", "the two branches' logits must have the same shape")
+    label_shape = (logits_a.shape[0],) + tuple(logits_a.shape[2:])
+    _check_labels("cps_loss", (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)), label_shape,
+                  logits_a, f"{label_shape} to match logits of shape {tuple(logits_a.shape)}")
+    _check_ignore_index("cps_loss", ignore_index, C)
+
+
+def _check_ignore_index(op: str, ignore_index: int, C: int) -> None:
+    """Raise unless ``ignore_index`` fits in int32 and is not one of the ``C`` classes."""
     if not (-(2**31) <= ignore_index < 2**31):
-        raise ValueError(f"cps_loss: ignore_index={ignore_index} does not fit in int32")
+        raise ValueError(f"{op}: ignore_index={ignore_index} does not fit in int32")
     if 0 <= ignore_index < C:
         raise ValueError(
-            f"cps_loss: ignore_index={ignore_index} is also a class of the C = {C} logits, so a pixel "
+            f"{op}: ignore_index={ignore_index} is also a class of the C = {C} logits, so a pixel "
             f"labelled {ignore_index} is ambiguous; pass an ignore_index outside [0, {C}), e.g. -1"
         )
 
 
-def _validate_labels(name: str, y: torch.Tensor, C: int, ignore_index: int) -> None:
+def _validate_labels(name: str, y: torch.Tensor, C: int, ignore_index: int, op: str = "cps_loss") -> None:
     """Raise if ``y`` holds a value outside [0, C) that is not ``ignore_index`` (synchronises)."""
     bad = ((y < 0) | (y >= C)) & (y != ignore_index)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         value = int(y[idx])
         raise ValueError(
-            f"cps_loss: {name} has value {value} at index {idx}, outside [0, {C}) and not "
+            f"{op}: {name} has value {value} at index {idx}, outside [0, {C}) and not "
             f"ignore_index ({ignore_index})"
         )
+
+
+def _maybe_validate_labels(op: str, named_labels, x: torch.Tensor, validate: bool | None, C: int,
+                           ignore_index: int) -> None:
+    """Run :func:`_validate_labels` on each ``(name, labels)`` (None skipped) when ``validate`` asks.
+
+    ``validate=None`` means on for CPU logits ``x``, off for CUDA ones; never while a CUDA
+    graph is captured or under ``torch.compile``.
+    """
+    if validate is None:
+        validate = not x.is_cuda
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if validate and not capturing and not torch.compiler.is_compiling():
+        for name, y in named_labels:
+            if y is not None:
+                _validate_labels(name, y, C, ignore_index, op)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -198,6 +229,67 @@ def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
         grad.mul_(grad_output.to(grad.dtype))
 
 
+def _label_counts(t2, pseudos, C: int, ignore_index: int, numel: int, device) -> torch.Tensor:
+    """float32 ``[1 + len(pseudos)]`` valid-label counts: the target's, then each pseudo label's
+    (``numel`` for a None pseudo label, the argmax, always valid)."""
+    return torch.stack([_count_valid(t2, C, ignore_index, 0.0, device)]
+                       + [_count_valid(y, C, ignore_index, float(numel), device) for y in pseudos])
+
+
+def _grad_outputs(xs, need_grad: bool) -> list[torch.Tensor]:
+    """Gradient buffers like each of ``xs`` (poisoned in tests), or empty tensors when not needed."""
+    if need_grad:
+        return [_empty_like(x) for x in xs]
+    return [x.new_empty(0) for x in xs]
+
+
+def _fake_outputs(xs, n_sums: int, need_grad: bool) -> list[torch.Tensor]:
+    """The fake (meta) outputs ``[sums, counts, *grads]`` of a fused custom op."""
+    sums = xs[0].new_empty(n_sums, dtype=torch.float32)
+    counts = xs[0].new_empty(n_sums, dtype=torch.float32)
+    if not need_grad:
+        return [sums, counts] + [x.new_empty(0) for x in xs]
+    # empty_like keeps a dense input's strides and makes a non-dense one contiguous, as the real op
+    return [sums, counts] + [torch.empty_like(x) for x in xs]
+
+
+def _two_branch_loss(sums: torch.Tensor, counts: torch.Tensor, cps_weight: float):
+    """``(loss, sup, cps)`` from a two-branch kernel's ``sums[3]`` and ``counts[3]``."""
+    inv = 1.0 / counts.clamp_min(1.0)
+    sup = sums[0] * inv[0]
+    cps = sums[1] * inv[2] + sums[2] * inv[1]
+    return sup + cps_weight * cps, sup, cps
+
+
+def _keep_grads(ctx, need_grad: bool, grads, sup: torch.Tensor, cps: torch.Tensor) -> None:
+    """Forward's bookkeeping for :func:`_scaled_saved_grads`: save the gradients (when needed),
+    arm the single-backward check and mark the reported parts ``sup`` and ``cps`` non-differentiable."""
+    if need_grad:
+        ctx.save_for_backward(*grads)
+    ctx.used = False
+    ctx.mark_non_differentiable(sup, cps)
+
+
+def _scaled_saved_grads(ctx, grad_loss: torch.Tensor, op: str) -> list[torch.Tensor]:
+    """The backward of a fused loss: its saved gradients times ``grad_loss``.
+
+    Scales in place (so a second backward through the same graph raises) except under
+    ``torch.compile``, where a product lets the compiler fuse the scaling into what follows.
+    """
+    if ctx.used:
+        raise RuntimeError(
+            f"{op}: backward ran twice through the same loss (retain_graph=True); the fused "
+            f"loss scales its stored gradients in place, so call {op} again instead"
+        )
+    ctx.used = True
+    grads = list(ctx.saved_tensors)
+    if torch.compiler.is_compiling():
+        return [g * grad_loss.to(g.dtype) for g in grads]
+    for g in grads:
+        _scale_grad_(g, grad_loss)
+    return grads
+
+
 @torch.library.custom_op("cps_fast::cps_loss_forward", mutates_args=())
 def fused_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, target: torch.Tensor | None,
                   pseudo_a: torch.Tensor | None, pseudo_b: torch.Tensor | None, cps_weight: float,
@@ -216,18 +308,9 @@ def fused_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, target: torch.
     n_rows = a3.shape[0]
     t2, pa2, pb2 = (_as_nl(y, n_rows) for y in (target, pseudo_a, pseudo_b))
     numel = a3.shape[0] * a3.shape[2]
-    dev = logits_a.device
-    counts = torch.stack([
-        _count_valid(t2, C, ignore_index, 0.0, dev),
-        _count_valid(pa2, C, ignore_index, float(numel), dev),
-        _count_valid(pb2, C, ignore_index, float(numel), dev),
-    ])
-    if need_grad:
-        grad_a, grad_b = _empty_like(logits_a), _empty_like(logits_b)
-        ga3, gb3 = _as_ncl(grad_a), _as_ncl(grad_b)
-    else:
-        grad_a, grad_b = logits_a.new_empty(0), logits_b.new_empty(0)
-        ga3 = gb3 = None
+    counts = _label_counts(t2, (pa2, pb2), C, ignore_index, numel, logits_a.device)
+    grad_a, grad_b = _grad_outputs((logits_a, logits_b), need_grad)
+    ga3, gb3 = (_as_ncl(grad_a), _as_ncl(grad_b)) if need_grad else (None, None)
     sums = _launch(backend, a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index)
     return sums, counts, grad_a, grad_b
 
@@ -235,12 +318,7 @@ def fused_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, target: torch.
 @fused_forward.register_fake
 def _fused_forward_fake(logits_a, logits_b, target, pseudo_a, pseudo_b, cps_weight, ignore_index, need_grad,
                         backend):
-    sums = logits_a.new_empty(3, dtype=torch.float32)
-    counts = logits_a.new_empty(3, dtype=torch.float32)
-    if not need_grad:
-        return sums, counts, logits_a.new_empty(0), logits_b.new_empty(0)
-    # empty_like keeps a dense input's strides and makes a non-dense one contiguous, as the real op
-    return sums, counts, torch.empty_like(logits_a), torch.empty_like(logits_b)
+    return tuple(_fake_outputs((logits_a, logits_b), 3, need_grad))
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -262,31 +340,13 @@ class CPSLossFunction(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         sums, counts, grad_a, grad_b = fused_forward(logits_a, logits_b, target, pseudo_a, pseudo_b,
                                                      cps_weight, ignore_index, need_grad, backend)
-        inv = 1.0 / counts.clamp_min(1.0)
-        sup = sums[0] * inv[0]
-        cps = sums[1] * inv[2] + sums[2] * inv[1]
-        loss = sup + cps_weight * cps
-        if need_grad:
-            ctx.save_for_backward(grad_a, grad_b)
-        ctx.used = False
-        ctx.mark_non_differentiable(sup, cps)
+        loss, sup, cps = _two_branch_loss(sums, counts, cps_weight)
+        _keep_grads(ctx, need_grad, (grad_a, grad_b), sup, cps)
         return loss, sup, cps
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sup, _grad_cps):
-        if ctx.used:
-            raise RuntimeError(
-                "cps_loss: backward ran twice through the same loss (retain_graph=True); the fused "
-                "loss scales its stored gradients in place, so call cps_loss again instead"
-            )
-        ctx.used = True
-        grad_a, grad_b = ctx.saved_tensors
-        if torch.compiler.is_compiling():  # let the compiler fuse the scaling into what follows
-            grad_a = grad_a * grad_loss.to(grad_a.dtype)
-            grad_b = grad_b * grad_loss.to(grad_b.dtype)
-        else:
-            for g in (grad_a, grad_b):
-                _scale_grad_(g, grad_loss)
+        grad_a, grad_b = _scaled_saved_grads(ctx, grad_loss, "cps_loss")
         return (grad_a if ctx.needs_input_grad[0] else None,
                 grad_b if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None, None)
@@ -330,13 +390,8 @@ def cps_loss(
     """
     _check_inputs(logits_a, logits_b, target, pseudo_a, pseudo_b, ignore_index)
     C = logits_a.shape[1]
-    if validate is None:
-        validate = not logits_a.is_cuda
-    capturing = logits_a.is_cuda and torch.cuda.is_current_stream_capturing()
-    if validate and not capturing and not torch.compiler.is_compiling():
-        for name, y in (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)):
-            if y is not None:
-                _validate_labels(name, y, C, ignore_index)
+    _maybe_validate_labels("cps_loss", (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)),
+                           logits_a, validate, C, ignore_index)
     name = _select_backend(logits_a.device.type, backend)
     loss, sup, cps = CPSLossFunction.apply(
         logits_a, logits_b, target, pseudo_a, pseudo_b, float(cps_weight), int(ignore_index), name

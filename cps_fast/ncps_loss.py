@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 from . import backends
-from .loss import (_FLOAT_DTYPES, _LABEL_DTYPES, _as_ncl, _as_nl, _count_valid, _dense, _empty_like,
-                   _scale_grad_, _validate_labels)
+from .loss import (_as_ncl, _as_nl, _check_ignore_index, _check_labels, _check_logits, _dense, _fake_outputs,
+                   _grad_outputs, _keep_grads, _label_counts, _maybe_validate_labels, _scaled_saved_grads)
 
 log = logging.getLogger("cps_fast")
 
@@ -72,25 +72,9 @@ def _check_ncps_inputs(logits, target, pseudo, ignore_index, ensemble) -> None:
     K = len(logits)
     if K < 2:
         raise ValueError(f"ncps_loss: got K = {K} branch logits; expected K >= 2 branches")
-    for k, x in enumerate(logits):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ncps_loss: logits[{k}] must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"ncps_loss: logits[{k}] has dtype {x.dtype}; expected float32, float16 or bfloat16 logits")
-        if x.dim() not in (2, 4):
-            raise ValueError(f"ncps_loss: logits[{k}] has shape {tuple(x.shape)}; expected (N, C, H, W) or (P, C) logits")
+    C = _check_logits("ncps_loss", [(f"logits[{k}]", x) for k, x in enumerate(logits)], (2, 4),
+                      "(N, C, H, W) or (P, C) logits", "all branches' logits must have one shape")
     x0 = logits[0]
-    for k, x in enumerate(logits[1:], start=1):
-        if x.shape != x0.shape:
-            raise ValueError(f"ncps_loss: logits[0] has shape {tuple(x0.shape)} but logits[{k}] has shape "
-                             f"{tuple(x.shape)}; all branches' logits must have one shape")
-        if x.dtype != x0.dtype:
-            raise TypeError(f"ncps_loss: logits[0] is {x0.dtype} but logits[{k}] is {x.dtype}; expected one dtype")
-        if x.device != x0.device:
-            raise ValueError(f"ncps_loss: logits[0] is on {x0.device} but logits[{k}] is on {x.device}")
-    C = x0.shape[1]
-    if C < 2:
-        raise ValueError(f"ncps_loss: the logits have C = {C} classes (dim 1 of {tuple(x0.shape)}); expected C >= 2")
     if pseudo is not None:
         if isinstance(pseudo, torch.Tensor) or not isinstance(pseudo, Sequence):
             raise TypeError(f"ncps_loss: pseudo must be None or a list of K = {K} label tensors (or None entries), "
@@ -104,25 +88,8 @@ def _check_ncps_inputs(logits, target, pseudo, ignore_index, ensemble) -> None:
                              "ensemble=False to supervise with the given labels")
     label_shape = (x0.shape[0],) + tuple(x0.shape[2:])
     named = [("target", target)] + [(f"pseudo[{j}]", y) for j, y in enumerate(pseudo or ())]
-    for name, y in named:
-        if y is None:
-            continue
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"ncps_loss: {name} must be a torch.Tensor or None, got {type(y).__name__}")
-        if y.dtype not in _LABEL_DTYPES:
-            raise TypeError(f"ncps_loss: {name} has dtype {y.dtype}; expected integer labels (uint8, int32 or int64)")
-        if tuple(y.shape) != label_shape:
-            raise ValueError(f"ncps_loss: {name} has shape {tuple(y.shape)}; expected {label_shape} to match logits "
-                             f"of shape {tuple(x0.shape)}")
-        if y.device != x0.device:
-            raise ValueError(f"ncps_loss: {name} is on {y.device} but the logits are on {x0.device}")
-    if not (-(2**31) <= ignore_index < 2**31):
-        raise ValueError(f"ncps_loss: ignore_index={ignore_index} does not fit in int32")
-    if 0 <= ignore_index < C:
-        raise ValueError(
-            f"ncps_loss: ignore_index={ignore_index} is also a class of the C = {C} logits, so a pixel labelled "
-            f"{ignore_index} is ambiguous; pass an ignore_index outside [0, {C}), e.g. -1"
-        )
+    _check_labels("ncps_loss", named, label_shape, x0, f"{label_shape} to match logits of shape {tuple(x0.shape)}")
+    _check_ignore_index("ncps_loss", ignore_index, C)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -234,28 +201,16 @@ def fused_forward(logits: list[torch.Tensor], target: Optional[torch.Tensor], ps
     t2 = _as_nl(target, n_rows)
     ys = [_as_nl(y, n_rows) for y in pseudo]
     numel = n_rows * xs[0].shape[2]
-    dev = logits[0].device
-    counts = torch.stack([_count_valid(t2, C, ignore_index, 0.0, dev)]
-                         + [_count_valid(y, C, ignore_index, float(numel), dev) for y in ys])
-    if need_grad:
-        grads = [_empty_like(x) for x in logits]
-        gs = [_as_ncl(g) for g in grads]
-    else:
-        grads = [x.new_empty(0) for x in logits]
-        gs = None
+    counts = _label_counts(t2, ys, C, ignore_index, numel, logits[0].device)
+    grads = _grad_outputs(logits, need_grad)
+    gs = [_as_ncl(g) for g in grads] if need_grad else None
     sums = _launch(backend, xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble)
     return [sums, counts] + grads
 
 
 @fused_forward.register_fake
 def _fused_forward_fake(logits, target, pseudo, cps_weight, ignore_index, ensemble, need_grad, backend):
-    K = len(logits)
-    sums = logits[0].new_empty(K + 1, dtype=torch.float32)
-    counts = logits[0].new_empty(K + 1, dtype=torch.float32)
-    if not need_grad:
-        return [sums, counts] + [x.new_empty(0) for x in logits]
-    # empty_like keeps a dense input's strides and makes a non-dense one contiguous, as the real op
-    return [sums, counts] + [torch.empty_like(x) for x in logits]
+    return _fake_outputs(logits, len(logits) + 1, need_grad)
 
 
 class NCPSLossFunction(torch.autograd.Function):
@@ -277,28 +232,14 @@ class NCPSLossFunction(torch.autograd.Function):
         if not ensemble:
             cps = cps / (K - 1)
         loss = sup + cps_weight * cps
-        if need_grad:
-            ctx.save_for_backward(*grads)
+        _keep_grads(ctx, need_grad, grads, sup, cps)
         ctx.K = K
-        ctx.used = False
-        ctx.mark_non_differentiable(sup, cps)
         return loss, sup, cps
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sup, _grad_cps):
-        if ctx.used:
-            raise RuntimeError(
-                "ncps_loss: backward ran twice through the same loss (retain_graph=True); the fused loss "
-                "scales its stored gradients in place, so call ncps_loss again instead"
-            )
-        ctx.used = True
         K = ctx.K
-        grads = list(ctx.saved_tensors)
-        if torch.compiler.is_compiling():  # let the compiler fuse the scaling into what follows
-            grads = [g * grad_loss.to(g.dtype) for g in grads]
-        else:
-            for g in grads:
-                _scale_grad_(g, grad_loss)
+        grads = _scaled_saved_grads(ctx, grad_loss, "ncps_loss")
         needs = ctx.needs_input_grad[6 + K:]
         return (None,) * (6 + K) + tuple(g if need else None for g, need in zip(grads, needs))
 
@@ -348,16 +289,8 @@ def ncps_loss(
     x0 = logits[0]
     C = x0.shape[1]
     pseudo = list(pseudo) if pseudo is not None else [None] * K
-    if validate is None:
-        validate = not x0.is_cuda
-    capturing = x0.is_cuda and torch.cuda.is_current_stream_capturing()
-    if validate and not capturing and not torch.compiler.is_compiling():
-        for name, y in [("target", target)] + [(f"pseudo[{j}]", y) for j, y in enumerate(pseudo)]:
-            if y is not None:
-                try:
-                    _validate_labels(name, y, C, ignore_index)
-                except ValueError as exc:  # the shared helper names cps_loss; this is ncps_loss
-                    raise ValueError(f"n{exc}") from None
+    _maybe_validate_labels("ncps_loss", [("target", target)] + [(f"pseudo[{j}]", y) for j, y in enumerate(pseudo)],
+                           x0, validate, C, ignore_index)
     name = _select_backend(x0.device.type, backend)
     loss, sup, cps = NCPSLossFunction.apply(
         float(cps_weight), int(ignore_index), bool(ensemble), name, K, target, *pseudo, *logits

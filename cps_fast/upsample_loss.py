@@ -42,14 +42,18 @@ from torch import nn
 
 from . import backends
 from .loss import (
-    _FLOAT_DTYPES,
-    _LABEL_DTYPES,
-    _count_valid,
+    _check_ignore_index,
+    _check_labels,
+    _check_logits,
     _dense,
-    _empty_like,
-    _scale_grad_,
+    _fake_outputs,
+    _grad_outputs,
+    _keep_grads,
+    _label_counts,
+    _maybe_validate_labels,
+    _scaled_saved_grads,
     _torch_fwd as _torch_loss_fwd,
-    _validate_labels,
+    _two_branch_loss,
 )
 
 log = logging.getLogger("cps_fast")
@@ -77,49 +81,16 @@ def _parse_size(size) -> tuple[int, int]:
 
 
 def _check_inputs(low_a, low_b, target, pseudo_a, pseudo_b, size, ignore_index):
-    for name, x in (("low_a", low_a), ("low_b", low_b)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{OP}: {name} has dtype {x.dtype}; expected float32, float16 or bfloat16 logits")
-        if x.dim() != 4:
-            raise ValueError(f"{OP}: {name} has shape {tuple(x.shape)}; expected (N, C, h, w) low-resolution logits")
-    if low_a.shape != low_b.shape:
-        raise ValueError(
-            f"{OP}: low_a has shape {tuple(low_a.shape)} but low_b has shape {tuple(low_b.shape)}; "
-            f"the two branches' logits must have the same shape"
-        )
-    if low_a.dtype != low_b.dtype:
-        raise TypeError(f"{OP}: low_a is {low_a.dtype} but low_b is {low_b.dtype}; expected one dtype")
-    if low_a.device != low_b.device:
-        raise ValueError(f"{OP}: low_a is on {low_a.device} but low_b is on {low_b.device}")
+    _check_logits(OP, (("low_a", low_a), ("low_b", low_b)), (4,), "(N, C, h, w) low-resolution logits",
+                  "the two branches' logits must have the same shape")
     N, C, h, w = low_a.shape
-    if C < 2:
-        raise ValueError(f"{OP}: the logits have C = {C} classes (dim 1 of {tuple(low_a.shape)}); expected C >= 2")
     if h < 1 or w < 1:
         raise ValueError(f"{OP}: the logits have spatial size {h}x{w} (shape {tuple(low_a.shape)}); expected h, w >= 1")
     H, W = size
-    for name, y in (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)):
-        if y is None:
-            continue
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"{OP}: {name} must be a torch.Tensor or None, got {type(y).__name__}")
-        if y.dtype not in _LABEL_DTYPES:
-            raise TypeError(f"{OP}: {name} has dtype {y.dtype}; expected integer labels (uint8, int32 or int64)")
-        if tuple(y.shape) != (N, H, W):
-            raise ValueError(
-                f"{OP}: {name} has shape {tuple(y.shape)}; expected full-resolution labels (N, H, W) = "
-                f"{(N, H, W)} for logits of shape {tuple(low_a.shape)} upsampled to size={(H, W)}"
-            )
-        if y.device != low_a.device:
-            raise ValueError(f"{OP}: {name} is on {y.device} but the logits are on {low_a.device}")
-    if not (-(2**31) <= ignore_index < 2**31):
-        raise ValueError(f"{OP}: ignore_index={ignore_index} does not fit in int32")
-    if 0 <= ignore_index < C:
-        raise ValueError(
-            f"{OP}: ignore_index={ignore_index} is also a class of the C = {C} logits, so a pixel "
-            f"labelled {ignore_index} is ambiguous; pass an ignore_index outside [0, {C}), e.g. -1"
-        )
+    _check_labels(OP, (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)), (N, H, W), low_a,
+                  f"full-resolution labels (N, H, W) = {(N, H, W)} for logits of shape {tuple(low_a.shape)} "
+                  f"upsampled to size={(H, W)}")
+    _check_ignore_index(OP, ignore_index, C)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -220,19 +191,9 @@ def fused_upsampled_forward(low_a: torch.Tensor, low_b: torch.Tensor, target: to
         low_a, low_b = low_a.contiguous(), low_b.contiguous()
     N, C = low_a.shape[:2]
     t2, pa2, pb2 = (None if y is None else y.reshape(N, -1) for y in (target, pseudo_a, pseudo_b))
-    dev = low_a.device
-    numel = float(N * out_h * out_w)
-    counts = torch.stack([
-        _count_valid(t2, C, ignore_index, 0.0, dev),
-        _count_valid(pa2, C, ignore_index, numel, dev),
-        _count_valid(pb2, C, ignore_index, numel, dev),
-    ])
-    if need_grad:
-        grad_a, grad_b = _empty_like(low_a), _empty_like(low_b)
-        ga4, gb4 = grad_a, grad_b
-    else:
-        grad_a, grad_b = low_a.new_empty(0), low_b.new_empty(0)
-        ga4 = gb4 = None
+    counts = _label_counts(t2, (pa2, pb2), C, ignore_index, N * out_h * out_w, low_a.device)
+    grad_a, grad_b = _grad_outputs((low_a, low_b), need_grad)
+    ga4, gb4 = (grad_a, grad_b) if need_grad else (None, None)
     sums = _launch(backend, low_a, low_b, t2, pa2, pb2, counts, ga4, gb4, out_h, out_w, cps_weight, ignore_index,
                    align_corners)
     return sums, counts, grad_a, grad_b
@@ -241,11 +202,7 @@ def fused_upsampled_forward(low_a: torch.Tensor, low_b: torch.Tensor, target: to
 @fused_upsampled_forward.register_fake
 def _fused_upsampled_forward_fake(low_a, low_b, target, pseudo_a, pseudo_b, out_h, out_w, cps_weight, ignore_index,
                                   align_corners, need_grad, backend):
-    sums = low_a.new_empty(3, dtype=torch.float32)
-    counts = low_a.new_empty(3, dtype=torch.float32)
-    if not need_grad:
-        return sums, counts, low_a.new_empty(0), low_b.new_empty(0)
-    return sums, counts, torch.empty_like(low_a), torch.empty_like(low_b)
+    return tuple(_fake_outputs((low_a, low_b), 3, need_grad))
 
 
 class CPSLossUpsampledFunction(torch.autograd.Function):
@@ -258,31 +215,13 @@ class CPSLossUpsampledFunction(torch.autograd.Function):
         sums, counts, grad_a, grad_b = fused_upsampled_forward(
             low_a, low_b, target, pseudo_a, pseudo_b, out_h, out_w, cps_weight, ignore_index, align_corners,
             need_grad, backend)
-        inv = 1.0 / counts.clamp_min(1.0)
-        sup = sums[0] * inv[0]
-        cps = sums[1] * inv[2] + sums[2] * inv[1]
-        loss = sup + cps_weight * cps
-        if need_grad:
-            ctx.save_for_backward(grad_a, grad_b)
-        ctx.used = False
-        ctx.mark_non_differentiable(sup, cps)
+        loss, sup, cps = _two_branch_loss(sums, counts, cps_weight)
+        _keep_grads(ctx, need_grad, (grad_a, grad_b), sup, cps)
         return loss, sup, cps
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sup, _grad_cps):
-        if ctx.used:
-            raise RuntimeError(
-                f"{OP}: backward ran twice through the same loss (retain_graph=True); the fused loss "
-                f"scales its stored gradients in place, so call {OP} again instead"
-            )
-        ctx.used = True
-        grad_a, grad_b = ctx.saved_tensors
-        if torch.compiler.is_compiling():
-            grad_a = grad_a * grad_loss.to(grad_a.dtype)
-            grad_b = grad_b * grad_loss.to(grad_b.dtype)
-        else:
-            for g in (grad_a, grad_b):
-                _scale_grad_(g, grad_loss)
+        grad_a, grad_b = _scaled_saved_grads(ctx, grad_loss, OP)
         return (grad_a if ctx.needs_input_grad[0] else None,
                 grad_b if ctx.needs_input_grad[1] else None) + (None,) * 9
 
@@ -326,16 +265,8 @@ def cps_loss_upsampled(
     H, W = _parse_size(size)
     _check_inputs(low_a, low_b, target, pseudo_a, pseudo_b, (H, W), ignore_index)
     C = low_a.shape[1]
-    if validate is None:
-        validate = not low_a.is_cuda
-    capturing = low_a.is_cuda and torch.cuda.is_current_stream_capturing()
-    if validate and not capturing and not torch.compiler.is_compiling():
-        for name, y in (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)):
-            if y is not None:
-                try:
-                    _validate_labels(name, y, C, ignore_index)
-                except ValueError as exc:
-                    raise ValueError(str(exc).replace("cps_loss:", f"{OP}:", 1)) from None
+    _maybe_validate_labels(OP, (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)),
+                           low_a, validate, C, ignore_index)
     name = _select_backend(low_a.device.type, backend, C)
     loss, sup, cps = CPSLossUpsampledFunction.apply(
         low_a, low_b, target, pseudo_a, pseudo_b, H, W, float(cps_weight), int(ignore_index), bool(align_corners),

@@ -8,18 +8,22 @@ top two ensemble scores are closer than 1e-4 are redrawn (there the float32
 kernels and the float64 reference may honestly disagree); argmax ties of the
 logits themselves are exact in every precision and kept.
 """
+import importlib
 import itertools
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cps_fast
-from cps_fast import backends, loss as loss_mod
-from cps_fast import ncps_loss as ncps_mod
+from cps_fast import backends
 from cps_fast.ncps_loss import NCPSLoss, ncps_loss
 from cps_fast.reference import ncps_loss_reference
+from helpers import assert_scalars_close, make_labels, make_logits, mean_ce
+from helpers import poison_outputs  # noqa: F401  (autouse: NaN-filled kernel outputs)
+
+# the module, not the function cps_fast re-exports under the same name
+ncps_mod = importlib.import_module("cps_fast.ncps_loss")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -32,27 +36,6 @@ def _backends(device):
 
 
 CASES = [(d, b) for d in DEVICES for b in _backends(d)]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(loss_mod, "POISON_OUTPUTS", True)
-
-
-def make_logits(layout, N, C, H, W, dtype, device, scale=3.0):
-    if layout == "rows":
-        x = torch.randn(N * H * W, C, device=device) * scale
-    else:
-        x = torch.randn(N, C, H, W, device=device) * scale
-        if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-    return x.to(dtype)
-
-
-def make_labels(shape, C, ignore_frac, device, dtype=torch.int64, ignore_index=255):
-    y = torch.randint(0, C, shape, device=device)
-    y[torch.rand(shape, device=device) < ignore_frac] = ignore_index
-    return y.to(dtype)
 
 
 def _ensemble_gap(xs):
@@ -97,9 +80,7 @@ def lowp_reference(xs, target, *, pseudo=None, ensemble=False, cps_weight=1.0, i
     K = len(xs)
 
     def ce(x, y):
-        rows = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
-        y = y.reshape(-1).long()
-        return F.cross_entropy(rows, y, ignore_index=ignore_index, reduction="sum") / (y != ignore_index).sum().clamp_min(1)
+        return mean_ce(x, y, ignore_index)
 
     sup = sum(ce(x, target) for x in xs) if target is not None else xs[0].new_zeros(())
     if ensemble:
@@ -121,10 +102,7 @@ def assert_close_to_reference(got, xs, target, grad_scale=1.0, **kw):
     dtype, plus a floor.
     """
     ref = run(ncps_loss_reference, [x.double() for x in xs], target, grad_scale=grad_scale, **kw)
-    for name, x, r in zip(("loss", "sup", "cps"), got[:3], ref[:3]):
-        assert x.dtype == torch.float32, f"{name} has dtype {x.dtype}"
-        assert torch.isfinite(x), f"{name} is {x}"
-        torch.testing.assert_close(x.double(), r, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    assert_scalars_close(got, ref)
     if xs[0].dtype == torch.float32:
         lowp, floor = ref, 1e-6
     else:

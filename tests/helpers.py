@@ -1,0 +1,58 @@
+"""Helpers shared by the fused-loss tests (test_loss.py, test_ncps_loss.py, test_upsample_loss.py).
+
+Import with ``from helpers import ...`` (pytest puts tests/ on sys.path). Importing
+``poison_outputs`` into a test module turns the autouse fixture on for that module.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cps_fast import loss as loss_mod
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Fill kernel outputs with NaN before each launch, so an unwritten element fails a test."""
+    monkeypatch.setattr(loss_mod, "POISON_OUTPUTS", True)
+
+
+def make_logits(layout, N, C, H, W, dtype, device, scale=3.0):
+    """Random logits: ``(N, C, H, W)`` NCHW or channels_last, or ``(N*H*W, C)`` rows for ``layout="rows"``."""
+    if layout == "rows":
+        x = torch.randn(N * H * W, C, device=device) * scale
+    else:
+        x = torch.randn(N, C, H, W, device=device) * scale
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    return x.to(dtype)
+
+
+def make_labels(shape, C, ignore_frac, device="cpu", dtype=torch.int64, ignore_index=255):
+    """Random labels in ``[0, C)`` with about ``ignore_frac`` of them set to ``ignore_index``."""
+    y = torch.randint(0, C, shape, device=device)
+    y[torch.rand(shape, device=device) < ignore_frac] = ignore_index
+    return y.to(dtype)
+
+
+def run(fn, a, b, *args, grad_scale=1.0, **kw):
+    """(loss, sup, cps, grad_a, grad_b) of a two-branch loss ``fn`` on leaf copies of a and b."""
+    a = a.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_()
+    loss, sup, cps = fn(a, b, *args, return_parts=True, **kw)
+    (grad_scale * loss).backward()
+    return loss.detach(), sup, cps, a.grad, b.grad
+
+
+def mean_ce(x, y, ignore_index):
+    """Cross entropy of ``(N, C, H, W)`` or ``(P, C)`` logits in their own dtype, mean over valid labels."""
+    rows = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+    y = y.reshape(-1).long()
+    return F.cross_entropy(rows, y, ignore_index=ignore_index, reduction="sum") / (y != ignore_index).sum().clamp_min(1)
+
+
+def assert_scalars_close(got, ref):
+    """``(loss, sup, cps)`` are finite float32 scalars equal to the float64 reference's to float32 rounding."""
+    for name, x, r in zip(("loss", "sup", "cps"), got[:3], ref[:3]):
+        assert x.dtype == torch.float32, f"{name} has dtype {x.dtype}"
+        assert torch.isfinite(x), f"{name} is {x}"
+        torch.testing.assert_close(x.double(), r, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
