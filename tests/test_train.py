@@ -270,7 +270,7 @@ def test_checkpoint_contents(tmp_path):
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    Trainer(tiny_cfg(max_iters=2), tmp_path, print_fn=lambda *a: None).train()
+    Trainer(tiny_cfg(max_iters=2, cutmix=False), tmp_path, print_fn=lambda *a: None).train()
     with pytest.raises(ValueError, match="cutmix=False but the config has True"):
         Trainer(tiny_cfg(cutmix=True), tmp_path, resume=True, print_fn=lambda *a: None)
 
