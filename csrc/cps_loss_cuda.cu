@@ -101,6 +101,26 @@ __device__ __forceinline__ void softmax_group_merge(SoftmaxState& st) {
   }
 }
 
+// One branch's gradient row of a pixel: softmax(x) * (ct + q) - onehot(t) * ct - onehot(pl) * q,
+// classes lane, lane + G, ... (the first K from the register cache r, the rest re-read from xp).
+template <typename scalar_t, int G, int K>
+__device__ __forceinline__ void write_grad_row(scalar_t* gp, int64_t g_sc, const float (&r)[K], const scalar_t* xp,
+                                               int64_t x_sc, float lse, float ct, float q, int t, int pl, int lane,
+                                               int64_t C) {
+  const float coef = ct + q;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = lane + k * G;
+    if (c < C) {
+      gp[c * g_sc] = static_cast<scalar_t>(__expf(r[k] - lse) * coef - (c == t ? ct : 0.0f) - (c == pl ? q : 0.0f));
+    }
+  }
+  for (int64_t c = lane + static_cast<int64_t>(K) * G; c < C; c += G) {
+    gp[c * g_sc] = static_cast<scalar_t>(__expf(load_f(xp + c * x_sc) - lse) * coef - (c == t ? ct : 0.0f) -
+                                         (c == pl ? q : 0.0f));
+  }
+}
+
 template <typename scalar_t, int G, int K>
 __global__ void __launch_bounds__(kThreads)
     cps_loss_kernel(const CPSLossArgs args, const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
@@ -177,38 +197,12 @@ __global__ void __launch_bounds__(kThreads)
     const float qa = pb >= 0 ? w_pb : 0.0f;  // a is supervised by pb
     const float qb = pa >= 0 ? w_pa : 0.0f;  // b is supervised by pa
     if (ga != nullptr) {
-      scalar_t* gp = ga + n * args.ga_sn + l * args.ga_sl;
-      const float coef = ct + qa;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int c = lane + k * G;
-        if (c < C) {
-          const float g = __expf(ra[k] - lse_a) * coef - (c == t ? ct : 0.0f) - (c == pb ? qa : 0.0f);
-          gp[c * args.ga_sc] = static_cast<scalar_t>(g);
-        }
-      }
-      for (int64_t c = lane + static_cast<int64_t>(K) * G; c < C; c += G) {
-        const float g = __expf(load_f(ap + c * args.a_sc) - lse_a) * coef - (c == t ? ct : 0.0f) -
-                        (c == pb ? qa : 0.0f);
-        gp[c * args.ga_sc] = static_cast<scalar_t>(g);
-      }
+      write_grad_row<scalar_t, G, K>(ga + n * args.ga_sn + l * args.ga_sl, args.ga_sc, ra, ap, args.a_sc, lse_a,
+                                     ct, qa, t, pb, lane, C);
     }
     if (gb != nullptr) {
-      scalar_t* gp = gb + n * args.gb_sn + l * args.gb_sl;
-      const float coef = ct + qb;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int c = lane + k * G;
-        if (c < C) {
-          const float g = __expf(rb[k] - lse_b) * coef - (c == t ? ct : 0.0f) - (c == pa ? qb : 0.0f);
-          gp[c * args.gb_sc] = static_cast<scalar_t>(g);
-        }
-      }
-      for (int64_t c = lane + static_cast<int64_t>(K) * G; c < C; c += G) {
-        const float g = __expf(load_f(bp + c * args.b_sc) - lse_b) * coef - (c == t ? ct : 0.0f) -
-                        (c == pa ? qb : 0.0f);
-        gp[c * args.gb_sc] = static_cast<scalar_t>(g);
-      }
+      write_grad_row<scalar_t, G, K>(gb + n * args.gb_sn + l * args.gb_sl, args.gb_sc, rb, bp, args.b_sc, lse_b,
+                                     ct, qb, t, pa, lane, C);
     }
   }
 
