@@ -20,12 +20,22 @@ on synthetic JPEGs written at VOC size, data loading included, after ``--warmup`
 iterations. It reports images/s, ms/iteration, peak memory, and the estimated hours of
 every preset's full schedule at that step time.
 
+Where the time goes (issue 6's "loss and data <= 10% of the step"), per variant:
+
+  loss_ms   the step's own loss call (the fused op, or the reference's argmax + cross-entropies),
+            forward + backward, re-run on copies of the arguments the step passed it and timed
+            alone (CUDA-graph replays on a GPU)
+  data_ms   the step's median minus its median on one batch held on the device and repeated
+            (what loading, decoding, augmenting and copying the batch in adds to the step)
+
     python benchmarks/bench_step.py [--device cuda] [--iters 30] [--json out.json]
     cps-fast bench step ...
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +50,7 @@ from cps_fast.config import list_presets, load_preset  # noqa: E402
 from cps_fast.data import write_voc  # noqa: E402
 from cps_fast.data.loaders import resolve_backend  # noqa: E402
 from cps_fast.train import Trainer  # noqa: E402
+from torch.utils._pytree import tree_map  # noqa: E402
 
 # labeled images of the published partitions (VOC train_aug 10582, Cityscapes train 2975)
 TRAIN_SIZES = {"voc": 10582, "cityscapes": 2975}
@@ -70,31 +81,100 @@ def variants(device: torch.device, cpu_bf16: bool) -> list[tuple[str, dict]]:
     return out
 
 
-def measure_variant(cfg, device, root: str, warmup: int, iters: int) -> dict:
+class LossProbe:
+    """Records the first call of the step's loss methods (``CPSStep._cross``, or ``_reference_loss``
+    for the reference variant) and re-times that call alone, forward + backward, on copies of its
+    arguments: the loss's share of the step, whichever backend and path the step took."""
+
+    METHODS = ("_cross", "_reference_loss")
+
+    def __init__(self, step_module):
+        self.call = None  # (method, args, kwargs), detached copies
+        for name in self.METHODS:
+            setattr(step_module, name, self._wrap(getattr(step_module, name)))
+
+    def _wrap(self, method):
+        def recorded(*args, **kwargs):
+            if self.call is None:  # host copies (first, eager call): they stay out of the peak memory
+                copy = (lambda t: (t.detach().to("cpu", copy=True), t.device, t.stride())
+                        if isinstance(t, torch.Tensor) else t)
+                self.call = (method, tree_map(copy, args), tree_map(copy, kwargs))
+            return method(*args, **kwargs)
+        return recorded
+
+    def time_ms(self, device: torch.device, reps: int) -> tuple[float | None, str]:
+        """``(median ms, timing)`` of the recorded call with its backward, or ``(None, why)``."""
+        if self.call is None:
+            return None, "the step made no loss call"
+        method, args, kwargs = self.call
+        leaves = []
+
+        def leaf(t):
+            if not (isinstance(t, tuple) and len(t) == 3 and isinstance(t[0], torch.Tensor)):
+                return t
+            host, dev, stride = t
+            t = torch.empty_strided(host.shape, stride, dtype=host.dtype, device=dev).copy_(host)
+            if t.is_floating_point():
+                t.requires_grad_()
+                leaves.append(t)
+            return t
+
+        is_leaf = (lambda x: isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], torch.Tensor))
+        args, kwargs = tree_map(leaf, args, is_leaf=is_leaf), tree_map(leaf, kwargs, is_leaf=is_leaf)
+
+        def loss():
+            out = method(*args, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        setup, step = common.loss_step(loss, leaves, backward=True)
+        times, timing = common.measure_kernel(step, device, reps=reps, setup=setup, label="step loss")
+        return statistics.median(times), timing
+
+
+def _time_iters(trainer, batches, iters: int, device: torch.device) -> list[float]:
+    """Wall-clock ms of ``iters`` single iterations (synchronised after each on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        trainer.run(trainer.it + 1, batches=batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # per-iteration timing, outside the step
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure_variant(cfg, device, root: str, warmup: int, iters: int, breakdown: bool = True) -> dict:
     cfg = cfg.replace(data_root=root, train_labeled=None, train_unlabeled=None, val_list=None,
                       pretrained=None, max_iters=10_000, log_every=10_000, eval_every=0)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, out, device=device.type, print_fn=lambda *a, **k: None)
         trainer.model.train()
+        probe = LossProbe(trainer.step_module) if breakdown else None
         batches = trainer.batches()
         base = common.peak_memory_reset(device)
         trainer.run(warmup, batches=batches)  # includes the CUDA-graph capture when on
         if trainer.use_graph and trainer.graph is None:
             raise RuntimeError(f"the step was not captured in {warmup} warm-up iterations (the trainer "
                                f"captures only with more than 12 iterations left); pass --warmup 13 or more")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            trainer.run(trainer.it + 1, batches=batches)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # per-iteration timing, outside the step
-            times.append((time.perf_counter() - t0) * 1e3)
+        times = _time_iters(trainer, batches, iters, device)
         peak = common.peak_memory_mb(device, base)
-    imgs = cfg.batch_size_labeled + cfg.batch_size_unlabeled * (2 if cfg.cutmix else 1)
-    q = common.quantiles(times)
-    return {**q, "images_per_s": imgs / (q["median_ms"] * 1e-3), "peak_mb": peak, "images_per_step": imgs}
+        imgs = cfg.batch_size_labeled + cfg.batch_size_unlabeled * (2 if cfg.cutmix else 1)
+        q = common.quantiles(times)
+        row = {**q, "images_per_s": imgs / (q["median_ms"] * 1e-3), "peak_mb": peak, "images_per_step": imgs}
+        if breakdown:
+            # one batch, already on the device, repeated: the step without its data pipeline
+            held = [None if t is None else trainer._to_device(t).clone() for t in next(batches)]
+            fixed_ms = statistics.median(_time_iters(trainer, itertools.repeat(held), max(3, iters // 2), device))
+            loss_ms, loss_timing = probe.time_ms(device, reps=10 if device.type == "cuda" else 3)
+            step_ms = q["median_ms"]
+            row.update(step_fixed_batch_ms=fixed_ms, data_ms=max(0.0, step_ms - fixed_ms),
+                       data_fraction=max(0.0, step_ms - fixed_ms) / step_ms, loss_ms=loss_ms,
+                       loss_fraction=None if loss_ms is None else loss_ms / step_ms, loss_timing=loss_timing,
+                       loss_call=probe.call[0].__name__ if probe.call else None)
+            row["loss_data_fraction"] = None if loss_ms is None else row["data_fraction"] + row["loss_fraction"]
+    return row
 
 
 def schedule_hours(step_ms: float) -> list[dict]:
@@ -121,6 +201,7 @@ def main(argv=None):
     p.add_argument("--cpu-bf16", action="store_true", help="include the bf16 variant on the CPU")
     p.add_argument("--variants", default=None, help="comma list of variant names to run (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the loss and data shares (faster)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -163,7 +244,7 @@ def main(argv=None):
                 if not tf32:
                     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
                 r = measure_variant(cfg.replace(**{k: v for k, v in change.items() if k != "tf32"}), device, root,
-                                    warmup, iters)
+                                    warmup, iters, breakdown=not args.no_breakdown)
             except Exception as exc:  # one failing variant must not lose the others
                 print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 rows.append({**env, "variant": name, "error": f"{type(exc).__name__}: {exc}", "settings": change})
@@ -191,7 +272,8 @@ def main(argv=None):
     common.print_table(rows, [
         ("variant", "variant", ""), ("median_ms", "ms/iter", ".1f"), ("p20_ms", "p20", ".1f"), ("p80_ms", "p80", ".1f"),
         ("images_per_s", "images/s", ".1f"), ("speedup", "x reference", ".2f"), ("peak_mb", "peak MB", ".0f"),
-        ("memory_fraction", "of ref mem", ".2f"), ("speedup_vs_strict_fp32", "x strict fp32", ".2f"),
+        ("memory_fraction", "of ref mem", ".2f"), ("loss_ms", "loss ms", ".1f"), ("data_ms", "data ms", ".1f"),
+        ("loss_data_fraction", "loss+data", ".2f"), ("speedup_vs_strict_fp32", "x strict fp32", ".2f"),
     ])
     if ok and gpu:
         best = ok[-1]["median_ms"]

@@ -417,6 +417,10 @@ def test_bench_step_smoke(tmp_path):
                      "--variants", "reference,+fused_loss", "--set", "crop_size=48", "--json", str(tmp_path / "s.json")])
     assert [r["variant"] for r in rows] == ["reference", "+fused_loss"]
     assert all(r["images_per_s"] > 0 for r in rows)
+    for r in rows:  # the breakdown: the step's own loss call re-timed, and the data pipeline's share
+        assert r["loss_ms"] > 0 and 0 < r["loss_fraction"] < 1, r
+        assert r["step_fixed_batch_ms"] > 0 and r["data_ms"] >= 0 and 0 <= r["data_fraction"] < 1, r
+    assert [r["loss_call"] for r in rows] == ["_reference_loss", "_cross"]
 
 
 @pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
