@@ -1,0 +1,102 @@
+"""benchmarks/targets.py: issue 6's targets read off a run's JSON rows (met, missed, not measured)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import targets  # noqa: E402
+
+ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0"}
+
+
+def loss_rows(fused_ms=1.0, copy_fraction=0.9, eager_ms=10.0):
+    rows = []
+    for shape in ("voc", "cityscapes"):
+        for layout in ("nchw", "channels_last"):
+            key = dict(ENV, shape_name=shape, dtype="bf16", layout=layout, mode="fwd+bwd")
+            rows.append(dict(key, provider="triton", median_ms=fused_ms, copy_fraction=copy_fraction))
+            rows.append(dict(key, provider="triton[64x8]", median_ms=fused_ms * 0.9, copy_fraction=copy_fraction / 0.9))
+            rows.append(dict(key, provider="eager", median_ms=eager_ms, copy_fraction=0.1))
+    return rows
+
+
+def step_rows(engine_ms=80.0, loss_ms=4.0, data_ms=2.0, peak=(10000.0, 5000.0)):
+    imgs = 24
+    ref = dict(ENV, variant="reference", median_ms=500.0, images_per_s=imgs / 0.5, peak_mb=peak[0])
+    best = dict(ENV, variant="+cuda_graph", median_ms=engine_ms, images_per_s=imgs / (engine_ms / 1e3),
+                peak_mb=peak[1], loss_ms=loss_ms, data_ms=data_ms,
+                loss_data_fraction=(loss_ms + data_ms) / engine_ms)
+    hours = [{"preset": "voc_r50_1-8_cutmix", "iterations": 39000, "hours": 39000 * engine_ms / 3.6e6}]
+    return [ref, best, dict(ENV, variant="schedule_hours", step_ms=engine_ms, presets=hours)]
+
+
+def by_target(rows, name):
+    return [r for r in rows if r["target"] == name]
+
+
+def test_all_met():
+    results = {"loss": loss_rows(), "loss-compile": [dict(r, provider="compile", median_ms=3.0)
+                                                     for r in loss_rows() if r["provider"] == "eager"],
+               "step": step_rows(), "data": [dict(ENV, backend="dali-gpu", setting="voc", images_per_s=1000.0)]}
+    rows = targets.evaluate(results)
+    assert all(r["met"] for r in rows), [r for r in rows if not r["met"]]
+    assert len(by_target(rows, "loss: of copy bandwidth")) == 4
+    hours = by_target(rows, "schedule: VOC R50 1/8 CutMix hours")[0]["value"]
+    assert hours == pytest.approx(39000 * 0.08 / 3600)
+    note = by_target(rows, "loss: of copy bandwidth")[0]["note"]
+    assert "triton[64x8]" in note  # the faster forced tile configuration is pointed out
+
+
+def test_missed_and_unmeasured():
+    results = {"loss": loss_rows(copy_fraction=0.5, eager_ms=5.0),
+               "step": step_rows(engine_ms=150.0, loss_ms=10.0, data_ms=10.0, peak=(10000.0, 7000.0)),
+               "data": [dict(ENV, backend="dali-gpu", setting="voc", images_per_s=200.0)]}
+    rows = targets.evaluate(results)
+    assert not any(r["met"] for r in by_target(rows, "loss: of copy bandwidth"))
+    assert not any(r["met"] for r in by_target(rows, "loss: x eager"))  # 5x < 8x
+    assert all(r["met"] is None for r in by_target(rows, "loss: x torch.compile"))  # no compile rows
+    assert by_target(rows, "step: x reference images/s")[0]["met"] is False  # 3.3x
+    assert by_target(rows, "step: loss + data share")[0]["met"] is False  # 0.13
+    assert by_target(rows, "step: peak memory of reference")[0]["met"] is False  # 0.70
+    assert by_target(rows, "schedule: VOC R50 1/8 CutMix hours")[0]["met"] is False  # 1.6 h
+    assert by_target(rows, "data: DALI feed x step consumption")[0]["met"] is False  # 200 / 160
+
+
+def test_failed_variants_are_not_taken_for_the_engine():
+    step = step_rows()
+    step.insert(2, dict(ENV, variant="+broken", error="RuntimeError: boom"))
+    rows = targets.evaluate({"step": step})
+    assert by_target(rows, "step: x reference images/s")[0]["case"] == "+cuda_graph vs reference"
+
+
+def test_merge_round_trip(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "loss.json").write_text(json.dumps(loss_rows()))
+    (run / "step.json").write_text(json.dumps(step_rows()))
+    (run / "steps.tsv").write_text("loss\texit 1 in 3s\t2026-11-24T10:00:00\nloss\tok in 50s\t2026-11-24T10:05:00\n")
+    (run / "tests.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_loss" name="test_a"/>'
+        '<testcase classname="tests.test_loss" name="test_b"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_loss" name="test_c"><skipped/></testcase></testsuite></testsuites>')
+    out = tmp_path / "merged.json"
+    first = targets.main([str(run), "--out", str(out), "--info", "budget_s=560"])
+    merged = json.loads(out.read_text())
+    assert merged["device"] == ENV["device"]
+    assert merged["run"]["steps"] == {"loss": {"outcome": "ok in 50s", "at": "2026-11-24T10:05:00"}}
+    assert merged["run"]["tests"] == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1,
+                                      "failed": ["tests.test_loss::test_b"]}
+    assert merged["run"]["budget_s"] == "560"
+    assert set(merged["results"]) == {"loss", "step"}
+    assert targets.main([str(out)]) == first
+    assert "NVIDIA H100" in capsys.readouterr().out
+
+
+def test_not_a_merged_file(tmp_path):
+    bad = tmp_path / "rows.json"
+    bad.write_text("[]")
+    with pytest.raises(SystemExit, match="not a merged run file"):
+        targets.load(bad)
