@@ -6,6 +6,8 @@ Providers:
            when the dtype is bf16
   compile  torch.compile of that same function
   triton   cps_fast.ncps_loss(backend="triton")
+  triton[eN]  the same with N elements of each branch's tile per thread, forced (a sweep of
+           the tile heuristic; kernels/ncps_loss.py block_sizes)
   cpu      cps_fast.ncps_loss(backend="cpu")    (the C++ extension)
   torch    cps_fast.ncps_loss(backend="torch")  (the kernel contract in plain PyTorch)
 
@@ -64,6 +66,21 @@ def make_provider(name, device, dtype, ensemble):
             return fn
         fn = common.maybe_autocast(fn, device, dtype)
         return lambda xs, t: fn(xs, t.long(), ensemble=ensemble)
+    if name.startswith("triton[e"):  # a forced elements-per-thread of the tile kernel
+        per_thread = int(name[len("triton[e"):-1])
+        inner = make_provider("triton", device, dtype, ensemble)
+        if isinstance(inner, str):
+            return inner
+        from cps_fast.kernels import ncps_loss as triton_ops
+
+        def run_config(xs, t):
+            saved, triton_ops.ELEMS_OVERRIDE = triton_ops.ELEMS_OVERRIDE, per_thread
+            try:
+                return inner(xs, t)
+            finally:
+                triton_ops.ELEMS_OVERRIDE = saved
+
+        return run_config
     reason = backends.why_unavailable(name, device)
     if name == "cuda":
         reason = "ncps_loss has no CUDA C++ kernel"
@@ -114,6 +131,7 @@ def main(argv=None):
     else:
         providers = ["eager", "compile"] + (["triton"] if device.type == "cuda" else ["cpu"])
 
+    copy_gbs = common.copy_bandwidth_gbs(device) if device.type == "cuda" else None
     rows = []
     for shape_name in names:
         for dtype_name in args.dtypes.split(","):
@@ -127,15 +145,17 @@ def main(argv=None):
                                                   layout, device, mode, reps)
                             if row is None:
                                 continue
-                            row.update(env, shape_name=shape_name, ensemble=args.ensemble)
+                            row.update(env, shape_name=shape_name, ensemble=args.ensemble, copy_gbs=copy_gbs,
+                                       copy_fraction=row["gbs"] / copy_gbs if copy_gbs else None)
                             rows.append(row)
     common.add_speedup(rows, "eager", ("shape_name", "dtype", "K", "layout", "mode"), "speedup_vs_eager")
     common.report(rows, [
         ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("K", "K", ""), ("layout", "layout", ""),
         ("mode", "mode", ""), ("provider", "provider", ""), ("median_ms", "median ms", ".3f"),
         ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"), ("gbs", "GB/s", ".2f"),
-        ("speedup_vs_eager", "x eager", ".2f"), ("peak_mb", "peak MB", ".0f"),
-    ], f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  ensemble={args.ensemble}",
+        ("copy_fraction", "of copy", ".2f"), ("speedup_vs_eager", "x eager", ".2f"), ("peak_mb", "peak MB", ".0f"),
+    ], f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  ensemble={args.ensemble}"
+       + (f"  copy {copy_gbs:.0f} GB/s" if copy_gbs else ""),
         args.json, "ncps", device)
     return rows
 

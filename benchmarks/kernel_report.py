@@ -6,7 +6,8 @@ its kernel launch is intercepted, and the kernel is compiled ahead of time for
 those arguments (integers equal to 1 become constants, integers and pointers
 divisible by 16 are marked so). ``cuobjdump`` (shipped with Triton) reads the
 registers, spill stack and shared memory of the cubin, and the PTX shows the
-width of the global loads and stores.
+width of the global loads and stores (each width with its count of instructions: the
+logits tiles, the labels and the scalars show up as separate entries).
 
 Why: a kernel that compiles in the interpreter can still fail to compile for the
 GPU, and registers, spills and load widths decide a memory-bound kernel's speed.
@@ -137,9 +138,18 @@ def compile_launch(launch: Launch) -> dict:
             best = max(best, int(vec or 1) * int(bits))
         return best
 
+    def histogram(op: str) -> str:
+        """Global accesses of ``op`` by width, widest first: "128x2 32x3" (bits x instructions in the PTX)."""
+        counts: dict[int, int] = {}
+        for vec, bits in re.findall(rf"{op}\.global(?:\.[a-z]+\d*)*?\.(?:v(\d)\.)?[bsuf](\d+)", ptx):
+            w = int(vec or 1) * int(bits)
+            counts[w] = counts.get(w, 0) + 1
+        return " ".join(f"{w}x{n}" for w, n in sorted(counts.items(), reverse=True))
+
     shared = usage.get("shared", 0) + int(getattr(kernel.metadata, "shared", 0) or 0)  # static + dynamic
     return {"regs": usage.get("reg"), "stack_bytes": usage.get("stack"), "shared_bytes": shared,
             "widest_load_bits": widest("ld"), "widest_store_bits": widest("st"),
+            "loads": histogram("ld"), "stores": histogram("st"),
             "num_warps": options["num_warps"],
             "constexprs": {n: v for n, v in zip(launch.fn.arg_names, launch.args) if sig.get(n) == "constexpr"}
             | {k: v for k, v in launch.kwargs.items() if k in launch.fn.arg_names}}
@@ -170,11 +180,11 @@ def cps_loss_cases():
 
 
 def ncps_loss_cases():
-    """(name, launches) for the n-CPS loss: K = 2, 3, 4 with and without ensemble labels, bf16."""
+    """(name, launches) for the n-CPS loss: K = 2, 3, 4, 8 with and without ensemble labels, bf16."""
     from cps_fast.kernels import ncps_loss as NK
 
     cases = []
-    for shape_name, (N, C, H, W), ks in (("voc", (8, 21, 512, 512), (2, 3, 4)), ("c300", (2, 300, 128, 128), (3,))):
+    for shape_name, (N, C, H, W), ks in (("voc", (8, 21, 512, 512), (2, 3, 4, 8)), ("c300", (2, 300, 128, 128), (3,))):
         for K in ks:
             for ensemble in (False, True) if shape_name == "voc" else (False,):
                 for layout in ("nchw", "channels_last"):
@@ -228,8 +238,8 @@ def main(argv=None):
     common.print_table(rows, [
         ("op", "op", ""), ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""),
         ("kernel", "kernel", ""), ("num_warps", "warps", ""), ("regs", "regs", ""),
-        ("stack_bytes", "spill B", ""), ("shared_bytes", "smem B", ""), ("widest_load_bits", "ld bits", ""),
-        ("widest_store_bits", "st bits", ""),
+        ("stack_bytes", "spill B", ""), ("shared_bytes", "smem B", ""), ("loads", "loads (bits x count)", ""),
+        ("stores", "stores", ""),
     ])
     path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / "kernel_report-sm90.json"
     common.write_json(rows, str(path), "kernel_report", torch.device("cpu"))

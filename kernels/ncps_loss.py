@@ -31,10 +31,12 @@ import triton.language as tl
 from .cps_loss import MAX_TILE_C, TILE_ELEMS, _gather, _image_block, _image_span, _load_labels, _online_stats
 
 MAX_K = 8  # pointer slots of the kernels
-ELEMS_PER_THREAD = 8
 TILE_SET_ELEMS = TILE_ELEMS  # elements of all K register tiles together
 LOOP_BLOCK_C = 64  # class block of the online-softmax path
 LOOP_BLOCK_P = 32
+# elements of each branch's tile per thread, forced, or None; benchmarks set it to sweep
+# (bench_ncps.py provider "triton[eN]"), nothing else should
+ELEMS_OVERRIDE: int | None = None
 
 
 @triton.jit
@@ -297,8 +299,11 @@ def block_sizes(C: int, K: int, class_contiguous: bool = False) -> tuple[int, in
     """(BLOCK_P, BLOCK_C, num_warps, tiled) for K branches with a class axis of size C.
 
     Tile path: the K tiles together hold ``TILE_SET_ELEMS`` elements (BLOCK_P shrinks
-    as K grows) and each thread holds 16 of them, the budget of the two-branch
-    cps_loss kernel (8 per tile, 2 tiles), which compiles without spills for sm_90.
+    as K grows) and each thread holds 8 elements of each branch's tile for K <= 4
+    (4 for more branches): 8 contiguous NCHW pixels per thread make 128-bit bf16
+    accesses, and K x 8 values in flight per thread keep enough bytes moving to cover
+    the memory latency (benchmarks/NOTES.md, n-CPS v2). Compiled for sm_90 this needs
+    up to 255 registers at K = 4 without spilling (benchmarks/kernel_report.py).
     Loop path: 16 pixels per program when classes are contiguous (channels_last),
     32 otherwise.
     """
@@ -306,7 +311,8 @@ def block_sizes(C: int, K: int, class_contiguous: bool = False) -> tuple[int, in
         block_c = triton.next_power_of_2(C)
         k2 = triton.next_power_of_2(K)
         block_p = max(2, min(256, TILE_SET_ELEMS // (k2 * block_c)))
-        num_warps = max(1, min(16, k2 * block_p * block_c // (ELEMS_PER_THREAD * 32)))
+        per_thread = ELEMS_OVERRIDE or (8 if K <= 4 else 4)
+        num_warps = max(1, min(16, block_p * block_c // (per_thread * 32)))
         return block_p, block_c, num_warps, True
     block_p = (16 if class_contiguous else LOOP_BLOCK_P) // (1 if K <= 2 else 2 if K <= 4 else 4)
     return block_p, LOOP_BLOCK_C, 4, False
