@@ -24,7 +24,8 @@ Where the time goes (issue 6's "loss and data <= 10% of the step"), per variant:
 
   loss_ms   the step's own loss call (the fused op, or the reference's argmax + cross-entropies),
             forward + backward, re-run on copies of the arguments the step passed it and timed
-            alone (CUDA-graph replays on a GPU)
+            alone (CUDA-graph replays on a GPU); with OHEM (the Cityscapes presets) the separate
+            supervised terms are not in it
   data_ms   the step's median minus its median on one batch held on the device and repeated
             (what loading, decoding, augmenting and copying the batch in adds to the step)
 
@@ -281,7 +282,7 @@ def main(argv=None):
         print(f"\nestimated full-schedule hours on this device at {best:.1f} ms/iter "
               "(measured at the preset above; other crops scale roughly with pixels):")
         common.print_table(hours, [("preset", "preset", ""), ("iterations", "iterations", "d"), ("hours", "hours", ".2f")])
-        rows.append({"variant": "schedule_hours", "step_ms": best, "presets": hours, **env})
+        rows.append({"variant": "schedule_hours", "preset": args.preset, "step_ms": best, "presets": hours, **env})
     common.write_json(rows, path, "step", device)
     print(f"wrote {path}")
     return rows

@@ -64,6 +64,12 @@ def test_missed_and_unmeasured():
     assert by_target(rows, "data: DALI feed x step consumption")[0]["met"] is False  # 200 / 160
 
 
+def test_another_presets_step_measures_no_step_target():
+    step = [dict(r, preset="cityscapes_r50_1-8_cutmix") for r in step_rows() if r["variant"] != "schedule_hours"]
+    rows = targets.evaluate({"step": step})
+    assert all(r["met"] is None for r in rows if r["target"].startswith(("step", "schedule")))
+
+
 def test_failed_variants_are_not_taken_for_the_engine():
     step = step_rows()
     step.insert(2, dict(ENV, variant="+broken", error="RuntimeError: boom"))
