@@ -252,12 +252,16 @@ def _block_sizes(C: int, class_contiguous: bool = False) -> tuple[int, int, int,
     that each thread holds 8 elements of it. Compiled for sm_90, this keeps the tile
     kernel at <= 128 registers with no spills (NCHW, 16 warps) where 4 warps needed
     255 registers and spilled (benchmarks/kernel_report.py; tests/test_kernel_report.py).
+    channels_last with 129 to 256 classes takes 8-pixel tiles (8 warps): the
+    16-pixel tile spilled 160 B when compiled by triton 3.6, the GPU machine's.
     Loop path: 64 pixels per program when pixels are contiguous (NCHW: coalesced
     along pixels); 16 when classes are (channels_last), where 64 spilled 2 KB.
     """
     if C <= MAX_TILE_C:
         block_c = triton.next_power_of_2(C)
         block_p = max(16, min(256, TILE_ELEMS // block_c))
+        if class_contiguous and block_c >= 256:
+            block_p = 8  # 16 x 256 at 16 warps spills 160 B with triton 3.6; 8 x 256 at 8 warps does not
         if TILE_OVERRIDE is not None:
             block_p, num_warps = TILE_OVERRIDE
             return block_p, block_c, num_warps, True
