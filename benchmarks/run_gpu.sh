@@ -97,7 +97,7 @@ step loss 60 160 $PY $B/bench_loss.py --providers eager,compile,triton,cuda --tr
   --dtypes bf16 --modes fwd+bwd --json "$work/loss.json"
 step step 90 220 $PY $B/bench_step.py --images 32 --warmup 13 --iters 20 --json "$work/step.json"
 step upsample 30 70 $PY $B/bench_upsample.py --json "$work/upsample.json"
-step ncps 30 70 $PY $B/bench_ncps.py --shapes voc --providers "eager,triton,triton[e2]" --json "$work/ncps.json"
+step ncps 30 70 $PY $B/bench_ncps.py --shapes voc --providers "eager,triton,triton[e2],triton[e4]" --json "$work/ncps.json"
 step model 40 100 $PY $B/bench_model.py --json "$work/model.json"
 step data 30 80 $PY $B/bench_data.py --images 16 --json "$work/data.json"
 

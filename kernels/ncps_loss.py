@@ -303,7 +303,7 @@ def block_sizes(C: int, K: int, class_contiguous: bool = False) -> tuple[int, in
     (4 for more branches): 8 contiguous NCHW pixels per thread make 128-bit bf16
     accesses, and K x 8 values in flight per thread keep enough bytes moving to cover
     the memory latency (benchmarks/NOTES.md, n-CPS v2). Compiled for sm_90 this needs
-    up to 255 registers at K = 4 without spilling (benchmarks/kernel_report.py).
+    up to 255 registers at K = 4 and spills at most 8 B (benchmarks/kernel_report.py).
     Loop path: 16 pixels per program when classes are contiguous (channels_last),
     32 otherwise.
     """
