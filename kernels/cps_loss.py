@@ -78,6 +78,41 @@ def _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb):
 
 
 @triton.jit
+def _tile_stats(x, c, pmask, BLOCK_C: tl.constexpr):
+    """Row statistics of a ``[BLOCK_P, BLOCK_C]`` logits tile (padding columns at -inf): max, argmax
+    (int32, ties to the lowest class as torch.argmax), exp(x - max), its sum and the log-sum-exp.
+    Padding rows get max 0 and sum 1, so their log and divisions stay finite."""
+    m = tl.where(pmask, tl.max(x, axis=1), 0.0)
+    arg = tl.min(tl.where(x == m[:, None], c[None, :], BLOCK_C), axis=1).to(tl.int32)
+    e = tl.exp(x - m[:, None])
+    s = tl.where(pmask, tl.sum(e, axis=1), 1.0)
+    return m, arg, e, s, m + tl.log(s)
+
+
+@triton.jit
+def _label_hits(c, t, pa, pb, xa, xb):
+    """One-hot masks of the three labels over a tile's class columns ``c``, and the logits they pick:
+    ``(hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa)`` (a label outside the columns picks 0)."""
+    hit_t = c[None, :] == t[:, None]
+    hit_pa = c[None, :] == pa[:, None]
+    hit_pb = c[None, :] == pb[:, None]
+    xa_t = tl.sum(tl.where(hit_t, xa, 0.0), axis=1)
+    xb_t = tl.sum(tl.where(hit_t, xb, 0.0), axis=1)
+    xa_pb = tl.sum(tl.where(hit_pb, xa, 0.0), axis=1)
+    xb_pa = tl.sum(tl.where(hit_pa, xb, 0.0), axis=1)
+    return hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa
+
+
+@triton.jit
+def _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb):
+    """Both branches' gradient tiles: softmax times the pixel's total weight minus each label's weight
+    (a is supervised by the target and pseudo_b, b by the target and pseudo_a)."""
+    ga = ea * ((ct + cpb) / sa)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pb, cpb[:, None], 0.0)
+    gb = eb * ((ct + cpa) / sb)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pa, cpa[:, None], 0.0)
+    return ga, gb
+
+
+@triton.jit
 def _image_block(L, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
     """This program's image ``n`` (int64 scalar) and pixel indices ``l`` inside it.
 
@@ -117,36 +152,20 @@ def _cps_loss_tile_kernel(
     xa = tl.load(a_ptr + n * s_an + a_off, mask=m2, other=float("-inf")).to(tl.float32)
     xb = tl.load(b_ptr + n * s_bn + b_off, mask=m2, other=float("-inf")).to(tl.float32)
 
-    # max and argmax (ties to the lowest class, as torch.argmax)
-    ma = tl.where(pmask, tl.max(xa, axis=1), 0.0)
-    mb = tl.where(pmask, tl.max(xb, axis=1), 0.0)
-    arg_a = tl.min(tl.where(xa == ma[:, None], c[None, :], BLOCK_C), axis=1).to(tl.int32)
-    arg_b = tl.min(tl.where(xb == mb[:, None], c[None, :], BLOCK_C), axis=1).to(tl.int32)
-    ea = tl.exp(xa - ma[:, None])
-    eb = tl.exp(xb - mb[:, None])
-    sa = tl.where(pmask, tl.sum(ea, axis=1), 1.0)  # padding rows: keep log and division finite
-    sb = tl.where(pmask, tl.sum(eb, axis=1), 1.0)
-    lse_a = ma + tl.log(sa)
-    lse_b = mb + tl.log(sb)
+    ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C)
+    mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C)
 
     t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
     pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, n, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index, C,
                                       arg_a, arg_b, HAS_PA, HAS_PB)
 
-    hit_t = c[None, :] == t[:, None]
-    hit_pa = c[None, :] == pa[:, None]
-    hit_pb = c[None, :] == pb[:, None]
-    xa_t = tl.sum(tl.where(hit_t, xa, 0.0), axis=1)
-    xb_t = tl.sum(tl.where(hit_t, xb, 0.0), axis=1)
-    xa_pb = tl.sum(tl.where(hit_pb, xa, 0.0), axis=1)
-    xb_pa = tl.sum(tl.where(hit_pa, xb, 0.0), axis=1)
+    hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb)
 
     _store_sums(part_ptr, pid, lse_a, lse_b, xa_t, xb_t, xa_pb, xb_pa, vt, vpa, vpb)
 
     if WRITE_GRAD:
         ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
-        ga = ea * ((ct + cpb) / sa)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pb, cpb[:, None], 0.0)
-        gb = eb * ((ct + cpa) / sb)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pa, cpa[:, None], 0.0)
+        ga, gb = _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb)
         tl.store(ga_ptr + n * s_an + a_off, ga.to(ga_ptr.dtype.element_ty), mask=m2)
         tl.store(gb_ptr + n * s_bn + b_off, gb.to(gb_ptr.dtype.element_ty), mask=m2)
 

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cps_loss import _grad_weights, _load_labels, _pseudo_labels
+from .cps_loss import _grad_weights, _label_hits, _load_labels, _pseudo_labels, _tile_grads, _tile_stats
 
 MAX_C = 256
 
@@ -185,29 +185,14 @@ def _cps_upsample_kernel(
         xa = _bilinear(a_base, i0, i1, j0, j1, ly, lx, s_ah, s_aw, ca, m2, cmask)
         xb = _bilinear(b_base, i0, i1, j0, j1, ly, lx, s_bh, s_bw, cb, m2, cmask)
 
-        # max and argmax (ties to the lowest class, as torch.argmax), log-sum-exp
-        ma = tl.where(pmask, tl.max(xa, axis=1), 0.0)
-        mb = tl.where(pmask, tl.max(xb, axis=1), 0.0)
-        arg_a = tl.min(tl.where(xa == ma[:, None], c[None, :], BLOCK_C), axis=1)
-        arg_b = tl.min(tl.where(xb == mb[:, None], c[None, :], BLOCK_C), axis=1)
-        ea = tl.exp(xa - ma[:, None])
-        eb = tl.exp(xb - mb[:, None])
-        sa = tl.where(pmask, tl.sum(ea, axis=1), 1.0)
-        sb = tl.where(pmask, tl.sum(eb, axis=1), 1.0)
-        lse_a = ma + tl.log(sa)
-        lse_b = mb + tl.log(sb)
+        ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C)
+        mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C)
 
         l = fy * W + fx
         t, vt = _load_labels(t_ptr, nv, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
         pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, nv, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index,
                                           C, arg_a, arg_b, HAS_PA, HAS_PB)
-        hit_t = c[None, :] == t[:, None]
-        hit_pa = c[None, :] == pa[:, None]
-        hit_pb = c[None, :] == pb[:, None]
-        xa_t = tl.sum(tl.where(hit_t, xa, 0.0), axis=1)
-        xb_t = tl.sum(tl.where(hit_t, xb, 0.0), axis=1)
-        xa_pb = tl.sum(tl.where(hit_pb, xa, 0.0), axis=1)
-        xb_pa = tl.sum(tl.where(hit_pa, xb, 0.0), axis=1)
+        hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb)
 
         # each full-res pixel is counted by the program owning its (i0, j0) corner
         owned = pmask & (i0 >= r0) & (i0 < r0 + BH) & (j0 >= c0) & (j0 < c0 + BW)
@@ -218,10 +203,7 @@ def _cps_upsample_kernel(
         if WRITE_GRAD:
             ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
             # masked pixels have all weights 0, hence a zero gradient row
-            ga = ea * ((ct + cpb) / sa)[:, None] - tl.where(hit_t, ct[:, None], 0.0) \
-                - tl.where(hit_pb, cpb[:, None], 0.0)
-            gb = eb * ((ct + cpa) / sb)[:, None] - tl.where(hit_t, ct[:, None], 0.0) \
-                - tl.where(hit_pa, cpa[:, None], 0.0)
+            ga, gb = _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb)
             wm = _axis_weights(own_r, i0, i1, ly) * _axis_weights(own_c, j0, j1, lx)
             acc_a = tl.dot(wm, ga, acc_a, input_precision=DOT_PRECISION)
             acc_b = tl.dot(wm, gb, acc_b, input_precision=DOT_PRECISION)
