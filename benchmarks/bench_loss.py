@@ -68,14 +68,7 @@ def make_provider(name, device, dtype):
             return inner
         from cps_fast.kernels import cps_loss as triton_ops
 
-        def run_config(a, b, t):
-            saved, triton_ops.TILE_OVERRIDE = triton_ops.TILE_OVERRIDE, (block_p, num_warps)
-            try:
-                return inner(a, b, t)
-            finally:
-                triton_ops.TILE_OVERRIDE = saved
-
-        return run_config
+        return common.with_setting(inner, triton_ops, "TILE_OVERRIDE", (block_p, num_warps))
     reason = backends.why_unavailable(name, device)
     if reason:
         return reason

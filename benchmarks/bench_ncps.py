@@ -73,14 +73,7 @@ def make_provider(name, device, dtype, ensemble):
             return inner
         from cps_fast.kernels import ncps_loss as triton_ops
 
-        def run_config(xs, t):
-            saved, triton_ops.ELEMS_OVERRIDE = triton_ops.ELEMS_OVERRIDE, per_thread
-            try:
-                return inner(xs, t)
-            finally:
-                triton_ops.ELEMS_OVERRIDE = saved
-
-        return run_config
+        return common.with_setting(inner, triton_ops, "ELEMS_OVERRIDE", per_thread)
     reason = backends.why_unavailable(name, device)
     if name == "cuda":
         reason = "ncps_loss has no CUDA C++ kernel"

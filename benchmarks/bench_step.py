@@ -94,6 +94,11 @@ class LossProbe:
         for name in self.METHODS:
             setattr(step_module, name, self._wrap(getattr(step_module, name)))
 
+    @staticmethod
+    def _saved(x) -> bool:
+        """A tensor argument as recorded: ``(host copy, device, strides)``."""
+        return isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], torch.Tensor)
+
     def _wrap(self, method):
         def recorded(*args, **kwargs):
             if self.call is None:  # host copies (first, eager call): they stay out of the peak memory
@@ -110,18 +115,17 @@ class LossProbe:
         method, args, kwargs = self.call
         leaves = []
 
-        def leaf(t):
-            if not (isinstance(t, tuple) and len(t) == 3 and isinstance(t[0], torch.Tensor)):
-                return t
-            host, dev, stride = t
+        def leaf(x):
+            if not self._saved(x):
+                return x
+            host, dev, stride = x
             t = torch.empty_strided(host.shape, stride, dtype=host.dtype, device=dev).copy_(host)
             if t.is_floating_point():
                 t.requires_grad_()
                 leaves.append(t)
             return t
 
-        is_leaf = (lambda x: isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], torch.Tensor))
-        args, kwargs = tree_map(leaf, args, is_leaf=is_leaf), tree_map(leaf, kwargs, is_leaf=is_leaf)
+        args, kwargs = (tree_map(leaf, tree, is_leaf=self._saved) for tree in (args, kwargs))
 
         def loss():
             out = method(*args, **kwargs)

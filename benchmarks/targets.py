@@ -83,7 +83,6 @@ def _ok(rows):
 
 def loss_targets(results: dict) -> list[dict]:
     rows = _ok(results.get("loss", []))
-    compiled = _ok(results.get("loss-compile", [])) + [r for r in rows if r.get("provider") == "compile"]
     out = []
     for shape in LOSS_SHAPES:
         for layout in ("nchw", "channels_last"):
@@ -92,7 +91,7 @@ def loss_targets(results: dict) -> list[dict]:
             match = [r for r in rows if all(r.get(k) == v for k, v in key.items())]
             fused = next((r for r in match if r["provider"] == "triton"), None)
             eager = next((r for r in match if r["provider"] == "eager"), None)
-            comp = next((r for r in compiled if all(r.get(k) == v for k, v in key.items())), None)
+            comp = next((r for r in match if r["provider"] == "compile"), None)
             best = min((r for r in match if r["provider"].startswith("triton")), key=lambda r: r["median_ms"],
                        default=None)
             note = ""

@@ -37,8 +37,9 @@ def by_target(rows, name):
 
 
 def test_all_met():
-    results = {"loss": loss_rows(), "loss-compile": [dict(r, provider="compile", median_ms=3.0)
-                                                     for r in loss_rows() if r["provider"] == "eager"],
+    loss = loss_rows()
+    loss += [dict(r, provider="compile", median_ms=3.0) for r in loss if r["provider"] == "eager"]
+    results = {"loss": loss,
                "step": step_rows(), "data": [dict(ENV, backend="dali-gpu", setting="voc", images_per_s=1000.0)]}
     rows = targets.evaluate(results)
     assert all(r["met"] for r in rows), [r for r in rows if not r["met"]]
