@@ -5,6 +5,9 @@ Providers:
            (under bf16 autocast on a GPU when the dtype is bf16)
   compile  torch.compile of that same function
   triton   cps_fast.cps_loss(backend="triton")
+  triton[64x8], triton[flat], triton[flat32x4]
+           the same with a forced tile configuration (BLOCK_P x num_warps) and/or the flat
+           channels_last kernel (--triton-configs)
   cuda     cps_fast.cps_loss(backend="cuda")   (the CUDA C++ extension)
   cpu      cps_fast.cps_loss(backend="cpu")    (the C++ extension)
 
@@ -61,18 +64,34 @@ def make_provider(name, device, dtype):
             return fn
         fn = common.maybe_autocast(fn, device, dtype)
         return lambda a, b, t: fn(a, b, t.long())
-    if name.startswith("triton["):  # a forced tile configuration "triton[BPxW]"
-        block_p, num_warps = (int(v) for v in name[len("triton["):-1].split("x"))
+    if name.startswith("triton["):  # a forced variant: "triton[BPxW]", "triton[flat]", "triton[flatBPxW]"
+        spec = name[len("triton["):-1]
+        flat = spec.startswith("flat")
+        spec = spec[len("flat"):] if flat else spec
         inner = make_provider("triton", device, dtype)
         if isinstance(inner, str):
             return inner
         from cps_fast.kernels import cps_loss as triton_ops
 
-        return common.with_setting(inner, triton_ops, "TILE_OVERRIDE", (block_p, num_warps))
+        if spec:
+            block_p, num_warps = (int(v) for v in spec.split("x"))
+            inner = common.with_setting(inner, triton_ops, "TILE_OVERRIDE", (block_p, num_warps))
+        return common.with_setting(inner, triton_ops, "CL_FLAT", True) if flat else inner
     reason = backends.why_unavailable(name, device)
     if reason:
         return reason
     return lambda a, b, t: cps_fast.cps_loss(a, b, t, cps_weight=1.5, backend=name)
+
+
+def config_provider(config: str) -> str:
+    """The provider name of one ``--triton-configs`` entry: "64:8", "flat" or "flat:64:8"."""
+    parts = config.split(":")
+    flat = parts[0] == "flat"
+    dims = parts[1:] if flat else parts
+    if len(dims) not in ((0, 2) if flat else (2,)) or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise SystemExit(f"bench_loss: --triton-configs entry {config!r}: expected BLOCK_P:num_warps "
+                         "(e.g. 64:8), flat, or flat:BLOCK_P:num_warps")
+    return "triton[" + ("flat" if flat else "") + ("x".join(dims)) + "]"
 
 
 def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
@@ -111,8 +130,10 @@ def main(argv=None):
                          shape_names=[*GPU_SHAPES, *CPU_SHAPES], dtypes="bf16,fp32", layouts="nchw,channels_last",
                          modes="fwd+bwd,fwd")
     p.add_argument("--triton-configs", default=None,
-                   help="also time the triton tile kernel with these BLOCK_P:num_warps configurations, "
-                        "e.g. 64:8,128:16,256:16 (rows 'triton[BPxW]'; the default heuristic stays 'triton')")
+                   help="also time the triton tile kernel with these BLOCK_P:num_warps configurations, e.g. "
+                        "64:8,32:1 (rows 'triton[BPxW]'; the default heuristic stays 'triton'); 'flat' or "
+                        "'flat:BP:W' times the flat channels_last kernel (kernels/cps_loss.py CL_FLAT; rows "
+                        "'triton[flat]', 'triton[flatBPxW]', channels_last only)")
     args = p.parse_args(argv)
 
     device, reps, env = common.setup_run(args)
@@ -124,8 +145,7 @@ def main(argv=None):
                                             if not (b == "triton" and device.type == "cpu")]
     copy_gbs = common.copy_bandwidth_gbs(device) if device.type == "cuda" else None
 
-    configs = [tuple(int(v) for v in c.split(":")) for c in args.triton_configs.split(",")] if args.triton_configs else []
-    providers += [f"triton[{bp}x{w}]" for bp, w in configs]
+    providers += [config_provider(c) for c in args.triton_configs.split(",")] if args.triton_configs else []
 
     path = common.result_path(args.json, "loss", device)
     rows = []
@@ -133,6 +153,8 @@ def main(argv=None):
         for dtype_name in args.dtypes.split(","):
             for provider, fn in common.runnable(providers, lambda p: make_provider(p, device, DTYPES[dtype_name])):
                 for layout in args.layouts.split(","):
+                    if provider.startswith("triton[flat") and layout != "channels_last":
+                        continue  # the flat kernel serves channels_last only; elsewhere it is plain "triton"
                     for mode in args.modes.split(","):
                         row = common.try_case(f"{provider} {shape_name} {dtype_name} {layout} {mode}", bench_case,
                                               provider, fn, shapes[shape_name], dtype_name, layout, device, mode, reps)

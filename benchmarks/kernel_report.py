@@ -7,7 +7,8 @@ those arguments (integers equal to 1 become constants, integers and pointers
 divisible by 16 are marked so). ``cuobjdump`` (shipped with Triton) reads the
 registers, spill stack and shared memory of the cubin, and the PTX shows the
 width of the global loads and stores (each width with its count of instructions: the
-logits tiles, the labels and the scalars show up as separate entries).
+logits tiles, the labels and the scalars show up as separate entries) and the number of
+CTA barriers (each a shared-memory round trip that all the program's warps wait for).
 
 Why: a kernel that compiles in the interpreter can still fail to compile for the
 GPU, and registers, spills and load widths decide a memory-bound kernel's speed.
@@ -150,6 +151,8 @@ def compile_launch(launch: Launch) -> dict:
     return {"regs": usage.get("reg"), "stack_bytes": usage.get("stack"), "shared_bytes": shared,
             "widest_load_bits": widest("ld"), "widest_store_bits": widest("st"),
             "loads": histogram("ld"), "stores": histogram("st"),
+            # CTA barriers in the PTX: shared-memory round trips (cross-warp reductions, gathers, layout moves)
+            "barriers": len(re.findall(r"\bbar(?:rier)?\.sync", ptx)),
             "num_warps": options["num_warps"],
             "constexprs": {n: v for n, v in zip(launch.fn.arg_names, launch.args) if sig.get(n) == "constexpr"}
             | {k: v for k, v in launch.kwargs.items() if k in launch.fn.arg_names}}
@@ -172,10 +175,13 @@ def cps_loss_cases():
                 t = torch.empty(N, H * W, device="meta", dtype=torch.uint8)
                 counts = torch.empty(3, device="meta")
                 a3 = a.flatten(2)
-                launches = intercept(K, ["_cps_loss_tile_kernel", "_cps_loss_loop_kernel"], K.cps_loss_fwd,
-                                     a3, a3, t, None, None, counts, a3, a3, 1.5, 255)
-                cases.append((dict(op="cps_loss", shape_name=shape_name, shape=[N, C, H, W],
-                                   dtype=_TRITON_TYPES[dtype], layout=layout), launches))
+                # channels_last also through the flat kernel (K.CL_FLAT), which the GPU run compares
+                for flat in (False, True) if layout == "channels_last" and C <= K.MAX_TILE_C else (False,):
+                    launches = intercept(K, ["_cps_loss_tile_kernel", "_cps_loss_loop_kernel", "_cps_loss_flat_kernel"],
+                                         common.with_setting(K.cps_loss_fwd, K, "CL_FLAT", flat),
+                                         a3, a3, t, None, None, counts, a3, a3, 1.5, 255)
+                    cases.append((dict(op="cps_loss", shape_name=shape_name, shape=[N, C, H, W],
+                                       dtype=_TRITON_TYPES[dtype], layout=layout), launches))
     return cases
 
 
@@ -238,8 +244,8 @@ def main(argv=None):
     common.print_table(rows, [
         ("op", "op", ""), ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""),
         ("kernel", "kernel", ""), ("num_warps", "warps", ""), ("regs", "regs", ""),
-        ("stack_bytes", "spill B", ""), ("shared_bytes", "smem B", ""), ("loads", "loads (bits x count)", ""),
-        ("stores", "stores", ""),
+        ("stack_bytes", "spill B", ""), ("shared_bytes", "smem B", ""), ("barriers", "barriers", ""),
+        ("loads", "loads (bits x count)", ""), ("stores", "stores", ""),
     ])
     path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / "kernel_report-sm90.json"
     common.write_json(rows, str(path), "kernel_report", torch.device("cpu"))

@@ -7,7 +7,7 @@
 #   bash benchmarks/run_gpu.sh                       # everything, inside BUDGET seconds (default 560)
 #   STEPS="loss step" bash benchmarks/run_gpu.sh     # some steps (a second call, or a re-measure)
 #
-# Steps, in this order: build tests loss step upsample ncps model data. A step that cannot get
+# Steps, in this order: build tests loss step tiles upsample ncps model data. A step that cannot get
 # its minimum time before the deadline is skipped and named at the end, so one device call
 # (10 minutes at most) always returns; run the skipped ones with STEPS in the next call (a warm
 # machine keeps the build, DALI, Triton's cache and the earlier steps' results, which the merged
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 BUDGET=${BUDGET:-560}
 PY=${PY:-python3}
-STEPS=${STEPS:-"build tests loss step upsample ncps model data"}
+STEPS=${STEPS:-"build tests loss step tiles upsample ncps model data"}
 export CPS_FAST_CUDA_ARCHS=${CPS_FAST_CUDA_ARCHS:-90a}
 export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
@@ -93,9 +93,13 @@ par=()
 $PY -c "import xdist, pytest_timeout" 2>/dev/null && par=(-n 12 --timeout 170)
 step tests 60 200 $PY -m pytest -q tests "${par[@]}" -p no:cacheprovider -rfEs --junitxml "$work/tests.xml"
 B=benchmarks
-step loss 60 160 $PY $B/bench_loss.py --providers eager,compile,triton,cuda --triton-configs 64:8,256:16 \
+step loss 60 160 $PY $B/bench_loss.py --providers eager,compile,triton,cuda \
   --dtypes bf16 --modes fwd+bwd --json "$work/loss.json"
 step step 90 220 $PY $B/bench_step.py --images 32 --warmup 13 --iters 20 --json "$work/step.json"
+# the loss's tile configurations beside the heuristic (NOTES.md: NCHW's cross-warp reductions, the
+# flat channels_last kernel); 32:1 and 64:4 keep NCHW's class reductions inside a warp or a few
+step tiles 30 120 $PY $B/bench_loss.py --providers triton --triton-configs 64:8,32:1,32:2,64:4,flat,flat:64:8,flat:32:4 \
+  --dtypes bf16 --modes fwd+bwd --json "$work/loss-tiles.json"
 step upsample 30 70 $PY $B/bench_upsample.py --json "$work/upsample.json"
 step ncps 30 70 $PY $B/bench_ncps.py --shapes voc --providers "eager,triton,triton[e2],triton[e4]" --json "$work/ncps.json"
 step model 40 100 $PY $B/bench_model.py --json "$work/model.json"

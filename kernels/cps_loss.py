@@ -171,6 +171,102 @@ def _cps_loss_tile_kernel(
 
 
 @triton.jit
+def _flat_to_tile(x, rows, c, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``x``: the flat elements of ``BLOCK_P`` class-contiguous pixel rows (the first ``BLOCK_P * C``
+    used), held as ``[BLOCK_P, BLOCK_C]``; returns them as the ``[pixels, classes]`` tile, padding
+    columns repeating class ``C - 1`` (the caller masks them). ``rows``: 0 to ``BLOCK_P - 1``. The
+    gather goes through shared memory."""
+    idx = tl.reshape(rows[:, None] * C + tl.minimum(c, C - 1)[None, :], [BLOCK_P * BLOCK_C])
+    return tl.reshape(tl.gather(tl.reshape(x, [BLOCK_P * BLOCK_C]), idx, 0), [BLOCK_P, BLOCK_C])
+
+
+@triton.jit
+def _tile_to_flat(g, rows, c, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The inverse of :func:`_flat_to_tile`: flat element ``f = r * BLOCK_C + c`` of the
+    ``[BLOCK_P, BLOCK_C]`` result is ``g[f // C, f % C]`` (past ``BLOCK_P * C`` the caller masks)."""
+    f = tl.reshape(rows[:, None] * BLOCK_C + c[None, :], [BLOCK_P * BLOCK_C])
+    # f // C without an integer division: (f + 0.5) / C lies 0.5 / C from the nearest integer, and
+    # float32 misses it by at most about (f / C) * 2**-23, which is smaller while f < 2**22
+    p = ((f.to(tl.float32) + 0.5) * (1.0 / C)).to(tl.int32)
+    idx = tl.minimum(p, BLOCK_P - 1) * BLOCK_C + (f - p * C)
+    return tl.reshape(tl.gather(tl.reshape(g, [BLOCK_P * BLOCK_C]), idx, 0), [BLOCK_P, BLOCK_C])
+
+
+@triton.jit
+def _pin_layout(x, ptrs, mask, L):
+    """``x`` unchanged (plus 0.0), tied to the layout of the load ``ptrs`` (the flat tile's own
+    addresses) issued again, predicated off: its mask also asks for ``L < 0``, false at run time
+    but unknown to the compiler, so it moves no data.
+
+    Why: a tile that comes out of ``tl.gather`` has no load of its own to fix its register layout.
+    The compiler then kept the per-pixel vectors (labels, statistics) in a second layout and moved
+    8 of them through shared memory, at two barriers each (29 barriers per program, where the tile
+    kernel has 5; triton 3.9). With this anchor the gathered tile takes the flat load's layout, in
+    which each thread holds 8 classes of one pixel, and no statistic moves (13 barriers: the
+    gathers and the program's sums; benchmarks/kernel_report.py counts them). Pinned to a load of
+    a different shape, triton 3.6 chose a column-major layout and reduced across warps."""
+    z = tl.load(ptrs, mask=mask & (tl.zeros(x.shape, tl.int32) + L < 0), other=0.0)
+    return x + z.to(tl.float32)
+
+
+@triton.jit
+def _cps_loss_flat_kernel(
+    a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr,
+    L, C,
+    s_an, s_ac, s_al, s_bn, s_bc, s_bl,
+    s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl,
+    cps_weight, ignore_index,
+    HAS_T: tl.constexpr, HAS_PA: tl.constexpr, HAS_PB: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+):
+    """The tile kernel for dense channels_last rows (``s_c == 1``, ``s_l == C``): a program's
+    ``BLOCK_P`` pixels are ``BLOCK_P * C`` consecutive elements, read and written as flat vectors
+    (128-bit accesses, where a ``[pixels, classes]`` tile of 21 classes can only use 16-bit ones)
+    and moved to and from the ``[BLOCK_P, BLOCK_C]`` tile through shared memory.
+
+    The flat elements (offsets ``f`` from the program's first pixel, valid below ``pixels * C``) are
+    addressed as a ``[BLOCK_P, BLOCK_C]`` block ``f = r * BLOCK_C + c``, the tile's own shape, and
+    :func:`_pin_layout` keeps the gathered tile in that load's register layout. Off by default
+    (``CL_FLAT``): benchmarks/NOTES.md has the compile evidence and what the GPU must decide."""
+    pid, n, l = _image_block(L, BLOCK_P, WIDE)
+    pmask = l < L
+    c = tl.arange(0, BLOCK_C)
+    m2 = pmask[:, None] & (c < C)[None, :]
+    l0 = (pid % tl.cdiv(L, BLOCK_P)) * BLOCK_P
+    if WIDE:
+        l0 = l0.to(tl.int64)
+    rows = l - l0
+    f = rows[:, None] * BLOCK_C + c[None, :]
+    fmask = f < tl.minimum(L - l0, BLOCK_P) * C
+    a_flat = n * s_an + l0 * C + f  # offsets of the flat rows (the gradients share the strides)
+    b_flat = n * s_bn + l0 * C + f
+    # gathered in the logits' dtype (half the shared-memory traffic of float32), then widened
+    fa = _flat_to_tile(tl.load(a_ptr + a_flat, mask=fmask, other=float("-inf")), rows, c, C, BLOCK_P, BLOCK_C)
+    fb = _flat_to_tile(tl.load(b_ptr + b_flat, mask=fmask, other=float("-inf")), rows, c, C, BLOCK_P, BLOCK_C)
+    xa = _pin_layout(tl.where(m2, fa.to(tl.float32), float("-inf")), a_ptr + a_flat, fmask, L)
+    xb = _pin_layout(tl.where(m2, fb.to(tl.float32), float("-inf")), b_ptr + b_flat, fmask, L)
+
+    ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C)
+    mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C)
+
+    t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
+    pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, n, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index, C,
+                                      arg_a, arg_b, HAS_PA, HAS_PB)
+
+    hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb)
+
+    _store_sums(part_ptr, pid, lse_a, lse_b, xa_t, xb_t, xa_pb, xb_pa, vt, vpa, vpb)
+
+    if WRITE_GRAD:
+        ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
+        ga, gb = _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb)
+        ga = _tile_to_flat(ga.to(ga_ptr.dtype.element_ty), rows, c, C, BLOCK_P, BLOCK_C)
+        gb = _tile_to_flat(gb.to(gb_ptr.dtype.element_ty), rows, c, C, BLOCK_P, BLOCK_C)
+        tl.store(ga_ptr + a_flat, ga, mask=fmask)
+        tl.store(gb_ptr + b_flat, gb, mask=fmask)
+
+
+@triton.jit
 def _online_stats(x_ptr, row_off, s_c, pmask, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Max, sum of exp(x - max) and argmax over the class axis, one class block at a time."""
     m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
@@ -263,6 +359,11 @@ def _scale_kernel(g_ptr, s_ptr, numel, BLOCK: tl.constexpr):
 # configurations (bench_loss.py --triton-configs), nothing else should.
 TILE_OVERRIDE: tuple[int, int] | None = None
 
+# Dense channels_last logits through the flat kernel (_cps_loss_flat_kernel: 128-bit accesses and a
+# shared-memory transpose) instead of the [pixels, classes] tile's 16-bit ones. Off until a GPU
+# measures which is faster (benchmarks/NOTES.md); bench_loss.py's "triton[flat]" rows turn it on.
+CL_FLAT = False
+
 
 def _block_sizes(C: int, class_contiguous: bool = False) -> tuple[int, int, int, bool]:
     """(BLOCK_P, BLOCK_C, num_warps, tiled) for a class axis of size C.
@@ -307,7 +408,12 @@ def cps_loss_fwd(a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_inde
     t, s_tn, s_tl, has_t = _label_args(t2, counts)
     pa, s_pan, s_pal, has_pa = _label_args(pa2, counts)
     pb, s_pbn, s_pbl, has_pb = _label_args(pb2, counts)
-    kernel = _cps_loss_tile_kernel if tiled else _cps_loss_loop_kernel
+    if not tiled:
+        kernel = _cps_loss_loop_kernel
+    elif CL_FLAT and all(x.stride(1) == 1 and x.stride(2) == C for x in (a3, b3)):
+        kernel = _cps_loss_flat_kernel  # rows of C classes back to back: the flat vectors cover them
+    else:
+        kernel = _cps_loss_tile_kernel
     kernel[grid](
         a3, b3, ga3 if write_grad else a3, gb3 if write_grad else b3, t, pa, pb, counts, partials,
         L, C,

@@ -31,7 +31,7 @@ def report(tmp_path_factory):
 def test_every_cps_loss_variant_compiles_for_sm90(report):
     rows = [r for r in report if r["op"] == "cps_loss"]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_cps_loss_tile_kernel", "_cps_loss_loop_kernel"}
+    assert kernels == {"_cps_loss_tile_kernel", "_cps_loss_loop_kernel", "_cps_loss_flat_kernel"}
     assert {(r["dtype"], r["layout"]) for r in rows} == {(d, lay) for d in ("bf16", "fp32")
                                                          for lay in ("nchw", "channels_last")}
     for r in rows:
@@ -61,3 +61,19 @@ def test_nchw_loads_are_vectorised(report):
                                                                  and r["kernel"] == "_ncps_tile_kernel")):
             assert r["widest_load_bits"] == 128 and r["widest_store_bits"] == 128, r
             assert r["loads"].startswith("128x"), r
+
+
+def test_channels_last_flat_kernel_is_vectorised_without_layout_moves(report):
+    rows = [r for r in report if r["kernel"] == "_cps_loss_flat_kernel"]
+    assert {r["shape_name"] for r in rows} == {"voc", "cityscapes", "ade"} and {r["layout"] for r in rows} == {"channels_last"}
+    for r in rows:
+        # its reason to exist: 128-bit accesses where the [pixels, classes] tile of 21 classes has 16-bit ones
+        assert r["loads"].startswith("128x") and r["stores"].startswith("128x"), r
+        if r["shape"][1] > 32:
+            continue  # 256-class tiles span warps: cross-warp reductions dominate the count in both kernels
+        # barriers: the tile kernel's (the program's sums) plus 4 gathers at 2 each; without
+        # _pin_layout's anchor, voc had 29 against the tile's 5 (per-pixel vectors moved between
+        # layouts through shared memory)
+        tile = next(t for t in report if t["kernel"] == "_cps_loss_tile_kernel"
+                    and all(t[k] == r[k] for k in ("shape_name", "dtype", "layout")))
+        assert r["barriers"] <= tile["barriers"] + 8, (r, tile)

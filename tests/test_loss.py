@@ -129,6 +129,42 @@ def test_wide_class_axis(device, backend, layout):
     assert_close_to_reference(got, a, b, target, **kw)
 
 
+TRITON_DEVICES = [d for d in DEVICES if "triton" in backends.available_backends(d)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("C,shape", [(2, (2, 9, 31)), (19, (2, 11, 15)), (21, (3, 37, 41)), (150, (2, 7, 13)),
+                                     (256, (1, 5, 3))])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("given_pseudo", [False, True])
+def test_channels_last_flat_kernel(device, C, shape, dtype, given_pseudo, monkeypatch):
+    """The flat channels_last kernel (CL_FLAT, 128-bit accesses and a gather) against the reference;
+    with 3 x 37 x 41 = 4551 pixels of 21 classes, tiles of 128 pixels end mid-image and mid-row."""
+    from cps_fast.kernels import cps_loss as triton_ops
+
+    launched = []
+    flat = triton_ops._cps_loss_flat_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return flat[grid]
+
+    monkeypatch.setattr(triton_ops, "CL_FLAT", True)
+    monkeypatch.setattr(triton_ops, "_cps_loss_flat_kernel", Spy())
+    N, H, W = shape
+    a = make_logits("channels_last", N, C, H, W, dtype, device)
+    b = make_logits("channels_last", N, C, H, W, dtype, device)
+    ii, label_dtype = (255, torch.uint8) if C <= 255 else (-1, torch.int64)
+    target = make_labels((N, H, W), C, 0.3, device, dtype=label_dtype, ignore_index=ii)
+    kw = dict(cps_weight=1.5, ignore_index=ii)
+    if given_pseudo:
+        kw["pseudo_b"] = make_labels((N, H, W), C, 0.4, device, dtype=label_dtype, ignore_index=ii)
+    got = run(cps_fast.cps_loss, a, b, target, backend="triton", **kw)
+    assert launched, "the flat kernel did not run"
+    assert_close_to_reference(got, a, b, target, **kw)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("grad_scale", [3.0, 1.0, 0.0, -0.5])
 def test_grad_output_scaling(device, backend, grad_scale):

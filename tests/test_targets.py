@@ -50,6 +50,18 @@ def test_all_met():
     assert "triton[64x8]" in note  # the faster forced tile configuration is pointed out
 
 
+def test_swept_tile_configurations_are_pointed_out():
+    """run_gpu.sh's "tiles" step writes loss-tiles.json; its fastest row is named beside the heuristic's
+    value (the target itself stays the heuristic's, which is what users get)."""
+    loss = [r for r in loss_rows(copy_fraction=0.7) if r["provider"] != "triton[64x8]"]
+    tiles = [dict(r, provider="triton[flat32x4]", median_ms=0.8, copy_fraction=0.875)
+             for r in loss if r["provider"] == "triton" and r["layout"] == "channels_last"]
+    rows = by_target(targets.evaluate({"loss": loss, "loss-tiles": tiles}), "loss: of copy bandwidth")
+    for r in rows:
+        assert r["value"] == 0.7 and r["met"] is False
+        assert ("triton[flat32x4]: 0.88 of copy" in r["note"]) == r["case"].endswith("channels_last"), r
+
+
 def test_missed_and_unmeasured():
     results = {"loss": loss_rows(copy_fraction=0.5, eager_ms=5.0),
                "step": step_rows(engine_ms=150.0, loss_ms=10.0, data_ms=10.0, peak=(10000.0, 7000.0)),
