@@ -113,6 +113,28 @@ def _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb):
 
 
 @triton.jit
+def _tile_loss(xa, xb, c, pmask, pid, n, l, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr, C,
+               s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl, cps_weight, ignore_index,
+               HAS_T: tl.constexpr, HAS_PA: tl.constexpr, HAS_PB: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The loss of both branches' ``[BLOCK_P, BLOCK_C]`` float32 logits tiles (padding at -inf):
+    stores this program's three sums and returns both gradient tiles (float32; a caller that does
+    not store them leaves them, and their loads, to dead-code elimination)."""
+    ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C)
+    mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C)
+
+    t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
+    pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, n, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index, C,
+                                      arg_a, arg_b, HAS_PA, HAS_PB)
+
+    hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb)
+
+    _store_sums(part_ptr, pid, lse_a, lse_b, xa_t, xb_t, xa_pb, xb_pa, vt, vpa, vpb)
+
+    ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
+    return _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb)
+
+
+@triton.jit
 def _image_block(L, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
     """This program's image ``n`` (int64 scalar) and pixel indices ``l`` inside it.
 
@@ -152,20 +174,10 @@ def _cps_loss_tile_kernel(
     xa = tl.load(a_ptr + n * s_an + a_off, mask=m2, other=float("-inf")).to(tl.float32)
     xb = tl.load(b_ptr + n * s_bn + b_off, mask=m2, other=float("-inf")).to(tl.float32)
 
-    ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C)
-    mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C)
-
-    t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
-    pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, n, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index, C,
-                                      arg_a, arg_b, HAS_PA, HAS_PB)
-
-    hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb)
-
-    _store_sums(part_ptr, pid, lse_a, lse_b, xa_t, xb_t, xa_pb, xb_pa, vt, vpa, vpb)
-
+    ga, gb = _tile_loss(xa, xb, c, pmask, pid, n, l, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr, C,
+                        s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl, cps_weight, ignore_index,
+                        HAS_T, HAS_PA, HAS_PB, BLOCK_C)
     if WRITE_GRAD:
-        ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
-        ga, gb = _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb)
         tl.store(ga_ptr + n * s_an + a_off, ga.to(ga_ptr.dtype.element_ty), mask=m2)
         tl.store(gb_ptr + n * s_bn + b_off, gb.to(gb_ptr.dtype.element_ty), mask=m2)
 
@@ -246,20 +258,10 @@ def _cps_loss_flat_kernel(
     xa = _pin_layout(tl.where(m2, fa.to(tl.float32), float("-inf")), a_ptr + a_flat, fmask, L)
     xb = _pin_layout(tl.where(m2, fb.to(tl.float32), float("-inf")), b_ptr + b_flat, fmask, L)
 
-    ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C)
-    mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C)
-
-    t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
-    pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, n, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index, C,
-                                      arg_a, arg_b, HAS_PA, HAS_PB)
-
-    hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb)
-
-    _store_sums(part_ptr, pid, lse_a, lse_b, xa_t, xb_t, xa_pb, xb_pa, vt, vpa, vpb)
-
+    ga, gb = _tile_loss(xa, xb, c, pmask, pid, n, l, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr, C,
+                        s_tn, s_tl, s_pan, s_pal, s_pbn, s_pbl, cps_weight, ignore_index,
+                        HAS_T, HAS_PA, HAS_PB, BLOCK_C)
     if WRITE_GRAD:
-        ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
-        ga, gb = _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb)
         ga = _tile_to_flat(ga.to(ga_ptr.dtype.element_ty), rows, c, C, BLOCK_P, BLOCK_C)
         gb = _tile_to_flat(gb.to(gb_ptr.dtype.element_ty), rows, c, C, BLOCK_P, BLOCK_C)
         tl.store(ga_ptr + a_flat, ga, mask=fmask)
