@@ -9,8 +9,9 @@ exactly as DALI readers with ``shard_id``/``num_shards`` would, but with the
 reference's "labeled list repeated to the unlabeled length" epochs.
 
 Labels are passed as file bytes and decoded by DALI as GRAY when the PNGs are
-grayscale; palette PNGs are decoded on the host to their indices (DALI's
-decoders expand palettes to colours, which would lose the class ids).
+8-bit grayscale; palette PNGs are decoded on the host to their indices (DALI's
+decoders expand palettes to colours, which would lose the class ids), and so
+are 16-bit ones (DALI would rescale their values to 8 bits).
 Cityscapes label ids are mapped to train ids with ``fn.lookup_table`` on the
 pipeline's device. DALI is imported lazily: this module imports without it.
 """
@@ -39,6 +40,21 @@ def dali_available() -> bool:
     return True
 
 
+def _png_bit_depth(data: np.ndarray) -> Optional[int]:
+    """The bit depth in a PNG file's IHDR chunk (``data``: the file's bytes), or None if it is no PNG."""
+    if data.size >= 26 and bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
+        return int(data[24])
+    return None
+
+
+def _file_bit_depth(path: str) -> Optional[int]:
+    """:func:`_png_bit_depth` of the file at ``path`` (None if it cannot be read: reading it later says why)."""
+    try:
+        return _png_bit_depth(np.fromfile(path, dtype=np.uint8, count=26))
+    except OSError:
+        return None
+
+
 def _rel_pos(anchor: int, size: int, crop: int) -> float:
     # DALI places a crop at round(pos * (size - crop)); invert that for our anchor.
     return 0.0 if size == crop else anchor / (size - crop)
@@ -48,12 +64,10 @@ class _Source:
     """Batch callback for ``fn.external_source``: one call per iteration, in order."""
 
     def __init__(self, dataset, schedule: SampleSchedule, crop_size, with_label: bool,
-                 image_mode: str, label_mode: Optional[str], start_epoch: int, check: bool,
-                 start_batch: int = 0):
+                 image_mode: str, label_mode: Optional[str], start_epoch: int, start_batch: int = 0):
         self.dataset, self.schedule = dataset, schedule
         self.ch, self.cw = crop_size
         self.with_label, self.image_mode, self.label_mode = with_label, image_mode, label_mode
-        self.check = check
         self.num_classes = getattr(dataset, "num_classes", 256)
         self._batches = self._gen(start_epoch, start_batch)
         self.recent = collections.deque(maxlen=8)  # names of batches in flight, for error messages
@@ -82,13 +96,17 @@ class _Source:
                 images.append(np.fromfile(img_path, dtype=np.uint8))
                 names.append(img_path)
                 if self.with_label:
-                    if self.label_mode == "array":
+                    if self.label_mode == "array":  # decoded here, so checked here (no device sync)
                         lab = read_label(lab_path, "gray")
-                        if self.check:
-                            check_label(lab, self.num_classes, lab_path)
+                        check_label(lab, self.num_classes, lab_path)
                         labels.append(lab[:, :, None])
                     else:
-                        labels.append(np.fromfile(lab_path, dtype=np.uint8))
+                        data = np.fromfile(lab_path, dtype=np.uint8)
+                        if _png_bit_depth(data) == 16:
+                            raise DataError(
+                                f"label file {lab_path} is a 16-bit PNG but the dataset's first label is 8-bit; "
+                                "DALI would rescale its values to 8 bits. Store all labels with one bit depth")
+                        labels.append(data)
             else:
                 item = self.dataset[i]
                 img = item["image"]
@@ -98,6 +116,7 @@ class _Source:
                 if self.with_label:
                     if item["label"] is None:
                         raise DataError(f"sample {names[-1]} has no label; use unlabeled_loader")
+                    check_label(item["label"], self.num_classes, names[-1])
                     labels.append(np.ascontiguousarray(item["label"])[:, :, None])
             sh, sw = scaled_size(h, w, sp.scale)
             sy.append(np.float32(sh))
@@ -131,8 +150,12 @@ def _build_pipeline(source: _Source, *, batch_size, crop_size, mean, std, with_l
         labels = outs[1] if with_label else None
         sh, sw, py, px, mirror = outs[-5:]
         if image_mode == "bytes":
-            images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
-                                       output_type=types.RGB)
+            # the nvJPEG (mixed) decoder's default chroma upsampling is nearest-neighbour; fancy
+            # upsampling is libjpeg-turbo's (dali-cpu) and PIL's (pytorch), so the backends decode
+            # alike. EXIF orientation is ignored: the labels (PNG) are never rotated, nor are the
+            # pytorch backend's images.
+            images = fn.decoders.image(images, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                       jpeg_fancy_upsampling=True, adjust_orientation=False)
         elif gpu:
             images = images.gpu()
         images = fn.resize(images, resize_x=sw, resize_y=sh, interp_type=types.INTERP_LINEAR,
@@ -194,11 +217,14 @@ class DaliLoader:
         label_mode = None
         if with_label:
             label_mode = "bytes" if file_backed and fmt in ("gray", "cityscapes_ids") else "array"
-        # labels decoded on the host are checked there; DALI-decoded ones on the host
-        # output (dali-cpu) — dali-gpu skips the check to avoid a device sync per batch.
+            if label_mode == "bytes" and len(dataset) and _file_bit_depth(dataset.paths(0)[1]) == 16:
+                label_mode = "array"  # 16-bit PNGs: read on the host, where values > 255 are refused
+        # Labels decoded on the host are always checked there. DALI-decoded ones are checked
+        # on the pipeline's output: by default on dali-cpu; dali-gpu skips it (a device sync
+        # per batch) unless check_labels=True.
         self.check_labels = (device == "cpu") if check_labels is None else bool(check_labels)
         self._source = _Source(dataset, schedule, self.crop_size, with_label, image_mode,
-                               label_mode, start_epoch, self.check_labels, start_batch)
+                               label_mode, start_epoch, start_batch)
         self.num_classes = getattr(dataset, "num_classes", 256)
         self._pipe = _build_pipeline(
             self._source, batch_size=schedule.batch_size, crop_size=self.crop_size, mean=mean,
