@@ -8,6 +8,8 @@ Providers:
   triton   cps_fast.ncps_loss(backend="triton")
   triton[eN]  the same with N elements of each branch's tile per thread, forced (a sweep of
            the tile heuristic; kernels/ncps_loss.py block_sizes)
+  triton[BPxW]  the same with the tile kernel's BLOCK_P and num_warps forced, e.g.
+           triton[32x1] (kernels/ncps_loss.py TILE_OVERRIDE; benchmarks/NOTES.md has why)
   cpu      cps_fast.ncps_loss(backend="cpu")    (the C++ extension)
   torch    cps_fast.ncps_loss(backend="torch")  (the kernel contract in plain PyTorch)
 
@@ -26,6 +28,7 @@ peak above the inputs during the timed calls.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -66,14 +69,18 @@ def make_provider(name, device, dtype, ensemble):
             return fn
         fn = common.maybe_autocast(fn, device, dtype)
         return lambda xs, t: fn(xs, t.long(), ensemble=ensemble)
-    if name.startswith("triton[e"):  # a forced elements-per-thread of the tile kernel
-        per_thread = int(name[len("triton[e"):-1])
+    forced = re.fullmatch(r"triton\[(?:e(\d+)|(\d+)x(\d+))\]", name)
+    if forced:  # elements per thread, or BLOCK_P x num_warps, of the tile kernel forced
         inner = make_provider("triton", device, dtype, ensemble)
         if isinstance(inner, str):
             return inner
         from cps_fast.kernels import ncps_loss as triton_ops
 
-        return common.with_setting(inner, triton_ops, "ELEMS_OVERRIDE", per_thread)
+        if forced.group(1):
+            return common.with_setting(inner, triton_ops, "ELEMS_OVERRIDE", int(forced.group(1)))
+        return common.with_setting(inner, triton_ops, "TILE_OVERRIDE", (int(forced.group(2)), int(forced.group(3))))
+    if name.startswith("triton["):
+        return f"unknown provider {name!r}: expected triton[eN] or triton[BPxW], e.g. triton[e4] or triton[32x1]"
     reason = backends.why_unavailable(name, device)
     if name == "cuda":
         reason = "ncps_loss has no CUDA C++ kernel"

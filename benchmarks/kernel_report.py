@@ -232,16 +232,18 @@ def main(argv=None):
     p.add_argument("--ops", default=",".join(CASES), help="comma list of " + ",".join(CASES))
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/kernel_report-sm90.json)")
     p.add_argument("--tile", default=None, metavar="BP:W",
-                   help="force this BLOCK_P:num_warps on the CPS loss's tile kernels (kernels/cps_loss.py "
-                        "TILE_OVERRIDE) to compare configurations, e.g. --ops cps_loss --tile 32:1 --json out.json")
+                   help="force this BLOCK_P:num_warps on the tile kernels of the CPS and n-CPS losses "
+                        "(TILE_OVERRIDE in kernels/cps_loss.py and kernels/ncps_loss.py) to compare "
+                        "configurations, e.g. --ops cps_loss --tile 32:1 --json out.json")
     p.add_argument("--shapes", default=None, help="comma list of shape names to compile (default: all)")
     args = p.parse_args(argv)
     if args.tile:
         from cps_fast.kernels import cps_loss as K
+        from cps_fast.kernels import ncps_loss as NK
 
         if not args.json:
             raise SystemExit("kernel_report: --tile needs --json (the default file is the heuristic's report)")
-        K.TILE_OVERRIDE = tuple(int(v) for v in args.tile.split(":"))
+        K.TILE_OVERRIDE = NK.TILE_OVERRIDE = tuple(int(v) for v in args.tile.split(":"))
     rows = []
     for op in args.ops.split(","):
         if op not in CASES:

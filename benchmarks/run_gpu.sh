@@ -97,11 +97,13 @@ step loss 60 160 $PY $B/bench_loss.py --providers eager,compile,triton,cuda \
   --dtypes bf16 --modes fwd+bwd --json "$work/loss.json"
 step step 90 220 $PY $B/bench_step.py --images 32 --warmup 13 --iters 20 --json "$work/step.json"
 # the loss's tile configurations beside the heuristic (NOTES.md: NCHW's cross-warp reductions, the
-# flat channels_last kernel); 32:1 and 64:4 keep NCHW's class reductions inside a warp or a few
-step tiles 30 120 $PY $B/bench_loss.py --providers triton --triton-configs 64:8,32:1,32:2,64:4,flat,flat:64:8,flat:32:4 \
+# flat channels_last kernel); 16:1, 32:1 and 64:4 keep NCHW's class reductions inside a warp or a few
+step tiles 30 150 $PY $B/bench_loss.py --providers triton --triton-configs 64:8,32:1,32:2,64:4,16:1,flat,flat:64:8,flat:32:4,flat:16:1 \
   --dtypes bf16 --modes fwd+bwd --json "$work/loss-tiles.json"
 step upsample 30 70 $PY $B/bench_upsample.py --json "$work/upsample.json"
-step ncps 30 70 $PY $B/bench_ncps.py --shapes voc --providers "eager,triton,triton[e2],triton[e4]" --json "$work/ncps.json"
+# triton[16x1]: one warp per 16-pixel tile, no cross-warp class reductions (0 barriers in NCHW, was 71-113)
+step ncps 30 100 $PY $B/bench_ncps.py --shapes voc --providers "eager,triton,triton[e2],triton[e4],triton[16x1]" \
+  --json "$work/ncps.json"
 step model 40 100 $PY $B/bench_model.py --json "$work/model.json"
 step data 30 80 $PY $B/bench_data.py --images 16 --json "$work/data.json"
 

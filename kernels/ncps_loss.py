@@ -37,6 +37,9 @@ LOOP_BLOCK_P = 32
 # elements of each branch's tile per thread, forced, or None; benchmarks set it to sweep
 # (bench_ncps.py provider "triton[eN]"), nothing else should
 ELEMS_OVERRIDE: int | None = None
+# (BLOCK_P, num_warps) forced for the tile path, or None; benchmarks set it to sweep
+# configurations (bench_ncps.py provider "triton[BPxW]", kernel_report.py --tile), nothing else should
+TILE_OVERRIDE: tuple[int, int] | None = None
 
 
 @triton.jit
@@ -311,6 +314,9 @@ def block_sizes(C: int, K: int, class_contiguous: bool = False) -> tuple[int, in
         block_c = triton.next_power_of_2(C)
         k2 = triton.next_power_of_2(K)
         block_p = max(2, min(256, TILE_SET_ELEMS // (k2 * block_c)))
+        if TILE_OVERRIDE is not None:
+            block_p, num_warps = TILE_OVERRIDE
+            return block_p, block_c, num_warps, True
         per_thread = ELEMS_OVERRIDE or (8 if K <= 4 else 4)
         num_warps = max(1, min(16, block_p * block_c // (per_thread * 32)))
         return block_p, block_c, num_warps, True
