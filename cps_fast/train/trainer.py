@@ -46,10 +46,13 @@ def init_distributed(device_type: str, cuda_graph: bool = False) -> tuple[int, i
     if device_type == "cuda" and cuda_graph:
         # NCCL inside a captured graph needs async error handling off (PyTorch's CUDA graph notes)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local)  # before NCCL starts, so its communicators bind to this rank's GPU
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        else:
+            dist.init_process_group("gloo")
     return rank, world, local
 
 
@@ -148,18 +151,26 @@ class Trainer:
             loss_backend=cfg.loss_backend, autocast_dtype=self.amp_dtype, fused_upsample=cfg.fused_upsample,
             ncps_ensemble=cfg.ncps_ensemble)
         self.step_fn = self.step_module
+        if cfg.method == "supervised":  # only branch a is trained: the others take no gradients
+            for branch in self.model.branches[1:]:
+                branch.requires_grad_(False)
+        # One side stream for DDP's construction, the eager warm-up and the capture: DDP keeps the
+        # parameters' AccumulateGrad nodes, which stay bound to the stream they were made on, and
+        # a capture on another stream would wait on that one (PyTorch's CUDA-graph notes).
+        self._side = torch.cuda.Stream(self.device) if self.use_graph else None
         if self.world > 1:
             # one forward (the whole loss) and one backward per step; gradients are averaged
             # over ranks and the loss is NOT divided by the world size (the reference does both)
-            side = torch.cuda.Stream(self.device) if self.use_graph else None
-            if side is not None:  # graph capture wants DDP built on a side stream (torch CUDA-graph notes)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if self._side is not None:
+                self._side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext():
+                # every trainable parameter takes a gradient every step, so no unused-parameter
+                # search (it would read a device flag on the host inside the captured backward)
                 self.step_fn = torch.nn.parallel.DistributedDataParallel(
                     self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    broadcast_buffers=False, find_unused_parameters=cfg.method == "supervised")
-            if side is not None:
-                torch.cuda.current_stream(self.device).wait_stream(side)
+                    broadcast_buffers=False)
+            if self._side is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._side)
         if cfg.compile:
             self.step_fn = torch.compile(self.step_fn)
         groups = param_groups(self.model, cfg.weight_decay)
@@ -272,7 +283,7 @@ class Trainer:
         """Warm up eagerly on a side stream, then capture :meth:`_step` into a CUDA graph."""
         self.static = [None if t is None else self._to_device(t).clone() for t in batch_fn()]
         warmup = 11 if self.world > 1 else 3  # DDP needs 11 eager iterations before capture
-        stream = torch.cuda.Stream(self.device)
+        stream = self._side
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for k in range(warmup):
@@ -286,7 +297,7 @@ class Trainer:
         self.graph_capturing = True
         try:
             # thread_local: loader threads (pin-memory, DALI's executor) keep calling CUDA during capture
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, stream=self._side, capture_error_mode="thread_local"):
                 self._step(*self.static)
         finally:
             self.graph_capturing = False
