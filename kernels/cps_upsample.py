@@ -126,7 +126,9 @@ def _axis_weights(own, i0, i1, lam):
     return w + tl.where(i1[None, :] == own[:, None], lam[None, :], 0.0)
 
 
-@triton.jit
+# H, W unspecialised: Triton makes an int argument equal to 1 a compile-time constant, and
+# _footprint converts the output size to float (a 1-pixel-high or -wide output did not compile)
+@triton.jit(do_not_specialize=["H", "W"])
 def _cps_upsample_kernel(
     a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, pa_ptr, pb_ptr, counts_ptr, part_ptr,
     C, h, w, H, W, n_bands, n_tiles,
