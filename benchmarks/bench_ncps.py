@@ -148,6 +148,7 @@ def main(argv=None):
                             row.update(env, shape_name=shape_name, ensemble=args.ensemble, copy_gbs=copy_gbs,
                                        copy_fraction=row["gbs"] / copy_gbs if copy_gbs else None)
                             rows.append(row)
+                            common.write_json(rows, args.json, "ncps", device)  # kept if the run is killed
     common.add_speedup(rows, "eager", ("shape_name", "dtype", "K", "layout", "mode"), "speedup_vs_eager")
     common.report(rows, [
         ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("K", "K", ""), ("layout", "layout", ""),

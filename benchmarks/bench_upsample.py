@@ -120,6 +120,7 @@ def main(argv=None):
                             continue
                         row.update(env, shape_name=shape_name)
                         rows.append(row)
+                        common.write_json(rows, args.json, "upsample", device)  # kept if the run is killed
     case = ("shape_name", "dtype", "layout", "mode")
     unfused = common.add_speedup(rows, "unfused", case, "speedup_vs_unfused")
     for r in rows:

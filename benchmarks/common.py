@@ -96,7 +96,8 @@ def measure_graph(fn, device: torch.device, *, warmup: int = 3, reps: int = 20, 
     if setup:
         setup()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: a live loader's pin-memory thread may call CUDA while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     graph.replay()
     torch.cuda.synchronize(device)
@@ -275,7 +276,17 @@ def maybe_autocast(fn, device: torch.device, dtype: torch.dtype):
 
 
 def compiled(fn):
-    """``torch.compile(fn)``, or a string saying why it is unavailable."""
+    """``torch.compile(fn)``, or a string saying why it is unavailable.
+
+    A benchmark compiles the same function for every case (shape, dtype, layout, mode), and
+    Dynamo counts those recompilations per function: past its limit (8) it would run the rest
+    eagerly without a word, so the limit is raised."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
     try:
         return torch.compile(fn, dynamic=False)
     except Exception as exc:  # pragma: no cover - depends on the install

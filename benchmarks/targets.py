@@ -15,7 +15,7 @@ into one folder, then merges them here into one file):
     python benchmarks/targets.py merged.json                 # a merged file again
 
 DIR holds the run's <name>.json files (benchmark rows) and, from run_gpu.sh, steps.tsv
-(each step's outcome), tests.xml (pytest's JUnit report) and env.txt; the merged file keeps
+(each step's outcome), tests.xml (the JUnit report of run_tests.py or pytest) and env.txt; the merged file keeps
 them all under "run".
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
+from run_tests import summarise  # noqa: E402
 
 LOSS_SHAPES = ("voc", "cityscapes")
 STEP_PRESET = "voc_r50_1-8_cutmix"
@@ -58,15 +59,15 @@ def collect_run(folder: str | Path) -> dict:
         for line in (folder / "steps.tsv").read_text().splitlines():
             name, outcome, when = line.split("\t")
             run["steps"][name] = {"outcome": outcome, "at": when}
-    try:
-        root = ET.parse(folder / "tests.xml").getroot()
-        suite = root if root.tag == "testsuite" else root.find("testsuite")
-        failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                  if c.find("failure") is not None or c.find("error") is not None]
-        run["tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-        run["tests"]["failed"] = failed
-    except (OSError, ET.ParseError, AttributeError):
-        pass
+    if (folder / "tests.xml").exists():
+        run["tests"] = summarise(folder / "tests.xml")
+        try:  # run_tests.py's merged report: each file's outcome (interrupted, not started, exit status)
+            root = ET.parse(folder / "tests.xml").getroot()
+            outcomes = {x.get("file"): x.get("outcome") for x in root.iter("testsuite") if x.get("file")}
+            if outcomes:
+                run["tests"]["files"] = outcomes
+        except ET.ParseError:
+            pass
     if (folder / "env.txt").exists():
         run["env"] = (folder / "env.txt").read_text()
     return run
@@ -149,9 +150,16 @@ def upsample_targets(results: dict) -> list[dict]:
         if r.get("provider") != "fused" or r.get("mode") != "fwd+bwd":
             continue
         case = f"{r['shape_name']} {r['dtype']} {r['layout']}"
+        # from the rows themselves when the benchmark was stopped before it added the ratios
+        u = next((v for v in rows if v.get("provider") == "unfused"
+                  and all(v.get(k) == r.get(k) for k in ("shape_name", "dtype", "layout", "mode"))), None)
         x = r.get("speedup_vs_unfused")
+        if x is None and u and r.get("median_ms"):
+            x = u["median_ms"] / r["median_ms"]
         out.append(_row("upsample: x upsample + fused loss", case, x, ">= 3", x is not None and x >= 3))
         mem = r.get("memory_vs_unfused")
+        if mem is None and u and r.get("peak_mb") and u.get("peak_mb"):
+            mem = r["peak_mb"] / u["peak_mb"]
         out.append(_row("upsample: peak memory of unfused", case, mem, "< 1", mem is not None and mem < 1))
     return out
 

@@ -23,7 +23,25 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
+def _shard(items):
+    """CPS_FAST_TEST_SHARD="i/n" keeps every n-th collected test from the i-th (0-based); the GPU run
+    (benchmarks/run_tests.py) splits its longest files into shards run side by side."""
+    spec = os.environ.get("CPS_FAST_TEST_SHARD")
+    if not spec:
+        return items, []
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"CPS_FAST_TEST_SHARD={spec!r}: expected i/n with 0 <= i < n, e.g. 0/3") from None
+    return [t for k, t in enumerate(items) if k % n == i], [t for k, t in enumerate(items) if k % n != i]
+
+
 def pytest_collection_modifyitems(config, items):
+    items[:], dropped = _shard(items)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

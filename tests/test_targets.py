@@ -90,6 +90,21 @@ def test_failed_variants_are_not_taken_for_the_engine():
     assert by_target(rows, "step: x reference images/s")[0]["case"] == "+cuda_graph vs reference"
 
 
+def test_upsample_targets_from_ratios_or_rows():
+    key = dict(ENV, shape_name="voc", dtype="bf16", mode="fwd+bwd")
+    rows = [dict(key, layout="nchw", provider="fused", median_ms=1.0, peak_mb=100.0, speedup_vs_unfused=3.5,
+                 memory_vs_unfused=0.4),
+            dict(key, layout="nchw", provider="unfused", median_ms=3.5, peak_mb=250.0),
+            # a run stopped before the ratios were added: read off the rows
+            dict(key, layout="channels_last", provider="fused", median_ms=2.0, peak_mb=300.0),
+            dict(key, layout="channels_last", provider="unfused", median_ms=5.0, peak_mb=250.0)]
+    got = by_target(targets.upsample_targets({"upsample": rows}), "upsample: x upsample + fused loss")
+    assert [(r["case"], r["value"], r["met"]) for r in got] == [("voc bf16 nchw", 3.5, True),
+                                                               ("voc bf16 channels_last", 2.5, False)]
+    mem = by_target(targets.upsample_targets({"upsample": rows}), "upsample: peak memory of unfused")
+    assert [(r["value"], r["met"]) for r in mem] == [(0.4, True), (1.2, False)]
+
+
 def test_merge_round_trip(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -119,3 +134,51 @@ def test_not_a_merged_file(tmp_path):
     bad.write_text("[]")
     with pytest.raises(SystemExit, match="not a merged run file"):
         targets.load(bad)
+
+
+def test_run_tests_merges_files_and_names_what_did_not_finish(tmp_path, capsys):
+    """benchmarks/run_tests.py (run_gpu.sh's tests step): one pytest per file, a deadline that
+    interrupts a running file (its finished tests kept) and names a file never started."""
+    import run_tests
+
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_a.py").write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n")
+    (tests / "test_b.py").write_text("import time\n\ndef test_first():\n    pass\n\n"
+                                     "def test_sleeps():\n    time.sleep(120)\n")
+    (tests / "test_c.py").write_text("def test_never():\n    pass\n")
+    junit = tmp_path / "out" / "tests.xml"
+    rc = run_tests.main(["--junit", str(junit), "--jobs", "1", "--deadline", "12", "--tests", str(tests)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    s = run_tests.summarise(junit)
+    assert "tests.test_a::test_bad" in s["failed"]
+    assert "test_b.py::(the file's run)" in s["failed"] and "test_c.py::(the file's run)" in s["failed"]
+    assert "interrupted at the deadline" in out and "not started: the 12 s deadline came first" in out
+    merged = targets.collect_run(junit.parent)["tests"]
+    assert merged["files"]["test_a.py"].startswith("exit 1 ")
+    assert merged["files"]["test_b.py"].startswith("interrupted")
+    assert merged["tests"] == s["tests"] and merged["failed"] == s["failed"]
+    # test_b's finished test is kept from its interrupted run
+    assert '"tests.test_b" name="test_first"' in junit.read_text()
+    # a run in which everything passes
+    rc = run_tests.main(["--junit", str(junit), "--jobs", "3", "--tests", str(tests), "--", "-k", "not sleeps and ok or never or first"])
+    assert rc == 0, capsys.readouterr().out
+    assert run_tests.summarise(junit)["failed"] == []
+
+
+def test_run_tests_shards_the_longest_files(monkeypatch):
+    import conftest
+    import run_tests
+
+    units = run_tests.ordered_units(Path(__file__).parent, run_tests.SHARDS)
+    names = [u.name for u in units]
+    assert names[:3] == ["test_loss.py[0/3]", "test_loss.py[1/3]", "test_loss.py[2/3]"]
+    assert len(set(u.stem for u in units)) == len(units) and "test_targets.py" in names
+    items = list(range(10))
+    monkeypatch.setenv("CPS_FAST_TEST_SHARD", "1/3")
+    kept, dropped = conftest._shard(items)
+    assert kept == [1, 4, 7] and sorted(kept + dropped) == items
+    monkeypatch.setenv("CPS_FAST_TEST_SHARD", "3/3")
+    with pytest.raises(pytest.UsageError, match="CPS_FAST_TEST_SHARD='3/3'"):
+        conftest._shard(items)
