@@ -47,6 +47,12 @@ def test_every_op_compiles_for_sm90(report):
         assert r["regs"] and r["regs"] <= 255 and r["shared_bytes"] <= 227 * 1024, r
 
 
+def test_one_pixel_high_and_wide_upsample_outputs_compile(report):
+    # H or W == 1 reaches the kernel as a compile-time constant; its float conversion once did not compile
+    shapes = {r["shape_name"]: r["out"] for r in report if r["op"] == "cps_upsample"}
+    assert shapes["h1"] == [1, 7] and shapes["w1"] == [9, 1]
+
+
 def test_kernels_do_not_spill(report):
     for r in report:
         # a few bytes of stack are tolerable (L1-resident); the old 4-warp tile spilled over 1 KB
