@@ -43,6 +43,19 @@ def run(fn, a, b, *args, grad_scale=1.0, **kw):
     return loss.detach(), sup, cps, a.grad, b.grad
 
 
+def assert_grads_close(named, floor):
+    """Gradients against the float64 reference: ``named`` holds ``(name, grad, ref, lowp, logits)``;
+    each grad has the logits' dtype, shape and strides, is finite, and is within twice the error
+    PyTorch makes in the logits' dtype (``lowp``) plus ``floor``."""
+    for name, g, r, lp, x in named:
+        assert g.dtype == x.dtype and g.shape == x.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
+        assert g.stride() == x.stride(), f"{name} strides {g.stride()} != logits strides {x.stride()}"
+        assert torch.isfinite(g).all(), f"{name} has non-finite values (an unwritten, poisoned element?)"
+        err = (g.double() - r).abs().max().item()
+        bound = 2 * (lp.double() - r).abs().max().item() + floor
+        assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} ({x.dtype})"
+
+
 def mean_ce(x, y, ignore_index):
     """Cross entropy of ``(N, C, H, W)`` or ``(P, C)`` logits in their own dtype, mean over valid labels."""
     rows = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() == 4 else x

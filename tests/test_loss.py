@@ -13,7 +13,7 @@ import torch
 import cps_fast
 from cps_fast import backends
 from cps_fast.reference import cps_loss_reference, cps_step_reference
-from helpers import assert_scalars_close, make_labels, make_logits, mean_ce, run
+from helpers import assert_grads_close, assert_scalars_close, make_labels, make_logits, mean_ce, run
 from helpers import poison_outputs  # noqa: F401  (autouse: NaN-filled kernel outputs)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -57,13 +57,7 @@ def assert_close_to_reference(got, a, b, target, grad_scale=1.0, **kw):
     else:
         lowp = run(lowp_reference, a, b, target, grad_scale=grad_scale, **kw)
         floor = 1e-3 * float(ref[3].abs().max())
-    for name, g, r, lp, x in (("grad_a", got[3], ref[3], lowp[3], a), ("grad_b", got[4], ref[4], lowp[4], b)):
-        assert g.dtype == x.dtype and g.shape == x.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
-        assert g.stride() == x.stride(), f"{name} strides {g.stride()} != logits strides {x.stride()}"
-        assert torch.isfinite(g).all(), f"{name} has non-finite values (an unwritten, poisoned element?)"
-        err = (g.double() - r).abs().max().item()
-        bound = 2 * (lp.double() - r).abs().max().item() + floor
-        assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} ({x.dtype})"
+    assert_grads_close((("grad_a", got[3], ref[3], lowp[3], a), ("grad_b", got[4], ref[4], lowp[4], b)), floor)
 
 
 def _shape_for(C):

@@ -19,7 +19,7 @@ import cps_fast
 from cps_fast import backends
 from cps_fast.ncps_loss import NCPSLoss, ncps_loss
 from cps_fast.reference import ncps_loss_reference
-from helpers import assert_scalars_close, make_labels, make_logits, mean_ce
+from helpers import assert_grads_close, assert_scalars_close, make_labels, make_logits, mean_ce
 from helpers import poison_outputs  # noqa: F401  (autouse: NaN-filled kernel outputs)
 
 # the module, not the function cps_fast re-exports under the same name
@@ -108,13 +108,7 @@ def assert_close_to_reference(got, xs, target, grad_scale=1.0, **kw):
     else:
         lowp = run(lowp_reference, xs, target, grad_scale=grad_scale, **kw)
         floor = 1e-3 * max(float(g.abs().max()) for g in ref[3])
-    for k, (g, r, lp, x) in enumerate(zip(got[3], ref[3], lowp[3], xs)):
-        assert g.dtype == x.dtype and g.shape == x.shape, f"grad[{k}]: {g.dtype} {tuple(g.shape)}"
-        assert g.stride() == x.stride(), f"grad[{k}] strides {g.stride()} != logits strides {x.stride()}"
-        assert torch.isfinite(g).all(), f"grad[{k}] has non-finite values (an unwritten, poisoned element?)"
-        err = (g.double() - r).abs().max().item()
-        bound = 2 * (lp.double() - r).abs().max().item() + floor
-        assert err <= bound, f"grad[{k}]: max error {err:.3g} > bound {bound:.3g} ({x.dtype})"
+    assert_grads_close(((f"grad[{k}]", *v) for k, v in enumerate(zip(got[3], ref[3], lowp[3], xs))), floor)
 
 
 def _shape_for(C):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cps_fast import backends
-from helpers import make_labels, make_logits
+from helpers import assert_grads_close, make_labels, make_logits
 from helpers import poison_outputs  # noqa: F401  (autouse: NaN-filled kernel outputs)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +71,7 @@ def assert_matches(loss, grads, xs, ref, lowp):
     assert loss.dtype == torch.float32 and torch.isfinite(loss), f"loss is {loss}"
     torch.testing.assert_close(loss.double(), ref[0], rtol=2e-5, atol=2e-5)
     floor = 1e-6 if xs[0].dtype == torch.float32 else 1e-3 * max(float(r.abs().max()) for r in ref[3])
-    for k, (g, r, lp, x) in enumerate(zip(grads, ref[3], lowp[3], xs)):
-        assert g.dtype == x.dtype and g.stride() == x.stride(), f"grad[{k}]: {g.dtype} strides {g.stride()}"
-        assert torch.isfinite(g).all(), f"grad[{k}] has non-finite values (an unwritten, poisoned element?)"
-        err = (g.double() - r).abs().max().item()
-        bound = 2 * (lp.double() - r).abs().max().item() + floor
-        assert err <= bound, f"grad[{k}]: max error {err:.3g} > bound {bound:.3g} ({x.dtype})"
+    assert_grads_close(((f"grad[{k}]", *v) for k, v in enumerate(zip(grads, ref[3], lowp[3], xs))), floor)
 
 
 def run_provider(fn, xs):
