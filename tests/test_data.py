@@ -319,6 +319,54 @@ def test_backends_agree(tmp_path):
     assert ((a["image"] - b["image"]).abs() > 0.05).float().mean() < 0.01
 
 
+def _ties(out_len, anchor, in_len, scaled_len):
+    """Output positions whose nearest-neighbour source centre ``(p + 0.5) * in / scaled`` is
+    an integer, exactly: there either neighbour is right and float rounding decides."""
+    p = np.arange(anchor, anchor + out_len)
+    return ((2 * p + 1) * in_len) % (2 * scaled_len) == 0
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "pytorch"])
+def test_dali_crop_window_resize_matches_host(tmp_path, backend):
+    """DALI resamples only the crop window (a region-of-interest resize); the result must be
+    the host's scale-then-crop: every label pixel the same except where the nearest source
+    pixel is a tie, every image pixel within one grey level, padding exact. Per-pixel random
+    labels and images make any one-pixel shift show; the crop is smaller than most scaled
+    images, so the window is trimmed on both sides, and scale 0.5 pads."""
+    from cps_fast.data.transforms import crop_anchor, scaled_size
+
+    size, crop = (70, 98), (48, 72)
+    make_voc(str(tmp_path), n=6, size=size)
+    ds = D.open_dataset("voc", str(tmp_path))
+    kw = dict(batch_size=3, crop_size=crop, seed=3, num_workers=0, scales=(0.5, 0.75, 1.25, 1.5, 1.75, 2.0))
+    host = iter(D.labeled_loader(ds, backend="pytorch", **kw))
+    loader = D.labeled_loader(ds, backend=backend, **kw)
+    dali = iter(loader)
+    std = torch.tensor(D.loaders.IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+    n_ties = n_checked = 0
+    for epoch in range(3):
+        for specs in loader.schedule.epoch(epoch):
+            a, b = next(host), next(dali)
+            la, lb = a["label"], b["label"].cpu()
+            assert ((la == 255) == (lb == 255)).all()
+            grey = ((a["image"] - b["image"].cpu()) * std).abs()
+            assert grey.max() <= 1.01, f"{backend}: image differs by {grey.max():.2f} grey levels"
+            assert (b["image"].cpu().permute(0, 2, 3, 1)[lb == 255] == 0).all()
+            for k, sp in enumerate(specs):
+                h, w = ds.image_size(sp.index)
+                sh, sw = scaled_size(h, w, sp.scale)
+                ty = _ties(crop[0], crop_anchor(sh, crop[0], sp.uy), h, sh)
+                tx = _ties(crop[1], crop_anchor(sw, crop[1], sp.ux), w, sw)
+                if sp.flip:
+                    tx = tx[::-1]
+                sure = torch.from_numpy(~ty[:, None] & ~tx[None, :])
+                n_ties += int((~sure).sum())
+                n_checked += int(sure.sum())
+                diff = (la[k] != lb[k]) & sure
+                assert not diff.any(), f"{backend}: {int(diff.sum())} label pixels differ at scale {sp.scale}"
+    assert n_ties > 0 and n_checked > n_ties
+
+
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
 def test_dali_keeps_palette_indices_and_maps_cityscapes(tmp_path):
     make_voc(str(tmp_path / "voc"), n=2, size=(30, 30), palette=True)

@@ -60,6 +60,22 @@ def _rel_pos(anchor: int, size: int, crop: int) -> float:
     return 0.0 if size == crop else anchor / (size - crop)
 
 
+def _window(in_len: int, scaled_len: int, crop: int, u: float) -> tuple[float, float, int, float]:
+    """One axis of "resize ``in_len -> scaled_len``, then crop ``crop`` at :func:`crop_anchor`",
+    computed without the scaled image: ``(roi_start, roi_end, piece, pos)``.
+
+    Only the part of the crop window inside the scaled image, ``piece`` pixels, is resampled:
+    DALI's resize of the input region ``[roi_start, roi_end)`` (input pixels) to ``piece``
+    pixels puts each output pixel's centre where the full resize would (the same scale
+    ``in_len / scaled_len``, the same origin), and samples outside the region from the image
+    as the full resize does. ``pos`` then places the piece in the padded crop.
+    """
+    a = crop_anchor(scaled_len, crop, u)
+    lo, hi = max(a, 0), min(a + crop, scaled_len)
+    ratio = in_len / scaled_len
+    return lo * ratio, hi * ratio, hi - lo, _rel_pos(a - lo, hi - lo, crop)
+
+
 class _Source:
     """Batch callback for ``fn.external_source``: one call per iteration, in order."""
 
@@ -87,7 +103,7 @@ class _Source:
 
     def __call__(self):
         specs = next(self._batches)
-        images, labels, rx, ry, sx, sy, mirror, names = [], [], [], [], [], [], [], []
+        images, labels, roi_start, roi_end, piece, py, px, mirror, names = ([] for _ in range(9))
         for sp in specs:
             i = sp.index
             if self.image_mode == "bytes":
@@ -119,16 +135,19 @@ class _Source:
                     check_label(item["label"], self.num_classes, names[-1])
                     labels.append(np.ascontiguousarray(item["label"])[:, :, None])
             sh, sw = scaled_size(h, w, sp.scale)
-            sy.append(np.float32(sh))
-            sx.append(np.float32(sw))
-            ry.append(np.float32(_rel_pos(crop_anchor(sh, self.ch, sp.uy), sh, self.ch)))
-            rx.append(np.float32(_rel_pos(crop_anchor(sw, self.cw, sp.ux), sw, self.cw)))
+            y0, y1, ph, pos_y = _window(h, sh, self.ch, sp.uy)
+            x0, x1, pw, pos_x = _window(w, sw, self.cw, sp.ux)
+            roi_start.append(np.array([y0, x0], np.float32))
+            roi_end.append(np.array([y1, x1], np.float32))
+            piece.append(np.array([ph, pw], np.float32))
+            py.append(np.float32(pos_y))
+            px.append(np.float32(pos_x))
             mirror.append(np.int32(sp.flip))
         self.recent.append(names)
         out = [images]
         if self.with_label:
             out.append(labels)
-        out += [sy, sx, ry, rx, mirror]
+        out += [roi_start, roi_end, piece, py, px, mirror]
         return tuple(out)
 
 
@@ -144,11 +163,11 @@ def _build_pipeline(source: _Source, *, batch_size, crop_size, mean, std, with_l
                   device_id=device_id if gpu else None,
                   prefetch_queue_depth=prefetch_queue_depth, seed=seed)
     def pipe():
-        n_out = 7 if with_label else 6
+        n_out = 8 if with_label else 7
         outs = fn.external_source(source=source, num_outputs=n_out, batch=True)
         images = outs[0]
         labels = outs[1] if with_label else None
-        sh, sw, py, px, mirror = outs[-5:]
+        roi_start, roi_end, piece, py, px, mirror = outs[-6:]
         if image_mode == "bytes":
             # the nvJPEG (mixed) decoder's default chroma upsampling is nearest-neighbour; fancy
             # upsampling is libjpeg-turbo's (dali-cpu) and PIL's (pytorch), so the backends decode
@@ -158,8 +177,10 @@ def _build_pipeline(source: _Source, *, batch_size, crop_size, mean, std, with_l
                                        jpeg_fancy_upsampling=True, adjust_orientation=False)
         elif gpu:
             images = images.gpu()
-        images = fn.resize(images, resize_x=sw, resize_y=sh, interp_type=types.INTERP_LINEAR,
-                           antialias=False)
+        # random scale then crop, resampling only the crop window's pixels (_window): at
+        # Cityscapes' 2048x1024 and scale 2, 0.64 Mpx per image instead of 8.4 Mpx
+        images = fn.resize(images, size=piece, roi_start=roi_start, roi_end=roi_end,
+                           interp_type=types.INTERP_LINEAR, antialias=False)
         images = fn.crop_mirror_normalize(
             images, crop_h=ch, crop_w=cw, crop_pos_x=px, crop_pos_y=py, mirror=mirror,
             mean=[m * 255.0 for m in mean], std=[s * 255.0 for s in std],
@@ -171,8 +192,8 @@ def _build_pipeline(source: _Source, *, batch_size, crop_size, mean, std, with_l
             labels = fn.decoders.image(labels, device="cpu", output_type=types.GRAY)
         if gpu:
             labels = labels.gpu()
-        labels = fn.resize(labels, resize_x=sw, resize_y=sh, interp_type=types.INTERP_NN,
-                           antialias=False)
+        labels = fn.resize(labels, size=piece, roi_start=roi_start, roi_end=roi_end,
+                           interp_type=types.INTERP_NN, antialias=False)
         labels = fn.crop(labels, crop_h=ch, crop_w=cw, crop_pos_x=px, crop_pos_y=py,
                          out_of_bounds_policy="pad", fill_values=255)
         labels = fn.flip(labels, horizontal=mirror)
