@@ -29,6 +29,11 @@ Where the time goes (issue 6's "loss and data <= 10% of the step"), per variant:
   data_ms   the step's median minus its median on one batch held on the device and repeated
             (what loading, decoding, augmenting and copying the batch in adds to the step)
 
+``--trace DIR`` then profiles a few more iterations of each variant (cps_fast.train.profiling):
+a Chrome trace per variant in DIR/<variant>/, and in the row and the printed summary the host
+time per phase and, on a GPU, the device-busy time, the fused loss kernels' share and the
+kernels that took the most time.
+
     python benchmarks/bench_step.py [--device cuda] [--iters 30] [--json out.json]
     cps-fast bench step ...
 """
@@ -51,6 +56,7 @@ from cps_fast.config import list_presets, load_preset  # noqa: E402
 from cps_fast.data import write_voc  # noqa: E402
 from cps_fast.data.loaders import resolve_backend  # noqa: E402
 from cps_fast.train import Trainer  # noqa: E402
+from cps_fast.train.profiling import ProfileWindow, format_summary  # noqa: E402
 from torch.utils._pytree import tree_map  # noqa: E402
 
 # labeled images of the published partitions (VOC train_aug 10582, Cityscapes train 2975)
@@ -150,7 +156,26 @@ def _time_iters(trainer, batches, iters: int, device: torch.device) -> list[floa
     return times
 
 
-def measure_variant(cfg, device, root: str, warmup: int, iters: int, breakdown: bool = True) -> dict:
+def _profile(trainer, batches, device, out_dir: Path, iters: int) -> dict:
+    """``iters`` more iterations under torch.profiler (after the timed ones, which it would slow):
+    the trace, operator table and summary go to ``out_dir``; the row keeps the summary."""
+    window = ProfileWindow(out_dir, iters=iters, start=0, device=device, print_fn=lambda *a, **k: None)
+    window.before(0)
+    for _ in range(iters):
+        trainer.run(trainer.it + 1, batches=batches)
+        window.after(1)
+    s = window.close()
+    print(format_summary(s), file=sys.stderr)
+    keep = ("wall_ms", "phases_ms", "trace")
+    out = {k: s[k] for k in keep if k in s}
+    out["host_ops"] = s.get("host_ops", [])[:10]
+    if s.get("gpu"):
+        out["gpu"] = {**s["gpu"], "top": s["gpu"]["top"][:10]}
+    return out
+
+
+def measure_variant(cfg, device, root: str, warmup: int, iters: int, breakdown: bool = True,
+                    trace_dir: Path | None = None, trace_iters: int = 3) -> dict:
     cfg = cfg.replace(data_root=root, train_labeled=None, train_unlabeled=None, val_list=None,
                       pretrained=None, max_iters=10_000, log_every=10_000, eval_every=0)
     with tempfile.TemporaryDirectory() as out:
@@ -179,6 +204,8 @@ def measure_variant(cfg, device, root: str, warmup: int, iters: int, breakdown: 
                        loss_fraction=None if loss_ms is None else loss_ms / step_ms, loss_timing=loss_timing,
                        loss_call=probe.call[0].__name__ if probe.call else None)
             row["loss_data_fraction"] = None if loss_ms is None else row["data_fraction"] + row["loss_fraction"]
+        if trace_dir is not None:
+            row["profile"] = _profile(trainer, batches, device, trace_dir, trace_iters)
     return row
 
 
@@ -207,6 +234,11 @@ def main(argv=None):
     p.add_argument("--variants", default=None, help="comma list of variant names to run (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-breakdown", action="store_true", help="skip the loss and data shares (faster)")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="after timing, profile --trace-iters more iterations of each variant with torch.profiler: "
+                        "DIR/<variant>/ gets the trace, the operator table and the summary (also in the JSON row)")
+    p.add_argument("--trace-iters", type=int, default=3)
+    p.add_argument("--trace-variants", default=None, help="comma list: trace only these variants")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -248,8 +280,11 @@ def main(argv=None):
             try:
                 if not tf32:
                     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+                traced = args.trace and (not args.trace_variants or name in args.trace_variants.split(","))
                 r = measure_variant(cfg.replace(**{k: v for k, v in change.items() if k != "tf32"}), device, root,
-                                    warmup, iters, breakdown=not args.no_breakdown)
+                                    warmup, iters, breakdown=not args.no_breakdown,
+                                    trace_dir=Path(args.trace) / name if traced else None,
+                                    trace_iters=args.trace_iters)
             except Exception as exc:  # one failing variant must not lose the others
                 print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 rows.append({**env, "variant": name, "error": f"{type(exc).__name__}: {exc}", "settings": change})

@@ -99,7 +99,9 @@ step tests 60 240 $PY $B/run_tests.py --jobs 8 --deadline $(( tests_cap - 35 )) 
 # the fused providers first: if torch.compile's builds run the step out of time, the last rows lost are its own
 step loss 60 160 $PY $B/bench_loss.py --providers triton,cuda,eager,compile \
   --dtypes bf16 --modes fwd+bwd --json "$work/loss.json"
-step step 90 220 $PY $B/bench_step.py --images 32 --warmup 13 --iters 20 --json "$work/step.json"
+# the last variant (everything on) is also profiled for 3 iterations: its kernel summary lands in the log and the JSON
+step step 90 220 $PY $B/bench_step.py --images 32 --warmup 13 --iters 20 --json "$work/step.json" \
+  --trace "$work/traces" --trace-variants +cuda_graph --trace-iters 3
 # the loss's tile configurations beside the heuristic (NOTES.md: NCHW's cross-warp reductions, the
 # flat channels_last kernel); 16:1, 32:1 and 64:4 keep NCHW's class reductions inside a warp or a few
 step tiles 30 150 $PY $B/bench_loss.py --providers triton --triton-configs 64:8,32:1,32:2,64:4,16:1,flat,flat:64:8,flat:32:4,flat:16:1 \

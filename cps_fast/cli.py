@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=("cuda", "cpu"), default=None)
     t.add_argument("--no-cuda-graph", action="store_true")
     t.add_argument("--compile", action="store_true", help="torch.compile the branches")
+    t.add_argument("--profile", type=int, default=None, metavar="N",
+                   help="record N iterations with torch.profiler (after profile_start, default 10) "
+                        "into OUT/profile/ and print where the time went")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     t.set_defaults(func=_cmd_train)
 

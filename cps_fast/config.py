@@ -134,6 +134,13 @@ class Config:
                               "upsampling fused in (cps_loss_upsampled; two branches, not with loss_backend "
                               "'reference' or 'cuda')")
     compile: bool = _f(False, "perf", "torch.compile the model")
+    profile_iters: int = _f(0, "perf", "record this many iterations with torch.profiler and write "
+                            "OUT/profile/ (trace, operator table, summary); 0: off")
+    profile_start: int = _f(10, "perf", "iterations of the run before the profiled ones (past the "
+                            "CUDA-graph capture and the allocator's warm-up)")
+    profiler: Literal["torch", "nsys"] = _f(
+        "torch", "perf", "torch: torch.profiler writes the files; nsys: only cudaProfilerStart/Stop around the "
+        "window, for nsys profile --capture-range=cudaProfilerApi")
 
     # --- evaluation
     eval_every: int = _f(0, "eval", "evaluate every N iterations (0: only at the end)")
@@ -206,6 +213,8 @@ class Config:
         need(self.eval_max_items is None or self.eval_max_items >= 1, "eval_max_items", "None or at least 1")
         need(self.log_every >= 1, "log_every", "at least 1")
         need(self.checkpoint_every >= 0, "checkpoint_every", ">= 0")
+        need(self.profile_iters >= 0, "profile_iters", ">= 0 (0: no profiling)")
+        need(self.profile_start >= 0, "profile_start", ">= 0")
 
     # ------------------------------------------------------------ derived values
 

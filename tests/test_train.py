@@ -419,13 +419,21 @@ def test_captured_step_has_no_host_sync_and_learns(tmp_path):
 
 def test_bench_step_smoke(tmp_path):
     rows = cli_main(["bench", "step", "--device", "cpu", "--iters", "1", "--warmup", "1", "--images", "8",
-                     "--variants", "reference,+fused_loss", "--set", "crop_size=48", "--json", str(tmp_path / "s.json")])
+                     "--variants", "reference,+fused_loss", "--set", "crop_size=48", "--json", str(tmp_path / "s.json"),
+                     "--trace", str(tmp_path / "traces"), "--trace-variants", "+fused_loss", "--trace-iters", "2"])
     assert [r["variant"] for r in rows] == ["reference", "+fused_loss"]
     assert all(r["images_per_s"] > 0 for r in rows)
     for r in rows:  # the breakdown: the step's own loss call re-timed, and the data pipeline's share
         assert r["loss_ms"] > 0 and 0 < r["loss_fraction"] < 1, r
         assert r["step_fixed_batch_ms"] > 0 and r["data_ms"] >= 0 and 0 <= r["data_fraction"] < 1, r
     assert [r["loss_call"] for r in rows] == ["_reference_loss", "_cross"]
+    # --trace: only the variant asked, two more iterations under torch.profiler, summary in the row
+    assert "profile" not in rows[0] and not (tmp_path / "traces" / "reference").exists()
+    prof = rows[1]["profile"]
+    assert prof["wall_ms"] > 0 and set(prof["phases_ms"]) >= {"data", "step"} and prof["host_ops"]
+    assert (tmp_path / "traces" / "+fused_loss" / "trace_rank0.json").is_file()
+    summary = json.loads((tmp_path / "traces" / "+fused_loss" / "summary_rank0.json").read_text())
+    assert summary["iterations"] == 2
 
 
 @pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])

@@ -27,6 +27,8 @@ def config_from_args(args) -> Config:
         changes["cuda_graph"] = False
     if getattr(args, "compile", False):
         changes["compile"] = True
+    if getattr(args, "profile", None) is not None:
+        changes["profile_iters"] = args.profile
     return cfg.replace(**changes) if changes else cfg
 
 

@@ -27,6 +27,7 @@ from ..eval import evaluate
 from ..models import CPSModel, convert_sync_batchnorm, param_groups
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import RunLogger
+from .profiling import ProfileWindow, phase
 from .step import SGD, CPSStep, poly_lr
 
 log = logging.getLogger("cps_fast.train")
@@ -198,6 +199,9 @@ class Trainer:
         self.graph = None
         self._val_set = None
         self.logger = RunLogger(self.out, enabled=self.is_main, print_fn=self.print)
+        self.profile = ProfileWindow(self.out / "profile", iters=cfg.profile_iters, start=cfg.profile_start,
+                                     tool=cfg.profiler, device=self.device, rank=self.rank, print_fn=self.print)
+        self.iters_here = 0  # iterations this object has trained (the profiling window counts from here)
 
         if resume:
             self._resume()
@@ -324,8 +328,11 @@ class Trainer:
         self.model.train()
         self.logger.start(self.start_iter, self.stop_iter)
         it = self.run(self.stop_iter, evaluate=True)
-        result = self._evaluate(it)
-        self._save(it)
+        self.profile.close()  # a window the run cut short
+        with phase("eval"):
+            result = self._evaluate(it)
+        with phase("checkpoint"):
+            self._save(it)
         self.logger.close()
         return result
 
@@ -349,25 +356,37 @@ class Trainer:
         it = self.it
         t_window, n_window = time.perf_counter(), 0
         while it < stop:
+            self.profile.before(self.iters_here)
             if self.use_graph and self.graph is None and stop - it > 12:
-                done = self._capture(lambda: next(batches))
+                with phase("capture"):
+                    done = self._capture(lambda: next(batches))
             elif self.graph is not None:
-                self._copy_in(next(batches))
-                self.graph.replay()
+                with phase("data"):
+                    self._copy_in(next(batches))
+                with phase("step"):
+                    self.graph.replay()
                 done = 1
             else:  # CPU, --no-cuda-graph, or too few iterations left to be worth a capture
-                self._step(*[self._to_device(t) for t in next(batches)])
+                with phase("data"):
+                    batch = [self._to_device(t) for t in next(batches)]
+                with phase("step"):
+                    self._step(*batch)
                 done = 1
             it += done
             n_window += done
             self.it = it
+            self.iters_here += done
             if it % cfg.log_every < done or it >= self.stop_iter:
-                self._log(it, n_window, time.perf_counter() - t_window)
+                with phase("log"):
+                    self._log(it, n_window, time.perf_counter() - t_window)
                 t_window, n_window = time.perf_counter(), 0
             if evaluate and cfg.eval_every and (it % cfg.eval_every < done) and it < stop:
-                self._evaluate(it)
+                with phase("eval"):
+                    self._evaluate(it)
             if evaluate and cfg.checkpoint_every and it % cfg.checkpoint_every < done:
-                self._save(it)
+                with phase("checkpoint"):
+                    self._save(it)
+            self.profile.after(done)
         return it
 
     def _to_device(self, t):
