@@ -150,14 +150,62 @@ def _ohem_reference(pred, target, thresh, min_kept, ignore=255):
     return F.cross_entropy(pred, target.view(b, h, w), ignore_index=ignore)
 
 
+OHEM_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", OHEM_DEVICES)
+@pytest.mark.parametrize("method", ["kthvalue", "topk"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("min_kept", [10, 300, 5000])
-@pytest.mark.parametrize("scale", [0.3, 3.0])
-def test_ohem_matches_reference(min_kept, scale):
-    pred = torch.randn(2, 19, 17, 23, dtype=torch.float64) * scale
-    target = torch.randint(0, 19, (2, 17, 23))
-    target[torch.rand(target.shape) < 0.2] = 255
+@pytest.mark.parametrize("scale", [0.3, 3.0, "confident"])
+def test_ohem_matches_reference(min_kept, scale, dtype, layout, method, device, monkeypatch):
+    """Value and gradient against the reference's ProbOhemCrossEntropy2d (its host-side
+    branches: min_kept 5000 > the valid pixels keeps them all), both k-th value methods, both
+    memory formats; bf16 logits against the reference on their float32 copies. "confident"
+    logits favour the true class on most pixels, so the min_kept-th probability is above
+    thresh and sets the threshold (kept: exactly the pixels at or below it)."""
+    import functools
+
+    import cps_fast.train.step as step_mod
+
+    monkeypatch.setattr(step_mod, "kth_smallest", functools.partial(step_mod.kth_smallest, method=method))
+    g = torch.Generator().manual_seed(min_kept)
+    pred = torch.randn(2, 19, 17, 23, dtype=torch.float64, generator=g) * (1.0 if scale == "confident" else scale)
+    target = torch.randint(0, 19, (2, 17, 23), generator=g)
+    if scale == "confident":  # the true class ahead by 2..8 on 90 % of the pixels
+        boost = (2 + 6 * torch.rand(target.shape, generator=g, dtype=torch.float64))
+        boost = boost * (torch.rand(target.shape, generator=g) < 0.9)
+        pred.scatter_add_(1, target.unsqueeze(1), boost.unsqueeze(1))
+    target[torch.rand(target.shape, generator=g) < 0.2] = 255
+    pred, target = pred.to(device, dtype), target.to(device)
+    if layout == "channels_last":
+        pred = pred.contiguous(memory_format=torch.channels_last)
+    pred.requires_grad_()
     got = ohem_cross_entropy(pred, target, thresh=0.7, min_kept=min_kept)
-    torch.testing.assert_close(got.double(), _ohem_reference(pred, target, 0.7, min_kept), rtol=1e-5, atol=1e-6)
+    got.backward()
+    ref_in = pred.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    want = _ohem_reference(ref_in, target, 0.7, min_kept)
+    want.backward()
+    if scale == "confident" and min_kept == 300:  # the case the k-th value decides
+        p = torch.softmax(ref_in.detach().double(), 1).gather(1, torch.where(target == 255, 0, target).unsqueeze(1))
+        assert float(torch.sort(p[target.unsqueeze(1) != 255]).values[min_kept - 1]) > 0.7
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+    assert pred.grad.dtype == dtype and pred.grad.stride() == pred.stride()
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float64 else dict(rtol=1.6e-2, atol=1e-5)
+    torch.testing.assert_close(pred.grad, ref_in.grad.to(dtype), **tol)
+
+
+@pytest.mark.parametrize("device", OHEM_DEVICES)
+def test_kth_smallest_methods_agree(device):
+    x = torch.rand(100_003, device=device)
+    x[::7] = 0.5  # ties
+    for k in (1, 2, 500, 14_286, 50_000, 100_003):
+        want = torch.sort(x.cpu()).values[k - 1]
+        for method in ("auto", "kthvalue", "topk"):
+            from cps_fast.train.step import kth_smallest
+
+            assert kth_smallest(x, k, method=method).item() == want.item(), (k, method)
 
 
 @pytest.mark.parametrize("impl", ["fused", "foreach", "auto"])
