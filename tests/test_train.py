@@ -397,12 +397,16 @@ def test_torchrun_two_processes_gloo(tmp_path, method, port):
     sets = TINY_SET + ["batch_size_labeled=4", "batch_size_unlabeled=4", f"method={method}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "cps_fast.cli", "train", "demo", "--out", str(tmp_path), "--iters", "3", "--device", "cpu",
-           *sum((["--set", s] for s in sets), [])]
+           "--profile", "1", *sum((["--set", s] for s in sets + ["profile_start=1"]), [])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "x 2" in res.stdout  # "device cpu x 2"
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["iteration"] == 3
+    # each rank profiles its own second iteration; only rank 0 prints
+    for r in (0, 1):
+        assert json.loads((tmp_path / "profile" / f"summary_rank{r}.json").read_text())["iterations"] == 1
+    assert res.stdout.count("profile (torch, cpu, rank") == 1
 
 
 # ----------------------------------------------------------------------------- GPU only
