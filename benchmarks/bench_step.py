@@ -175,7 +175,10 @@ def _profile(trainer, batches, device, out_dir: Path, iters: int) -> dict:
 
 
 def measure_variant(cfg, device, root: str, warmup: int, iters: int, breakdown: bool = True,
-                    trace_dir: Path | None = None, trace_iters: int = 3) -> dict:
+                    trace_dir: Path | None = None, trace_iters: int = 3, publish=None) -> dict:
+    """The variant's row. ``publish(row)``, if given, is called with it before any profiling, so
+    the measured numbers are saved even if the profiler takes the process down; the profile
+    summary is then added to the same dict."""
     cfg = cfg.replace(data_root=root, train_labeled=None, train_unlabeled=None, val_list=None,
                       pretrained=None, max_iters=10_000, log_every=10_000, eval_every=0)
     with tempfile.TemporaryDirectory() as out:
@@ -204,8 +207,14 @@ def measure_variant(cfg, device, root: str, warmup: int, iters: int, breakdown: 
                        loss_fraction=None if loss_ms is None else loss_ms / step_ms, loss_timing=loss_timing,
                        loss_call=probe.call[0].__name__ if probe.call else None)
             row["loss_data_fraction"] = None if loss_ms is None else row["data_fraction"] + row["loss_fraction"]
+        if publish is not None:
+            publish(row)
         if trace_dir is not None:
-            row["profile"] = _profile(trainer, batches, device, trace_dir, trace_iters)
+            try:
+                row["profile"] = _profile(trainer, batches, device, trace_dir, trace_iters)
+            except Exception as exc:  # the measured row stands
+                print(f"profiling failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                row["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
     return row
 
 
@@ -277,26 +286,34 @@ def main(argv=None):
                 continue
             tf32 = change.get("tf32", True)
             saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            n_rows = len(rows)
             try:
                 if not tf32:
                     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
                 traced = args.trace and (not args.trace_variants or name in args.trace_variants.split(","))
-                r = measure_variant(cfg.replace(**{k: v for k, v in change.items() if k != "tf32"}), device, root,
-                                    warmup, iters, breakdown=not args.no_breakdown,
-                                    trace_dir=Path(args.trace) / name if traced else None,
-                                    trace_iters=args.trace_iters)
+                meta = dict(variant=name, preset=args.preset, crop=cfg.crop_size, backbone=cfg.backbone,
+                            batch=[cfg.batch_size_labeled, cfg.batch_size_unlabeled], settings=change)
+
+                def publish(r, meta=meta):
+                    r.update(env, **meta)
+                    rows.append(r)
+                    common.write_json(rows, path, "step", device)  # kept if a later variant is killed
+                    print(f"{r['variant']:>15}: {r['median_ms']:.1f} ms/iter, {r['images_per_s']:.1f} images/s",
+                          file=sys.stderr)
+
+                measure_variant(cfg.replace(**{k: v for k, v in change.items() if k != "tf32"}), device, root,
+                                warmup, iters, breakdown=not args.no_breakdown,
+                                trace_dir=Path(args.trace) / name if traced else None,
+                                trace_iters=args.trace_iters, publish=publish)
+                common.write_json(rows, path, "step", device)  # with the profile, if any
             except Exception as exc:  # one failing variant must not lose the others
                 print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                rows.append({**env, "variant": name, "error": f"{type(exc).__name__}: {exc}", "settings": change})
+                if len(rows) == n_rows:  # not published yet
+                    rows.append({**env, "variant": name, "error": f"{type(exc).__name__}: {exc}", "settings": change})
                 common.write_json(rows, path, "step", device)
                 continue
             finally:
                 torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-            r.update(env, variant=name, preset=args.preset, crop=cfg.crop_size, backbone=cfg.backbone,
-                     batch=[cfg.batch_size_labeled, cfg.batch_size_unlabeled], settings=change)
-            rows.append(r)
-            common.write_json(rows, path, "step", device)  # kept if a later variant is killed
-            print(f"{name:>15}: {r['median_ms']:.1f} ms/iter, {r['images_per_s']:.1f} images/s", file=sys.stderr)
     ok = [r for r in rows if "error" not in r]
     for base in ("reference_strict_fp32", "reference"):  # "reference" last: it is the baseline column
         ref = next((r for r in ok if r["variant"] == base), None)
