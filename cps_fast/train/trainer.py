@@ -371,6 +371,7 @@ class Trainer:
                     batch = [self._to_device(t) for t in next(batches)]
                 with phase("step"):
                     self._step(*batch)
+                del batch  # not alive beside the next one (peak memory)
                 done = 1
             it += done
             n_window += done
