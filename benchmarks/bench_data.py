@@ -1,9 +1,12 @@
 """Data-loading throughput: images/s and CPU cores used, per backend, at the VOC
-(512 crop, ~500x375 JPEGs) and Cityscapes (800 crop, 2048x1024 JPEGs) settings.
+(512 crop, ~500x375 JPEGs) and Cityscapes (800 crop, 2048x1024 PNGs) settings.
 
-Synthetic scenes are written once as JPEGs at those sizes (VOC layout) into a
-temporary folder. CPU cores used = (CPU time of this process and its worker
-processes) / wall time over the measured iterations. On a GPU the target is at
+Synthetic scenes are written once into a temporary folder in each dataset's own layout
+and format: JPEG images and grayscale PNG labels for VOC; for Cityscapes RGB PNG images
+(decoded on the CPU: nvImageCodec has no GPU PNG decoder) and labelIds PNGs, mapped to
+train ids in the pipeline (4 distinct scenes repeated under every name: PNG encoding is
+slow). CPU cores used = (CPU time of this process and its worker processes) / wall time
+over the measured iterations. On a GPU the target is at
 least twice the images/s that the training step consumes.
 
     python benchmarks/bench_data.py [--backends pytorch dali-cpu dali-gpu] [--json PATH]
@@ -27,9 +30,23 @@ import cps_fast.data as D  # noqa: E402
 from cps_fast.data.dali import dali_available  # noqa: E402
 
 SETTINGS = {
-    "voc": {"size": (375, 500), "crop": 512},
-    "cityscapes": {"size": (1024, 2048), "crop": 800},
+    "voc": {"size": (375, 500), "crop": 512, "format": "jpeg"},
+    "cityscapes": {"size": (1024, 2048), "crop": 800, "format": "png"},
 }
+
+
+def write_setting(name: str, root: str, n_img: int) -> None:
+    """The setting's synthetic dataset in its own layout (VOC JPEGs, Cityscapes PNGs)."""
+    size = SETTINGS[name]["size"]
+    if name == "cityscapes":
+        D.write_cityscapes(root, n_train=n_img, n_val=0, size=size, seed=0, unique=min(n_img, 4))
+    else:
+        D.write_voc(root, n_train=n_img, n_val=0, size=size, seed=0)
+
+
+def setting_written(name: str, root: str) -> bool:
+    marker = ("leftImg8bit", "train") if name == "cityscapes" else ("ImageSets", "Segmentation", "train.txt")
+    return os.path.exists(os.path.join(root, *marker))
 
 
 def _proc_cpu_seconds(pid: int) -> float:
@@ -89,12 +106,12 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=None,
                     help="default: pytorch, plus dali-cpu/dali-gpu where they run")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--images", type=int, default=None, help="JPEGs written per setting")
+    ap.add_argument("--images", type=int, default=None, help="images written per setting")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=None, help="workers / DALI threads")
-    ap.add_argument("--root", default=None, help="folder for the JPEGs (default: a temporary one)")
+    ap.add_argument("--root", default=None, help="folder for the images (default: a temporary one)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -112,15 +129,15 @@ def main(argv=None) -> int:
     for name in args.settings:
         s = SETTINGS[name]
         sub = os.path.join(root, name)
-        if not os.path.isfile(os.path.join(sub, "ImageSets", "Segmentation", "train.txt")):
+        if not setting_written(name, sub):
             t0 = time.perf_counter()
-            D.write_voc(sub, n_train=n_img, n_val=0, size=s["size"], seed=0)
-            print(f"wrote {n_img} {s['size'][1]}x{s['size'][0]} JPEGs to {sub} in "
-                  f"{time.perf_counter() - t0:.1f}s", flush=True)
-        ds = D.open_dataset("voc", sub)
+            write_setting(name, sub, n_img)
+            print(f"wrote {n_img} {s['size'][1]}x{s['size'][0]} {s['format'].upper()}s ({name} layout) to {sub} "
+                  f"in {time.perf_counter() - t0:.1f}s", flush=True)
+        ds = D.open_dataset(name, sub)
         for be in backends:
             r = bench_one(ds, be, s["crop"], batch, iters, args.warmup, workers, device)
-            r.update(env, setting=name, backend=be, crop=s["crop"], image_hw=list(s["size"]),
+            r.update(env, setting=name, backend=be, crop=s["crop"], image_hw=list(s["size"]), format=s["format"],
                      batch=batch, workers=workers, n_images=n_img, cpu_count=os.cpu_count())
             rows.append(r)
             write_json(rows, args.json, "data", device)  # kept if the run is killed

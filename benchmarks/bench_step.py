@@ -16,7 +16,8 @@ Variants, each adding one thing to the one before:
 
 Each variant trains ``--iters`` iterations of the preset's step (VOC R50 1/8 CutMix by
 default: 8 labeled + 8 unlabeled at 512^2 on a GPU; a small ResNet-18 setting on the CPU)
-on synthetic JPEGs written at VOC size, data loading included, after ``--warmup``
+on synthetic images (JPEGs in the VOC layout for VOC presets; 2048x1024 PNGs in the
+Cityscapes layout, label ids mapped in the pipeline, for Cityscapes ones), data loading included, after ``--warmup``
 iterations. It reports images/s, ms/iteration, peak memory, and the estimated hours of
 every preset's full schedule at that step time.
 
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from cps_fast.config import list_presets, load_preset  # noqa: E402
-from cps_fast.data import write_voc  # noqa: E402
+from cps_fast.data import write_cityscapes, write_voc  # noqa: E402
 from cps_fast.data.loaders import resolve_backend  # noqa: E402
 from cps_fast.train import Trainer  # noqa: E402
 from cps_fast.train.profiling import ProfileWindow, format_summary  # noqa: E402
@@ -238,7 +239,7 @@ def main(argv=None):
     p.add_argument("--preset", default="voc_r50_1-8_cutmix")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--images", type=int, default=64, help="synthetic JPEGs written for the run")
+    p.add_argument("--images", type=int, default=64, help="synthetic images written for the run")
     p.add_argument("--cpu-bf16", action="store_true", help="include the bf16 variant on the CPU")
     p.add_argument("--variants", default=None, help="comma list of variant names to run (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -255,7 +256,11 @@ def main(argv=None):
 
     from cps_fast.config import apply_overrides
 
-    cfg = load_preset(args.preset).replace(dataset="synthetic", seed=0)
+    preset = load_preset(args.preset)
+    cityscapes = preset.dataset == "cityscapes"
+    # VOC presets train on synthetic JPEGs in the VOC layout; Cityscapes presets on synthetic
+    # PNGs in the Cityscapes layout (CPU-decoded PNGs and the label-id mapping, as the real data)
+    cfg = preset.replace(dataset="cityscapes" if cityscapes else "synthetic", seed=0)
     if not gpu:  # a CPU-sized version of the same step
         cfg = cfg.replace(backbone="resnet18", deep_stem=False, head_channels=64, crop_size=96,
                           batch_size_labeled=2, batch_size_unlabeled=2, num_workers=1)
@@ -266,8 +271,12 @@ def main(argv=None):
     path = common.result_path(args.json, "step", device)
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        size = (375, 500) if cfg.crop_size <= 512 else (1024, 2048)
-        write_voc(root, n_train=args.images, n_val=2, size=size if gpu else (128, 160), seed=0)
+        if cityscapes:
+            write_cityscapes(root, n_train=args.images, n_val=2, size=(1024, 2048) if gpu else (128, 256), seed=0,
+                             unique=min(args.images, 4))
+        else:
+            size = (375, 500) if cfg.crop_size <= 512 else (1024, 2048)
+            write_voc(root, n_train=args.images, n_val=2, size=size if gpu else (128, 160), seed=0)
         chosen = args.variants.split(",") if args.variants else None
         dali_missing = None
         for name, change in variants(device, args.cpu_bf16):
@@ -291,8 +300,9 @@ def main(argv=None):
                 if not tf32:
                     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
                 traced = args.trace and (not args.trace_variants or name in args.trace_variants.split(","))
-                meta = dict(variant=name, preset=args.preset, crop=cfg.crop_size, backbone=cfg.backbone,
-                            batch=[cfg.batch_size_labeled, cfg.batch_size_unlabeled], settings=change)
+                meta = dict(variant=name, preset=args.preset, dataset=cfg.dataset, crop=cfg.crop_size,
+                            backbone=cfg.backbone, batch=[cfg.batch_size_labeled, cfg.batch_size_unlabeled],
+                            settings=change)
 
                 def publish(r, meta=meta):
                     r.update(env, **meta)

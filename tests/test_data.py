@@ -169,6 +169,35 @@ def test_synthetic_writes_voc_layout(tmp_path):
         assert len(D.open_dataset("voc", root, split="val")) == 2
 
 
+@pytest.mark.parametrize("kind", ["labelIds", "labelTrainIds"])
+def test_synthetic_writes_cityscapes_layout(tmp_path, kind):
+    root = str(tmp_path)
+    D.write_cityscapes(root, n_train=5, n_val=2, size=(40, 72), seed=2, label_kind=kind, render_height=20,
+                       unique=3)
+    ds = D.open_dataset("cityscapes", root)
+    assert len(ds) == 5 and len(D.open_dataset("cityscapes", root, split="val")) == 2
+    assert sorted({os.path.basename(os.path.dirname(ds.paths(i)[0])) for i in range(5)}) == ["aachen", "bremen"]
+    mem = D.SyntheticDataset(n=5, size=(20, 36), seed=2)
+    train_ids = CITYSCAPES_ID_TO_TRAINID[D.SYNTHETIC_TO_CITYSCAPES_ID]
+    by_name = {ds.name(i): ds[i] for i in range(5)}
+    for i in range(5):
+        item = by_name[next(n for n in by_name if f"_{i:06d}_" in n)]
+        j = i if i < 3 else i % 3  # unique=3: later names repeat the first scenes' bytes
+        up = np.kron(mem[j]["label"], np.ones((2, 2), np.uint8))  # render_height 20 -> 40 rows, nearest
+        np.testing.assert_array_equal(item["label"], train_ids[up])
+        assert item["image"].shape == (40, 72, 3)
+    # the label ids go through the DALI lookup table on the pipeline's device as well
+    if HAVE_DALI:
+        b = next(iter(D.labeled_loader(ds, batch_size=5, crop_size=(40, 72), backend="dali-cpu", scales=(1.0,),
+                                       flip=False)))
+        got = sorted(tuple(x.ravel()) for x in b["label"].numpy())
+        assert got == sorted(tuple(ds[i]["label"].ravel()) for i in range(5))
+    with pytest.raises(ValueError, match="label_kind"):
+        D.write_cityscapes(root, label_kind="gtFine")
+    with pytest.raises(ValueError, match="unique"):
+        D.write_cityscapes(root, unique=0)
+
+
 # --------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_name_the_file(tmp_path):

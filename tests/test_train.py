@@ -501,6 +501,14 @@ def test_bench_step_smoke(tmp_path):
     assert summary["iterations"] == 2
 
 
+def test_bench_step_cityscapes_preset_reads_cityscapes_pngs(tmp_path):
+    rows = cli_main(["bench", "step", "--device", "cpu", "--preset", "cityscapes_r50_1-8", "--iters", "1",
+                     "--warmup", "1", "--images", "4", "--variants", "reference", "--no-breakdown",
+                     "--set", "crop_size=48", "--json", str(tmp_path / "s.json")])
+    assert [r["variant"] for r in rows] == ["reference"] and rows[0]["images_per_s"] > 0
+    assert rows[0]["dataset"] == "cityscapes"  # the synthetic PNGs in the Cityscapes layout, not VOC JPEGs
+
+
 @pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
 def test_train_on_voc_files(tmp_path, backend):
     """The trainer on a VOC folder (JPEGs + palette PNGs) through each data backend, with CutMix."""

@@ -20,12 +20,13 @@ from .datasets import (
 from .loaders import BACKENDS, labeled_loader, resolve_backend, unlabeled_loader
 from .splits import SampleSchedule, partition, read_list, read_partition, repeat_to_length, write_splits
 from .splits import main as splits_main
-from .synthetic import SYNTHETIC_CLASSES, SyntheticDataset, write_voc
+from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_TO_CITYSCAPES_ID, SyntheticDataset, write_cityscapes, write_voc
 
 __all__ = [
     "BACKENDS", "CITYSCAPES_CLASSES", "CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_PALETTE",
-    "CityscapesDataset", "DataError", "SYNTHETIC_CLASSES", "SampleSchedule", "SyntheticDataset",
+    "CityscapesDataset", "DataError", "SYNTHETIC_CLASSES", "SYNTHETIC_TO_CITYSCAPES_ID", "SampleSchedule",
+    "SyntheticDataset",
     "VOC_CLASSES", "VOC_PALETTE", "VOCDataset", "box_masks", "labeled_loader", "open_dataset",
     "partition", "read_image", "read_label", "read_list", "read_partition", "repeat_to_length",
-    "resolve_backend", "splits_main", "unlabeled_loader", "write_splits", "write_voc",
+    "resolve_backend", "splits_main", "unlabeled_loader", "write_cityscapes", "write_splits", "write_voc",
 ]

@@ -21,9 +21,10 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .datasets import VOC_PALETTE, DataError
+from .datasets import CITYSCAPES_ID_TO_TRAINID, VOC_PALETTE, DataError
 
-__all__ = ["SyntheticDataset", "render_scene", "write_voc", "SYNTHETIC_CLASSES"]
+__all__ = ["SyntheticDataset", "render_scene", "write_voc", "write_cityscapes", "SYNTHETIC_CLASSES",
+           "SYNTHETIC_TO_CITYSCAPES_ID"]
 
 SYNTHETIC_CLASSES = (
     "background", "striped disk", "checkered disk", "striped box", "checkered box",
@@ -241,3 +242,62 @@ def write_voc(root: str, n_train: int = 64, n_val: int = 16, size=128, seed: int
         with open(os.path.join(list_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
             f.writelines(i + "\n" for i in ids)
     return root
+
+
+# The synthetic classes as Cityscapes label ids (road, building, pole, vegetation, sky, person,
+# car), so a written folder exercises the label-id -> train-id mapping.
+SYNTHETIC_TO_CITYSCAPES_ID = np.array([7, 11, 17, 21, 23, 24, 26], np.uint8)
+
+
+def write_cityscapes(root: str, n_train: int = 16, n_val: int = 4, size=(1024, 2048), seed: int = 0,
+                     label_kind: str = "labelIds", unique: Optional[int] = None, render_height: int = 256,
+                     compress_level: int = 1) -> str:
+    """Write synthetic scenes to ``root`` in the Cityscapes layout and return ``root``.
+
+    ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` (RGB PNG, as the real images) and
+    ``gtFine/<split>/<city>/<stem>_gtFine_<label_kind>.png``: ``labelIds`` (the classes as
+    :data:`SYNTHETIC_TO_CITYSCAPES_ID`; the dataset maps them to train ids) or
+    ``labelTrainIds``. Two cities per split. Scenes are rendered at most ``render_height`` rows
+    high and resized to ``size`` (bilinear image, nearest label): a full-size render takes
+    seconds. ``unique``: only that many distinct scenes, whose PNG bytes are repeated under
+    every further name (the decode costs the same; for benchmarks, which would otherwise spend
+    most of their time encoding PNGs).
+    """
+    if label_kind not in ("labelIds", "labelTrainIds"):
+        raise ValueError(f"label_kind must be 'labelIds' or 'labelTrainIds', got {label_kind!r}")
+    if unique is not None and unique < 1:
+        raise ValueError(f"unique must be None or at least 1, got {unique!r}")
+    h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    rh = min(h, int(render_height))
+    rw = max(1, round(w * rh / h))
+    ids = SYNTHETIC_TO_CITYSCAPES_ID
+    if label_kind == "labelTrainIds":
+        ids = CITYSCAPES_ID_TO_TRAINID[ids]
+    for split, n in (("train", n_train), ("val", n_val)):
+        ds = SyntheticDataset(n=n, size=(rh, rw), seed=seed, split=split)
+        encoded: list[tuple[bytes, bytes]] = []
+        for i in range(n):
+            city = ("aachen", "bremen")[i % 2]
+            stem = f"{city}_{i:06d}_000019"
+            if unique is None or i < unique:
+                img, lab = ds.load(i)
+                if (rh, rw) != (h, w):
+                    img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+                    lab = np.asarray(Image.fromarray(lab).resize((w, h), Image.NEAREST))
+                encoded.append((_png_bytes(img, compress_level), _png_bytes(ids[lab], compress_level)))
+            img_bytes, lab_bytes = encoded[i % len(encoded)]
+            for sub, name, data in (("leftImg8bit", f"{stem}_leftImg8bit.png", img_bytes),
+                                    ("gtFine", f"{stem}_gtFine_{label_kind}.png", lab_bytes)):
+                d = os.path.join(root, sub, split, city)
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+    return root
+
+
+def _png_bytes(arr: np.ndarray, compress_level: int) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="PNG", compress_level=compress_level)
+    return out.getvalue()

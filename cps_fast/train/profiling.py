@@ -14,8 +14,9 @@ a profiling window they cost a few microseconds per iteration.
 - ``ops_rank{r}.txt``: torch's operator table (on a CUDA-graph run the replayed kernels have
   no operator: the kernel summary below is the one to read);
 - ``summary_rank{r}.json`` and a printed summary: wall time per iteration, host time per
-  phase, the operators with the most CPU time, and on CUDA the device-busy time (the union of kernel, copy and memset intervals),
-  the share of the fused CPS loss kernels and the kernels that took the most time.
+  phase, the operators with the most CPU time, and on CUDA the device-busy time (the union
+  of kernel, copy and memset intervals), the share of the fused CPS loss kernels and the
+  kernels that took the most time.
 
 With ``profiler="nsys"`` no torch.profiler runs (it and Nsight would both claim CUPTI): the
 window is only bracketed with ``cudaProfilerStart``/``Stop``, so
