@@ -345,7 +345,7 @@ def _cps_loss_loop_kernel(
 
 
 @triton.jit
-def _scale_kernel(g_ptr, s_ptr, numel, BLOCK: tl.constexpr):
+def _cps_scale_grad_kernel(g_ptr, s_ptr, numel, BLOCK: tl.constexpr):
     s = tl.load(s_ptr).to(tl.float32)
     if s != 1.0:  # decided on the device: no host synchronisation, no traffic when grad_output == 1
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -452,5 +452,5 @@ def scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     if numel == 0:
         return grad
     block = 4096
-    _scale_kernel[(triton.cdiv(numel, block),)](flat, grad_output.reshape(1), numel, BLOCK=block, num_warps=8)
+    _cps_scale_grad_kernel[(triton.cdiv(numel, block),)](flat, grad_output.reshape(1), numel, BLOCK=block, num_warps=8)
     return grad

@@ -6,7 +6,7 @@ import pytest
 from cps_fast.cli import build_parser
 from cps_fast.config import ConfigError
 from cps_fast.train import Trainer
-from cps_fast.train.profiling import kernel_summary
+from cps_fast.train.profiling import kernel_summary, phase_times
 from cps_fast.train.run import config_from_args
 
 from test_train import tiny_cfg
@@ -93,6 +93,30 @@ def test_kernel_summary_counts_overlap_once_and_finds_the_loss():
     assert s["loss_ms"] == pytest.approx(100 / 1e3 / 2)
     assert s["top"][0] == ["sm90_xmma_conv", pytest.approx(0.1), 1.0]
     assert kernel_summary([e for e in ev if e["cat"] == "cpu_op"], iters=1) is None
+
+
+def test_phase_times_count_the_host_ranges_only():
+    """On CUDA, Kineto reports every record_function range twice: on the host and as a device
+    annotation of the same name with no CPU time. Built by hand here (no GPU needed); only the
+    host entries may count, or a phase reads 0."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    events, i = [], 0
+    for it in range(3):
+        t = it * 1000
+        for name, start, end, dev in (("cps_fast/data", t, t + 100, DeviceType.CPU),
+                                      ("cps_fast/step", t + 100, t + 400, DeviceType.CPU),
+                                      ("cps_fast/data", t + 120, t + 130, DeviceType.CUDA),
+                                      ("cps_fast/step", t + 150, t + 900, DeviceType.CUDA)):
+            i += 1
+            events.append(FunctionEvent(id=i, name=name, thread=0 if dev == DeviceType.CPU else 7, start_us=start,
+                                        end_us=end, use_device="cuda", device_type=dev, is_user_annotation=True,
+                                        stack=[]))
+    averages = EventList(events, use_device="cuda")
+    averages._build_tree()
+    got = phase_times(averages.key_averages(), 3)
+    assert got == pytest.approx({"data": 0.1, "step": 0.3})
 
 
 @pytest.mark.gpu

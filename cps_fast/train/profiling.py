@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["phase", "ProfileWindow", "kernel_summary"]
+__all__ = ["phase", "ProfileWindow", "kernel_summary", "phase_times"]
 
 PREFIX = "cps_fast/"
 
@@ -50,6 +51,22 @@ def phase(name: str):
         finally:
             if nvtx:
                 torch.cuda.nvtx.range_pop()
+
+
+def _on_host(e) -> bool:
+    return e.device_type == torch.autograd.DeviceType.CPU
+
+
+def phase_times(averages, iters: int) -> dict:
+    """Host milliseconds per iteration of each ``cps_fast/<phase>`` range in torch.profiler's
+    ``key_averages()``. On CUDA, Kineto also reports each range as a device-side annotation of
+    the same name (its own entry, with no CPU time): only the host entries count."""
+    out: dict[str, float] = {}
+    for e in averages:
+        if e.key.startswith(PREFIX) and _on_host(e):
+            key = e.key[len(PREFIX):]
+            out[key] = out.get(key, 0.0) + e.cpu_time_total / 1e3 / max(int(iters), 1)
+    return out
 
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -91,6 +108,18 @@ def kernel_summary(events: list, iters: int, top: int = 15) -> Optional[dict]:
     }
 
 
+def _cupti_graph_workaround() -> None:
+    """torch's own rule for profiling beside CUDA graphs (torch/profiler/profiler.py applies it
+    to inductor's graphs only): before CUDA 12.6, CUPTI's teardown and lazy re-initialisation
+    crash a process that replays graphs, so both are turned off."""
+    from torch.torch_version import TorchVersion
+
+    cuda = getattr(torch.version, "cuda", None)
+    if cuda and TorchVersion(cuda) < "12.6":
+        os.environ.setdefault("DISABLE_CUPTI_LAZY_REINIT", "1")
+        os.environ.setdefault("TEARDOWN_CUPTI", "0")
+
+
 class ProfileWindow:
     """Records ``iters`` training iterations once ``start`` iterations of the run have passed.
 
@@ -129,6 +158,7 @@ class ProfileWindow:
             acts = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
+                _cupti_graph_workaround()
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
         if self.device.type == "cuda":
@@ -165,12 +195,12 @@ class ProfileWindow:
             averages = self.prof.key_averages()
             sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             (self.out / f"ops_rank{self.rank}.txt").write_text(averages.table(sort_by=sort, row_limit=40))
-            summary["phases_ms"] = {e.key[len(PREFIX):]: e.cpu_time_total / 1e3 / n
-                                    for e in averages if e.key.startswith(PREFIX)}
+            summary["phases_ms"] = phase_times(averages, n)
             with open(trace) as f:
                 events = json.load(f).get("traceEvents", [])
             summary["gpu"] = kernel_summary(events, n)
-            ops = sorted((e for e in averages if not e.key.startswith(PREFIX)), key=lambda e: -e.self_cpu_time_total)
+            ops = sorted((e for e in averages if _on_host(e) and not e.key.startswith(PREFIX)),
+                         key=lambda e: -e.self_cpu_time_total)
             summary["host_ops"] = [[e.key, e.self_cpu_time_total / 1e3 / n, e.count / n] for e in ops[:15]]
             summary["trace"] = str(trace)
             self.prof = None
