@@ -15,6 +15,7 @@ least twice the images/s that the training step consumes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -35,6 +36,9 @@ SETTINGS = {
 }
 
 
+MARKER = "bench_data.json"  # written last: a folder without it (an interrupted write) is rewritten
+
+
 def write_setting(name: str, root: str, n_img: int) -> None:
     """The setting's synthetic dataset in its own layout (VOC JPEGs, Cityscapes PNGs)."""
     size = SETTINGS[name]["size"]
@@ -42,11 +46,18 @@ def write_setting(name: str, root: str, n_img: int) -> None:
         D.write_cityscapes(root, n_train=n_img, n_val=0, size=size, seed=0, unique=min(n_img, 4))
     else:
         D.write_voc(root, n_train=n_img, n_val=0, size=size, seed=0)
+    with open(os.path.join(root, MARKER), "w") as f:
+        json.dump({"setting": name, "images": n_img, "size": list(size)}, f)
 
 
-def setting_written(name: str, root: str) -> bool:
-    marker = ("leftImg8bit", "train") if name == "cityscapes" else ("ImageSets", "Segmentation", "train.txt")
-    return os.path.exists(os.path.join(root, *marker))
+def setting_written(name: str, root: str, n_img: int) -> bool:
+    """True when ``root`` holds this setting's data, fully written, with ``n_img`` images."""
+    try:
+        with open(os.path.join(root, MARKER)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return meta == {"setting": name, "images": n_img, "size": list(SETTINGS[name]["size"])}
 
 
 def _proc_cpu_seconds(pid: int) -> float:
@@ -129,7 +140,7 @@ def main(argv=None) -> int:
     for name in args.settings:
         s = SETTINGS[name]
         sub = os.path.join(root, name)
-        if not setting_written(name, sub):
+        if not setting_written(name, sub, n_img):
             t0 = time.perf_counter()
             write_setting(name, sub, n_img)
             print(f"wrote {n_img} {s['size'][1]}x{s['size'][0]} {s['format'].upper()}s ({name} layout) to {sub} "
