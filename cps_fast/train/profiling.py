@@ -77,7 +77,8 @@ def kernel_summary(events: list, iters: int, top: int = 15) -> Optional[dict]:
     None when the trace has no device events (a CPU run).
 
     ``busy_ms``: the union of all device intervals (streams overlapping count once);
-    ``loss_ms``: kernels whose name contains "cps" (the fused losses); ``top``: the kernels
+    ``kernel_ms``: the sum of their durations (kernels, copies, memsets; overlaps count twice);
+    ``loss_ms``: kernels whose name contains "cps" (the fused losses); ``top``: the events
     with the most total time, as ``[name, ms per iteration, calls per iteration]``.
     """
     dev = [e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES and "dur" in e]
@@ -224,7 +225,7 @@ def format_summary(s: dict) -> str:
     if dev:
         lines.append(f"  device busy {dev['busy_ms']:.1f} ms per iteration ({100 * dev['busy_ms'] / wall:.0f}% of "
                      f"the wall time); fused CPS loss kernels {dev['loss_ms']:.2f} ms "
-                     f"({100 * dev['loss_ms'] / max(dev['kernel_ms'], 1e-9):.1f}% of kernel time)")
+                     f"({100 * dev['loss_ms'] / max(dev['kernel_ms'], 1e-9):.1f}% of device time)")
         lines.append("  kernels with the most device time, per iteration:")
         for name, ms, calls in dev["top"][:8]:
             lines.append(f"    {ms:8.2f} ms  {calls:6.1f}x  {name[:100]}")
