@@ -15,6 +15,7 @@ Deterministic from (seed, split, index); about 1 ms per 64x64 scene.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Optional, Sequence
 
@@ -296,8 +297,6 @@ def write_cityscapes(root: str, n_train: int = 16, n_val: int = 4, size=(1024, 2
 
 
 def _png_bytes(arr: np.ndarray, compress_level: int) -> bytes:
-    import io
-
     out = io.BytesIO()
     Image.fromarray(arr).save(out, format="PNG", compress_level=compress_level)
     return out.getvalue()
