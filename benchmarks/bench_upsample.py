@@ -3,6 +3,8 @@
 Providers (forward + backward w.r.t. the low-resolution logits unless --modes says otherwise):
   fused      cps_fast.cps_loss_upsampled (backend from --backend, default automatic:
              triton on CUDA, the C++ cpu backend when built, else torch)
+  fused[P]   the cpu backend with column paths P (avx512, avx2 or scalar; the default is the
+             widest the CPU has), e.g. --providers fused[avx512],fused[avx2],fused[scalar]
   unfused    F.interpolate(bilinear, align_corners=True) + cps_fast.cps_loss (automatic backend)
   reference  F.interpolate + the reference CPS code's argmax and four F.cross_entropy calls
              (under autocast in the logits' dtype on a GPU, as the reference trains)
@@ -31,6 +33,11 @@ from bench_loss import reference_way  # noqa: E402
 import cps_fast  # noqa: E402
 from cps_fast import upsample_loss  # noqa: E402
 
+try:
+    import cps_fast._C as _C  # noqa: E402
+except ImportError:
+    _C = None
+
 # name -> ((N, C, h, w), (H, W))
 GPU_SHAPES = {"voc": ((8, 21, 128, 128), (512, 512)), "cityscapes": ((8, 19, 200, 200), (800, 800))}
 CPU_SHAPES = {"voc-small": ((2, 21, 64, 64), (256, 256))}
@@ -49,6 +56,28 @@ def make_provider(name, device, dtype, size, backend):
         fn = lambda a, b, t: upsample_loss.cps_loss_upsampled(  # noqa: E731
             a, b, t, size=size, cps_weight=CPS_WEIGHT, backend=backend, validate=False)
         fn.backend = chosen
+        if chosen == "cpu" and hasattr(_C, "upsample_simd"):
+            fn.backend = f"cpu[{_C.upsample_simd()}]"
+        return fn
+    if name.startswith("fused[") and name.endswith("]"):
+        simd = name[len("fused["):-1]
+        if device.type != "cpu":
+            return f"{name} is a column path of the cpu backend; the device here is {device.type}"
+        if _C is None or not hasattr(_C, "set_upsample_simd"):
+            return f"{name}: the extension cps_fast._C is not built (or predates set_upsample_simd)"
+        try:  # refused when the CPU lacks it; the choice is made per call and restored
+            _C.set_upsample_simd(_C.set_upsample_simd(simd))
+        except RuntimeError as exc:
+            return str(exc)
+
+        def fn(a, b, t):
+            old = _C.set_upsample_simd(simd)
+            try:  # the cpu kernel computes the gradients in the forward call
+                return upsample_loss.cps_loss_upsampled(a, b, t, size=size, cps_weight=CPS_WEIGHT, backend="cpu",
+                                                        validate=False)
+            finally:
+                _C.set_upsample_simd(old)
+        fn.backend = f"cpu[{simd}]"
         return fn
     if name == "unfused":
         fn = lambda a, b, t: cps_fast.cps_loss(up(a), up(b), t, cps_weight=CPS_WEIGHT, validate=False)  # noqa: E731
@@ -59,7 +88,7 @@ def make_provider(name, device, dtype, size, backend):
             lambda a, b, t: reference_way(up(a), up(b), t.long(), cps_weight=CPS_WEIGHT), device, dtype)
         run.backend = "eager"
         return run
-    return f"unknown provider {name!r}; expected fused, unfused or reference"
+    return f"unknown provider {name!r}; expected fused, fused[avx512|avx2|scalar], unfused or reference"
 
 
 def bench_case(provider, fn, shape, size, dtype_name, layout, device, mode, reps):

@@ -135,7 +135,9 @@ def _select_backend(device_type: str, requested: str | None, C: int) -> str:
             if (device_type, name) not in _logged:
                 _logged.add((device_type, name))
                 why = f" ({'; '.join(skipped)})" if skipped else ""
-                log.info("cps_fast: %s uses the %s backend for %s tensors%s", OP, name, device_type, why)
+                simd = getattr(backends.extension(), "upsample_simd", None) if name == "cpu" else None
+                what = f"{name} ({simd()} column paths)" if simd is not None else name
+                log.info("cps_fast: %s uses the %s backend for %s tensors%s", OP, what, device_type, why)
             return name
         skipped.append(f"{name}: {reason}")
     return "torch"

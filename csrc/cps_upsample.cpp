@@ -30,13 +30,18 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
+// x86-64 builds carry AVX-512 and AVX2 versions of the column paths whatever
+// the compiler flags (a portable build included) and pick one at run time.
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define CPS_UPS_X86 1
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cps_loss.h"
@@ -175,46 +180,47 @@ void pull_columns(const float* CPS_RESTRICT g, int64_t ld, int64_t C, int64_t xb
   }
 }
 
-// The output columns in groups of 16 (one AVX-512 vector). A group whose
-// source columns span at most 16 (any upsampling by more than about 1.07x)
-// reads one 16-float window of the source row at `base` and blends it with
-// two in-register permutes instead of gathers; its backward pulls each window
-// position's contributions out of the group's gradient vector with K permutes
-// (K = the most output columns feeding one source column in the group).
-// Other groups (downsampling) take the scalar loops.
+// The output columns in groups of L (one vector: 16 floats with AVX-512, 8
+// with AVX2). A group whose source columns span at most L (upsampling by more
+// than about L/(L-1)) reads one L-float window of the source row at `base` and
+// blends it with two in-register permutes instead of gathers; its backward
+// pulls each window position's contributions out of the group's gradient
+// vector with K permutes (K = the most output columns feeding one source
+// column in the group). Other groups (downsampling) take the scalar loops.
 struct ColumnPlan {
-  int64_t groups = 0;
+  int64_t lanes = 16, groups = 0;
   std::vector<int32_t> base, kcount;
   std::vector<uint8_t> fits;
-  std::vector<int32_t> loc0, loc1;  // [group][16] source column - base
-  std::vector<int64_t> koff;        // [group + 1], in rows of 16
-  std::vector<int32_t> kidx;        // [row][16] lane of the group feeding window position jl
-  std::vector<float> kwt;           // [row][16] its weight (0 where none)
+  std::vector<int32_t> loc0, loc1;  // [group][L] source column - base
+  std::vector<int64_t> koff;        // [group + 1], in rows of L
+  std::vector<int32_t> kidx;        // [row][L] lane of the group feeding window position jl
+  std::vector<float> kwt;           // [row][L] its weight (0 where none)
 };
 
-ColumnPlan make_plan(const Axis& ax, int64_t out) {
+ColumnPlan make_plan(const Axis& ax, int64_t out, int64_t L) {
   ColumnPlan pl;
-  pl.groups = (out + 15) / 16;
+  pl.lanes = L;
+  pl.groups = (out + L - 1) / L;
   pl.base.assign(pl.groups, 0), pl.kcount.assign(pl.groups, 0), pl.fits.assign(pl.groups, 0);
-  pl.loc0.assign(pl.groups * 16, 0), pl.loc1.assign(pl.groups * 16, 0);
+  pl.loc0.assign(pl.groups * L, 0), pl.loc1.assign(pl.groups * L, 0);
   pl.koff.assign(pl.groups + 1, 0);
+  std::vector<int32_t> first(L), end(L);
   for (int64_t v = 0; v < pl.groups; ++v) {
-    const int64_t x0 = 16 * v, lanes = std::min<int64_t>(16, out - x0);
+    const int64_t x0 = L * v, lanes = std::min<int64_t>(L, out - x0);
     const int32_t base = ax.i0[x0];
     pl.base[v] = base;
-    pl.fits[v] = ax.i1[x0 + lanes - 1] - base < 16;
+    pl.fits[v] = ax.i1[x0 + lanes - 1] - base < L;
     pl.koff[v + 1] = pl.koff[v];
     if (!pl.fits[v]) continue;
     for (int64_t l = 0; l < lanes; ++l) {
-      pl.loc0[16 * v + l] = ax.i0[x0 + l] - base;
-      pl.loc1[16 * v + l] = ax.i1[x0 + l] - base;
+      pl.loc0[L * v + l] = ax.i0[x0 + l] - base;
+      pl.loc1[L * v + l] = ax.i1[x0 + l] - base;
     }
     // lanes [first[jl], end[jl]) feed window position jl (contiguous: i0 and i1 are nondecreasing)
-    int32_t first[16], end[16];
     int32_t K = 0;
-    for (int jl = 0; jl < 16; ++jl) {
-      first[jl] = 16, end[jl] = 0;
-      for (int l = 0; l < lanes; ++l) {
+    for (int64_t jl = 0; jl < L; ++jl) {
+      first[jl] = static_cast<int32_t>(L), end[jl] = 0;
+      for (int32_t l = 0; l < lanes; ++l) {
         if (ax.i0[x0 + l] == base + jl || ax.i1[x0 + l] == base + jl) {
           first[jl] = std::min(first[jl], l);
           end[jl] = std::max(end[jl], l + 1);
@@ -225,9 +231,9 @@ ColumnPlan make_plan(const Axis& ax, int64_t out) {
     pl.kcount[v] = K;
     pl.koff[v + 1] = pl.koff[v] + K;
     for (int32_t k = 0; k < K; ++k) {
-      for (int jl = 0; jl < 16; ++jl) {
+      for (int64_t jl = 0; jl < L; ++jl) {
         const int32_t l = first[jl] + k;
-        const int32_t j = base + jl;
+        const int64_t j = base + jl;
         const bool has = l < end[jl];
         const int64_t x = x0 + (has ? l : 0);
         pl.kidx.push_back(has ? l : 0);
@@ -238,91 +244,94 @@ ColumnPlan make_plan(const Axis& ax, int64_t out) {
   return pl;
 }
 
-// interp_columns for the block of output columns [xb, xb + nb), xb a multiple of 16.
-// tmp must have 16 readable floats past its last row.
-void interp_block(const float* CPS_RESTRICT tmp, int64_t w, int64_t C, const Axis& ax, const ColumnPlan& pl,
-                  int64_t xb, int64_t nb, float* CPS_RESTRICT out, int64_t ld) {
-#if defined(__AVX512F__)
-  for (int64_t v0 = 0; v0 < nb; v0 += 16) {
-    const int64_t v = (xb + v0) / 16;
-    const int64_t lanes = std::min<int64_t>(16, nb - v0);
-    if (!pl.fits[v]) {
-      interp_columns(tmp, w, C, ax.i0.data() + xb + v0, ax.i1.data() + xb + v0, ax.w0.data() + xb + v0,
-                     ax.w1.data() + xb + v0, lanes, out + v0, ld);
-      continue;
-    }
-    const __mmask16 m = static_cast<__mmask16>((1u << lanes) - 1u);
-    const __m512i l0 = _mm512_loadu_si512(pl.loc0.data() + 16 * v);
-    const __m512i l1 = _mm512_loadu_si512(pl.loc1.data() + 16 * v);
-    const __m512 w0 = _mm512_maskz_loadu_ps(m, ax.w0.data() + xb + v0);
-    const __m512 w1 = _mm512_maskz_loadu_ps(m, ax.w1.data() + xb + v0);
-    const float* t = tmp + pl.base[v];
-    for (int64_t c = 0; c < C; ++c) {
-      const __m512 win = _mm512_loadu_ps(t + c * w);
-      const __m512 r = _mm512_add_ps(_mm512_mul_ps(w0, _mm512_permutexvar_ps(l0, win)),
-                                     _mm512_mul_ps(w1, _mm512_permutexvar_ps(l1, win)));
-      _mm512_mask_storeu_ps(out + c * ld + v0, m, r);
-    }
-  }
-#else
-  (void)pl;
-  interp_columns(tmp, w, C, ax.i0.data() + xb, ax.i1.data() + xb, ax.w0.data() + xb, ax.w1.data() + xb, nb, out,
-                 ld);
+#if defined(CPS_UPS_X86)
+namespace avx512 {
+#define CPS_SIMD_FN __attribute__((target("avx512f"))) inline
+constexpr int64_t kLanes = 16;
+using F = __m512;
+using I = __m512i;
+using M = __mmask16;
+CPS_SIMD_FN M mask(int64_t n) { return static_cast<M>((1u << n) - 1u); }
+CPS_SIMD_FN F load(const float* p) { return _mm512_loadu_ps(p); }
+CPS_SIMD_FN I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
+CPS_SIMD_FN F maskload(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+CPS_SIMD_FN void maskstore(float* p, M m, F v) { _mm512_mask_storeu_ps(p, m, v); }
+// (the maskz form: GCC 12 warns of the plain one's _mm512_undefined_ps, GCC bug 105593)
+CPS_SIMD_FN F perm(I ix, F v) { return _mm512_maskz_permutexvar_ps(0xFFFF, ix, v); }
+CPS_SIMD_FN F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+CPS_SIMD_FN F add(F a, F b) { return _mm512_add_ps(a, b); }
+CPS_SIMD_FN F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+CPS_SIMD_FN F zero() { return _mm512_setzero_ps(); }
+#include "cps_upsample_simd.inc"
+#undef CPS_SIMD_FN
+}  // namespace avx512
+
+namespace avx2 {
+#define CPS_SIMD_FN __attribute__((target("avx2,fma"))) inline
+constexpr int64_t kLanes = 8;
+using F = __m256;
+using I = __m256i;
+using M = __m256i;  // all ones in the active lanes, as maskload/maskstore take it
+CPS_SIMD_FN M mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+CPS_SIMD_FN F load(const float* p) { return _mm256_loadu_ps(p); }
+CPS_SIMD_FN I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+CPS_SIMD_FN F maskload(M m, const float* p) { return _mm256_maskload_ps(p, m); }
+CPS_SIMD_FN void maskstore(float* p, M m, F v) { _mm256_maskstore_ps(p, m, v); }
+CPS_SIMD_FN F perm(I ix, F v) { return _mm256_permutevar8x32_ps(v, ix); }
+CPS_SIMD_FN F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+CPS_SIMD_FN F add(F a, F b) { return _mm256_add_ps(a, b); }
+CPS_SIMD_FN F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+CPS_SIMD_FN F zero() { return _mm256_setzero_ps(); }
+#include "cps_upsample_simd.inc"
+#undef CPS_SIMD_FN
+}  // namespace avx2
 #endif
+
+// The column paths the kernel runs: "avx512", "avx2" or "scalar" (the widest
+// this CPU has, unless set_upsample_simd chose another).
+std::atomic<int> g_simd_lanes{-1};
+
+int cpu_simd_lanes() {
+#if defined(CPS_UPS_X86)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return 16;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 8;
+#endif
+  return 0;
 }
 
-// pull_columns for the block [xb, xb + nb), xb a multiple of 16; gt must have 16 writable floats past its last row.
-void pull_block(const float* CPS_RESTRICT g, int64_t ld, int64_t C, int64_t xb, int64_t nb, const Axis& ax,
-                const ColumnPlan& pl, float* CPS_RESTRICT gt, int64_t w) {
-#if defined(__AVX512F__)
-  for (int64_t v0 = 0; v0 < nb; v0 += 16) {
-    const int64_t v = (xb + v0) / 16;
-    const int64_t lanes = std::min<int64_t>(16, nb - v0);
-    if (!pl.fits[v]) {
-      pull_columns(g + v0, ld, C, xb + v0, lanes, ax, gt, w);
-      continue;
-    }
-    const __mmask16 m = static_cast<__mmask16>((1u << lanes) - 1u);
-    const int32_t base = pl.base[v];
-    const __mmask16 mw = static_cast<__mmask16>((1u << std::min<int64_t>(16, w - base)) - 1u);
-    const int32_t K = pl.kcount[v];
-    const int32_t* kidx = pl.kidx.data() + 16 * pl.koff[v];
-    const float* kwt = pl.kwt.data() + 16 * pl.koff[v];
-    int64_t c = 0;
-    for (; c + 4 <= C; c += 4) {  // four classes at once: four independent FMA chains
-      const float* gc = g + c * ld + v0;
-      const __m512 g0 = _mm512_maskz_loadu_ps(m, gc), g1 = _mm512_maskz_loadu_ps(m, gc + ld);
-      const __m512 g2 = _mm512_maskz_loadu_ps(m, gc + 2 * ld), g3 = _mm512_maskz_loadu_ps(m, gc + 3 * ld);
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int32_t k = 0; k < K; ++k) {
-        const __m512i ix = _mm512_loadu_si512(kidx + 16 * k);
-        const __m512 wk = _mm512_loadu_ps(kwt + 16 * k);
-        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(ix, g0), wk, a0);
-        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(ix, g1), wk, a1);
-        a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(ix, g2), wk, a2);
-        a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(ix, g3), wk, a3);
-      }
-      float* dst = gt + c * w + base;
-      _mm512_mask_storeu_ps(dst, mw, _mm512_add_ps(_mm512_maskz_loadu_ps(mw, dst), a0));
-      _mm512_mask_storeu_ps(dst + w, mw, _mm512_add_ps(_mm512_maskz_loadu_ps(mw, dst + w), a1));
-      _mm512_mask_storeu_ps(dst + 2 * w, mw, _mm512_add_ps(_mm512_maskz_loadu_ps(mw, dst + 2 * w), a2));
-      _mm512_mask_storeu_ps(dst + 3 * w, mw, _mm512_add_ps(_mm512_maskz_loadu_ps(mw, dst + 3 * w), a3));
-    }
-    for (; c < C; ++c) {
-      const __m512 gv = _mm512_maskz_loadu_ps(m, g + c * ld + v0);
-      __m512 acc = _mm512_setzero_ps();
-      for (int32_t k = 0; k < K; ++k) {
-        acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(kidx + 16 * k), gv),
-                              _mm512_loadu_ps(kwt + 16 * k), acc);
-      }
-      float* dst = gt + c * w + base;
-      _mm512_mask_storeu_ps(dst, mw, _mm512_add_ps(_mm512_maskz_loadu_ps(mw, dst), acc));
-    }
+const char* simd_name(int lanes) { return lanes == 16 ? "avx512" : lanes == 8 ? "avx2" : "scalar"; }
+
+int simd_lanes() {
+  int lanes = g_simd_lanes.load(std::memory_order_relaxed);
+  if (lanes < 0) {
+    lanes = cpu_simd_lanes();
+    g_simd_lanes.store(lanes, std::memory_order_relaxed);
   }
-#else
-  (void)pl;
-  pull_columns(g, ld, C, xb, nb, ax, gt, w);
+  return lanes;
+}
+
+void interp_block(int64_t lanes, const float* tmp, int64_t w, int64_t C, const Axis& ax, const ColumnPlan& pl,
+                  int64_t xb, int64_t nb, float* out, int64_t ld) {
+#if defined(CPS_UPS_X86)
+  if (lanes == 16) return avx512::interp_block(tmp, w, C, ax, pl, xb, nb, out, ld);
+  if (lanes == 8) return avx2::interp_block(tmp, w, C, ax, pl, xb, nb, out, ld);
 #endif
+  (void)lanes, (void)pl;
+  interp_columns(tmp, w, C, ax.i0.data() + xb, ax.i1.data() + xb, ax.w0.data() + xb, ax.w1.data() + xb, nb, out,
+                 ld);
+}
+
+void pull_block(int64_t lanes, const float* g, int64_t ld, int64_t C, int64_t xb, int64_t nb, const Axis& ax,
+                const ColumnPlan& pl, float* gt, int64_t w) {
+#if defined(CPS_UPS_X86)
+  if (lanes == 16) return avx512::pull_block(g, ld, C, xb, nb, ax, pl, gt, w);
+  if (lanes == 8) return avx2::pull_block(g, ld, C, xb, nb, ax, pl, gt, w);
+#endif
+  (void)lanes, (void)pl;
+  pull_columns(g, ld, C, xb, nb, ax, gt, w);
 }
 
 // ============================================================================ CPU kernel
@@ -343,7 +352,8 @@ void upsample_cpu_kernel(const UpsampleArgs& args, const scalar_t* a, const scal
   const int64_t N = args.N, C = args.C, h = args.h, w = args.w, H = args.H, W = args.W;
   const Axis ry = make_axis(h, H, args.align_corners);
   const Axis cx = make_axis(w, W, args.align_corners);
-  const ColumnPlan plan = make_plan(cx, W);
+  const int64_t lanes = simd_lanes();
+  const ColumnPlan plan = make_plan(cx, W, lanes > 0 ? lanes : 16);
   // Low-res row r owns the full-res rows [ys[r], ys[r + 1]) (those with i0 == r).
   std::vector<int64_t> ys(h + 1);
   for (int64_t r = 0, y = 0; r <= h; ++r) {
@@ -378,7 +388,7 @@ void upsample_cpu_kernel(const UpsampleArgs& args, const scalar_t* a, const scal
   at::parallel_for(0, T, 1, [&](int64_t s_begin, int64_t s_end) {
     // float buffers: ring[2 branches][2 slots][CW], tmp[2][CW], gt[2][CW], own/hin/hout[2][CW], fin[CW],
     // block[2][C*B], per-pixel [12][B]
-    // (+ 16 floats after each tmp and gt buffer: the vector paths read/write 16-float windows)
+    // (+ 16 floats after each tmp and gt buffer: the vector paths read/write windows of up to 16 floats)
     std::vector<float> fbuf(static_cast<size_t>(4 * CW + 2 * CWp + 2 * CWp + 6 * CW + CW + 2 * C * B + 12 * B));
     std::vector<int32_t> ibuf(static_cast<size_t>(5 * B));
     float* ring = fbuf.data();
@@ -434,16 +444,16 @@ void upsample_cpu_kernel(const UpsampleArgs& args, const scalar_t* a, const scal
           for (int64_t xb = 0; xb < W; xb += B) {
             const int64_t nb = std::min(B, W - xb);
             const int64_t l0 = y * W + xb;
-            interp_block(tmp[0], w, C, cx, plan, xb, nb, sc.fa, B);
-            interp_block(tmp[1], w, C, cx, plan, xb, nb, sc.fb, B);
+            interp_block(lanes, tmp[0], w, C, cx, plan, xb, nb, sc.fa, B);
+            interp_block(lanes, tmp[1], w, C, cx, plan, xb, nb, sc.fb, B);
             pair_block_loss(sc, args.t, args.pa, args.pb, n, l0, nb, C, B, args.ignore_index, sums_g);
             if (want_ga) {
               grad_block(sc.fa, B, C, nb, sc.ma, sc.sa, sc.tl, sc.pb, inv_t, w_pb, sc.k);
-              pull_block(sc.fa, B, C, xb, nb, cx, plan, gt[0], w);
+              pull_block(lanes, sc.fa, B, C, xb, nb, cx, plan, gt[0], w);
             }
             if (want_gb) {
               grad_block(sc.fb, B, C, nb, sc.mb, sc.sb, sc.tl, sc.pa, inv_t, w_pa, sc.k);
-              pull_block(sc.fb, B, C, xb, nb, cx, plan, gt[1], w);
+              pull_block(lanes, sc.fb, B, C, xb, nb, cx, plan, gt[1], w);
             }
           }
 
@@ -558,6 +568,27 @@ at::Tensor cps_upsample_forward(const at::Tensor& a4, const at::Tensor& b4, cons
 }
 
 void bind_cps_upsample(pybind11::module_& m) {
+  m.def(
+      "upsample_simd", [] { return std::string(simd_name(simd_lanes())); },
+      R"doc(The column paths cps_upsample_forward runs on this CPU: "avx512", "avx2" or "scalar".)doc");
+  m.def(
+      "set_upsample_simd",
+      [](const std::string& name) {
+        const int best = cpu_simd_lanes();
+        const int lanes = name == "auto" ? best : name == "avx512" ? 16 : name == "avx2" ? 8 : name == "scalar" ? 0 : -1;
+        TORCH_CHECK(lanes >= 0, "cps_fast._C.set_upsample_simd: unknown name '", name,
+                    "'; expected 'auto', 'avx512', 'avx2' or 'scalar'");
+        TORCH_CHECK(lanes <= best, "cps_fast._C.set_upsample_simd: '", name, "' is not available on this CPU (",
+                    best == 16 ? "it has avx512, avx2 and scalar" : best == 8 ? "it has avx2 and scalar"
+                                                                        : "only scalar here",
+                    ")");
+        const int old = simd_lanes();
+        g_simd_lanes.store(lanes, std::memory_order_relaxed);
+        return std::string(simd_name(old));
+      },
+      pybind11::arg("name"),
+      R"doc(Choose the column paths of cps_upsample_forward ("auto" = the widest this CPU has; for tests and
+benchmarks). Returns the previous choice; a path the CPU lacks is refused.)doc");
   m.def("cps_upsample_forward", &cps_upsample_forward, pybind11::arg("a4"), pybind11::arg("b4"),
         pybind11::arg("t2"), pybind11::arg("pa2"), pybind11::arg("pb2"), pybind11::arg("counts"),
         pybind11::arg("grad_a4"), pybind11::arg("grad_b4"), pybind11::arg("H"), pybind11::arg("W"),

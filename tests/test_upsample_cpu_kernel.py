@@ -21,6 +21,36 @@ if not hasattr(_C, "cps_upsample_forward"):
 IGNORE = 255
 
 
+def _simd_paths():
+    """The column paths this CPU can run (the kernel carries scalar, AVX2 and AVX-512 ones on x86-64)."""
+    if not hasattr(_C, "set_upsample_simd"):
+        return ["default"]
+    paths, old = [], _C.upsample_simd()
+    for name in ("scalar", "avx2", "avx512"):
+        try:
+            _C.set_upsample_simd(name)
+            paths.append(name)
+        except RuntimeError:
+            pass
+    _C.set_upsample_simd(old)
+    return paths
+
+
+@pytest.fixture(autouse=True, params=_simd_paths())
+def simd(request):
+    """Every test of this file runs once per column path: groups of 8 and 16 lanes and the scalar loops
+    take different branches (window fits, tails, the last window past w)."""
+    if request.param == "default":
+        yield request.param
+        return
+    old = _C.set_upsample_simd(request.param)
+    assert _C.upsample_simd() == request.param
+    try:
+        yield request.param
+    finally:
+        _C.set_upsample_simd(old)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -153,6 +183,7 @@ SHAPES = [
     (2, 21, 5, 6, 37, 45),
     (1, 150, 3, 9, 5, 71),
     (2, 5, 20, 20, 21, 23),
+    (1, 3, 4, 37, 13, 150),  # many vector groups per row, a tail of 6 columns, windows past w
     (2, 7, 6, 5, 6, 5),
     (1, 6, 1, 1, 9, 13),
     (2, 4, 1, 7, 5, 30),
@@ -363,3 +394,13 @@ def test_cuda_tensors_are_refused():
     with pytest.raises(RuntimeError, match="no CUDA kernel; use backend='triton'"):
         _C.cps_upsample_forward(a, a.clone(), None, None, None, torch.ones(3, device="cuda"), None, None, 4, 4,
                                 1.0, IGNORE, True)
+
+
+def test_simd_choice_is_checked(simd):
+    if not hasattr(_C, "set_upsample_simd"):
+        pytest.skip("cps_fast._C predates set_upsample_simd (rebuild the extension)")
+    with pytest.raises(RuntimeError, match=r"unknown name 'sse9'; expected 'auto', 'avx512', 'avx2' or 'scalar'"):
+        _C.set_upsample_simd("sse9")
+    assert _C.upsample_simd() == simd  # a refused choice changes nothing
+    old = _C.set_upsample_simd("auto")
+    assert old == simd and _C.upsample_simd() == _simd_paths()[-1]  # auto: the widest this CPU has

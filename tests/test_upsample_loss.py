@@ -316,10 +316,15 @@ def test_torch_compile_fullgraph_torch_backend():
 # ----------------------------------------------------------------------------- backends and bad input
 
 
-def test_backend_selection(monkeypatch):
+def test_backend_selection(monkeypatch, caplog):
     monkeypatch.delenv("CPS_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(up_mod, "_logged", set())
     has_cpu = backends.extension() is not None and hasattr(backends.extension(), "cps_upsample_forward")
-    assert up_mod._select_backend("cpu", None, 21) == ("cpu" if has_cpu else "torch")
+    with caplog.at_level("INFO", logger="cps_fast"):
+        assert up_mod._select_backend("cpu", None, 21) == ("cpu" if has_cpu else "torch")
+    if has_cpu and hasattr(backends.extension(), "upsample_simd"):  # the log names the column paths in use
+        simd = backends.extension().upsample_simd()
+        assert f"the cpu ({simd} column paths) backend" in caplog.text, caplog.text
     a = make_low(1, 3, 2, 2)
     with pytest.raises(backends.BackendUnavailable, match="does not implement cps_loss_upsampled"):
         cps_loss_upsampled(a, a, size=(4, 4), backend="cuda")
