@@ -4,7 +4,7 @@
     cps-fast train PRESET --out DIR [...]      train a preset (works under torchrun)
     cps-fast eval CKPT --data-root PATH        sliding-window mIoU of a checkpoint
     cps-fast predict CKPT IMAGES... --out DIR  coloured masks and overlays
-    cps-fast bench {loss,model,data,step} ...  the benchmark scripts in benchmarks/
+    cps-fast bench {loss,upsample,ncps,model,data,step} ...  the benchmark scripts in benchmarks/
     cps-fast splits ...                        seeded labeled/unlabeled partitions
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("loss", "model", "data", "step")
+BENCHMARKS = ("loss", "upsample", "ncps", "model", "data", "step")
 
 
 def _benchmark_dir() -> Path:

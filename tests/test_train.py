@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,6 +388,29 @@ def test_bench_loss_smoke(tmp_path):
     saved = json.loads((tmp_path / "l.json").read_text())
     assert {r["provider"] for r in saved} == {"eager", "torch"}
     assert all(r["median_ms"] > 0 and r["device"] for r in saved)
+
+
+def test_bench_lists_every_script():
+    """`cps-fast bench X` takes every benchmarks/bench_X.py, and the README's command line names them all."""
+    from cps_fast.cli import BENCHMARKS
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = {p.stem[len("bench_"):] for p in (root / "benchmarks").glob("bench_*.py")}
+    assert set(BENCHMARKS) == scripts
+    line = next(ln for ln in (root / "README.md").read_text().splitlines() if ln.startswith("cps-fast bench "))
+    assert set(line.split()[2].split("|")) == scripts, line
+
+
+def test_bench_upsample_and_ncps_smoke(tmp_path):
+    cli_main(["bench", "upsample", "--device", "cpu", "--shape", "1,3,5,6,17,23", "--providers",
+              "fused,unfused,fused[scalar]", "--reps", "1", "--layouts", "nchw", "--json", str(tmp_path / "u.json")])
+    saved = json.loads((tmp_path / "u.json").read_text())
+    assert {r["provider"] for r in saved} >= {"fused", "unfused"}
+    assert all(r["median_ms"] > 0 and r["shape"] == [1, 3, 5, 6] and r["size"] == [17, 23] for r in saved)
+    cli_main(["bench", "ncps", "--device", "cpu", "--shape", "1,5,9,11", "--ks", "3", "--providers", "eager,torch",
+              "--dtypes", "fp32", "--reps", "1", "--layouts", "nchw", "--json", str(tmp_path / "n.json")])
+    saved = json.loads((tmp_path / "n.json").read_text())
+    assert {(r["provider"], r["K"]) for r in saved} == {("eager", 3), ("torch", 3)}
 
 
 @pytest.mark.parametrize("method,port", [("cps", 29533), ("supervised", 29534)])
