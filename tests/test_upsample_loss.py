@@ -19,7 +19,7 @@ from cps_fast import backends, loss as loss_mod
 from cps_fast import upsample_loss as up_mod
 from cps_fast.reference import cps_loss_upsampled_reference
 from cps_fast.upsample_loss import CPSLossUpsampled, cps_loss_upsampled
-from helpers import assert_scalars_close, make_labels, make_logits, mean_ce, run
+from helpers import assert_scalars_close, break_upsampled_near_ties_, make_labels, make_logits, mean_ce, run
 from helpers import poison_outputs  # noqa: F401  (autouse: NaN-filled kernel outputs)
 
 DEVICE = "cpu"
@@ -33,9 +33,12 @@ def need(backend, device=DEVICE, C=21):
         pytest.skip(f"{backend} backend unavailable: {reason}")
 
 
-def make_low(N, C, h, w, dtype=torch.float32, layout="nchw", device=DEVICE, scale=3.0):
-    """Random ``(N, C, h, w)`` low-resolution logits, NCHW or channels_last."""
-    return make_logits(layout, N, C, h, w, dtype, device, scale)
+def make_low(N, C, h, w, dtype=torch.float32, layout="nchw", device=DEVICE, scale=3.0, size=None, align_corners=True):
+    """Random ``(N, C, h, w)`` low-resolution logits, NCHW or channels_last. With ``size``, their
+    upsampling to it has no argmax near-tie (for comparisons of in-kernel pseudo labels with the
+    float64 reference's; helpers.break_upsampled_near_ties_)."""
+    x = make_logits(layout, N, C, h, w, dtype, device, scale)
+    return x if size is None else break_upsampled_near_ties_(x, size, align_corners)
 
 
 def lowp_reference(a, b, target, *, size, align_corners=True, **kw):
@@ -109,7 +112,7 @@ def test_matches_reference_fp32(backend, case, align_corners):
     need(backend)
     (N, C, h, w), size = SHAPES[case]
     layout = ("nchw", "channels_last")[(case + align_corners) % 2]
-    a, b = make_low(N, C, h, w, layout=layout), make_low(N, C, h, w, layout=layout)
+    a, b = (make_low(N, C, h, w, layout=layout, size=size, align_corners=align_corners) for _ in range(2))
     target = make_labels((N, *size), C, 0.2)
     kw = dict(size=size, cps_weight=1.5, align_corners=align_corners)
     got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
@@ -137,7 +140,7 @@ def test_low_precision_with_reference_pseudo_labels(backend, dtype, layout):
 @pytest.mark.parametrize("ignore_frac", [0.0, 0.3, 1.0])
 def test_ignore_fractions(backend, ignore_frac):
     need(backend)
-    a, b = make_low(2, 21, 6, 7), make_low(2, 21, 6, 7, layout="channels_last")
+    a, b = make_low(2, 21, 6, 7, size=(23, 27)), make_low(2, 21, 6, 7, layout="channels_last", size=(23, 27))
     b = b.contiguous()  # a and b in different memory formats is allowed too
     target = make_labels((2, 23, 27), 21, ignore_frac)
     kw = dict(size=(23, 27), cps_weight=6.0)
@@ -165,7 +168,7 @@ def test_given_pseudo_labels_with_ignores(backend, label_dtype):
 @pytest.mark.parametrize("grad_scale", [3.0, 0.0, -0.5])
 def test_grad_output_scaling(backend, grad_scale):
     need(backend)
-    a, b = make_low(2, 21, 5, 6, layout="channels_last"), make_low(2, 21, 5, 6, layout="channels_last")
+    a, b = (make_low(2, 21, 5, 6, layout="channels_last", size=(17, 21)) for _ in range(2))
     target = make_labels((2, 17, 21), 21, 0.2)
     kw = dict(size=(17, 21), cps_weight=1.5)
     got = run(cps_loss_upsampled, a, b, target, backend=backend, grad_scale=grad_scale, **kw)
@@ -177,7 +180,8 @@ def test_grad_output_scaling(backend, grad_scale):
 def test_class_axis_widths(backend, C):
     """C = 2 (padded to the dot's minimum width 16) and the wider register-tile configurations."""
     need(backend)
-    a, b = make_low(1, C, 5, 4), make_low(1, C, 5, 4, layout="channels_last")
+    a = make_low(1, C, 5, 4, size=(18, 13), align_corners=C != 64)
+    b = make_low(1, C, 5, 4, layout="channels_last", size=(18, 13), align_corners=C != 64)
     target = make_labels((1, 18, 13), C, 0.2)
     kw = dict(size=(18, 13), cps_weight=1.5, align_corners=C != 64)
     got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
@@ -191,7 +195,7 @@ def test_triton_with_the_gpu_block_sizes(backend, monkeypatch):
     from cps_fast.kernels import cps_upsample
 
     monkeypatch.setattr(cps_upsample, "INTERPRET_BLOCK_F", 0)
-    a, b = make_low(1, 21, 9, 10, layout="channels_last"), make_low(1, 21, 9, 10, layout="channels_last")
+    a, b = (make_low(1, 21, 9, 10, layout="channels_last", size=(33, 37)) for _ in range(2))
     target = make_labels((1, 33, 37), 21, 0.2)
     kw = dict(size=(33, 37), cps_weight=1.5)
     got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
@@ -202,7 +206,7 @@ def test_triton_with_the_gpu_block_sizes(backend, monkeypatch):
 def test_class_axis_beyond_the_triton_tile(backend):
     need(backend)
     C = 300
-    a, b = make_low(1, C, 3, 4), make_low(1, C, 3, 4)
+    a, b = make_low(1, C, 3, 4, size=(9, 13)), make_low(1, C, 3, 4, size=(9, 13))
     target = make_labels((1, 9, 13), C, 0.2, ignore_index=-1)
     kw = dict(size=(9, 13), cps_weight=1.5, ignore_index=-1)
     got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
@@ -224,8 +228,8 @@ def test_triton_refuses_wide_class_axis_clearly():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_target_partial_grad_and_forward_only(backend):
     need(backend)
-    a = make_low(2, 21, 5, 6).requires_grad_()
-    b = make_low(2, 21, 5, 6)  # no gradient wanted for b
+    a = make_low(2, 21, 5, 6, size=(19, 23)).requires_grad_()
+    b = make_low(2, 21, 5, 6, size=(19, 23))  # no gradient wanted for b
     loss, sup, cps = cps_loss_upsampled(a, b, None, size=(19, 23), cps_weight=2.0, backend=backend, return_parts=True)
     assert sup.item() == 0.0
     loss.backward()
@@ -245,7 +249,7 @@ def test_no_target_partial_grad_and_forward_only(backend):
 def test_equals_interpolate_then_cps_loss(backend):
     """The fused op equals F.interpolate + cps_fast.cps_loss (value and low-res gradients)."""
     need(backend)
-    a, b = make_low(2, 21, 6, 7), make_low(2, 21, 6, 7)
+    a, b = make_low(2, 21, 6, 7, size=(21, 25)), make_low(2, 21, 6, 7, size=(21, 25))
     target = make_labels((2, 21, 25), 21, 0.2)
     fused = run(cps_loss_upsampled, a, b, target, size=(21, 25), cps_weight=1.5, backend=backend)
 
@@ -263,14 +267,15 @@ def test_equals_interpolate_then_cps_loss(backend):
 def test_non_dense_input(backend):
     need(backend)
     full = make_low(2, 24, 6, 14)
-    a, b = full[:, :21, :, ::2], make_low(2, 21, 6, 7)
+    a, b = full[:, :21, :, ::2], make_low(2, 21, 6, 7, size=(22, 25))
+    break_upsampled_near_ties_(a, (22, 25))  # through the view, which stays non-dense
     target = make_labels((2, 22, 25), 21, 0.2)
     got = run(cps_loss_upsampled, a, b, target, size=(22, 25), backend=backend)
     assert_close_to_reference(got, a, b, target, size=(22, 25))
 
 
 def test_module_and_return_parts():
-    a, b = make_low(2, 5, 3, 4), make_low(2, 5, 3, 4)
+    a, b = (make_low(2, 5, 3, 4, size=(9, 13), align_corners=False) for _ in range(2))
     t = make_labels((2, 9, 13), 5, 0.1)
     mod = CPSLossUpsampled(cps_weight=1.5, align_corners=False)
     assert "cps_weight=1.5" in repr(mod) and "align_corners=False" in repr(mod)
@@ -296,7 +301,7 @@ def test_torch_compile_fullgraph_torch_backend():
     """The op is a custom op with a fake implementation: fullgraph compilation traces it."""
     f = torch.compile(lambda a, b, t: cps_loss_upsampled(a, b, t, size=(11, 13), cps_weight=1.5, backend="torch"),
                       fullgraph=True)
-    a, b = make_low(2, 5, 4, 5, layout="channels_last"), make_low(2, 5, 4, 5, layout="channels_last")
+    a, b = (make_low(2, 5, 4, 5, layout="channels_last", size=(11, 13)) for _ in range(2))
     t = make_labels((2, 11, 13), 5, 0.2)
     a_leaf, b_leaf = a.clone().requires_grad_(), b.clone().requires_grad_()
     t0 = time.perf_counter()
@@ -380,8 +385,8 @@ def test_bad_inputs_are_named():
 def test_triton_cuda_matches_reference(dtype, layout, align_corners):
     """The compiled kernel (tensor-core tf32 reduction for fp16/bf16) at a DeepLab-like 4x scale."""
     N, C, h, w, size = 2, 21, 33, 47, (129, 185)
-    a = make_low(N, C, h, w, dtype, layout, device="cuda")
-    b = make_low(N, C, h, w, dtype, layout, device="cuda")
+    a = make_low(N, C, h, w, dtype, layout, device="cuda", size=size, align_corners=align_corners)
+    b = make_low(N, C, h, w, dtype, layout, device="cuda", size=size, align_corners=align_corners)
     target = make_labels((N, *size), C, 0.2, device="cuda", dtype=torch.uint8)
     kw = dict(size=size, cps_weight=1.5, align_corners=align_corners)
     if dtype != torch.float32:
