@@ -31,13 +31,14 @@ def tiny_model(C=7):
 
 @pytest.mark.parametrize("cutmix", [False, True])
 @pytest.mark.parametrize("sup_loss", ["ce", "ohem"])
-@pytest.mark.parametrize("branches,fused_upsample", [(2, True), (2, False), (3, False)])
-def test_step_loss_decreases_on_a_fixed_batch(cutmix, sup_loss, branches, fused_upsample):
+@pytest.mark.parametrize("branches,fused_upsample,ensemble", [(2, True, False), (2, False, False), (3, False, False),
+                                                               (3, False, True)])
+def test_step_loss_decreases_on_a_fixed_batch(cutmix, sup_loss, branches, fused_upsample, ensemble):
     torch.manual_seed(0)
     model = CPSModel("resnet18", 7, 16, False, None, seeds=tuple(range(branches)))
     model = model.to(memory_format=torch.channels_last)
     step = CPSStep(model, cutmix=cutmix, cps_weight=1.5, sup_loss=sup_loss, ohem_min_kept=100,
-                   fused_upsample=fused_upsample)
+                   fused_upsample=fused_upsample, ncps_ensemble=ensemble)
     assert step.fused_upsample == fused_upsample
     opt = SGD(param_groups(model, 1e-4), momentum=0.9)
     img_l = torch.randn(2, 3, 33, 29).contiguous(memory_format=torch.channels_last)
@@ -124,6 +125,30 @@ def test_three_branch_cutmix_step_matches_ncps_formulation():
     torch.testing.assert_close(sup, ref_sup, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="two-branch"):
         CPSStep(model, loss_backend="reference")
+
+
+def test_three_branch_cutmix_ensemble_step_matches_formulation():
+    """n-CPS ensemble labels with CutMix: branch k learns from the argmax of the other branches' mean
+    softmax of the mixed teacher predictions (the teachers run on u0 and u1 apart, as in plain CutMix)."""
+    torch.manual_seed(4)
+    model = CPSModel("resnet18", 7, 16, False, None, seeds=(0, 1, 2)).eval()
+    img_l, u0, u1 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    label = torch.randint(0, 7, (2, 32, 32))
+    label[:, :5] = 255
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    loss, sup, cps = CPSStep(model, cutmix=True, cps_weight=1.5, ncps_ensemble=True)(img_l, label, u0, u1, mask)
+    _, _, cps_pairwise = CPSStep(model, cutmix=True, cps_weight=1.5)(img_l, label, u0, u1, mask)
+    nets = model.branches
+    mixed = u0 * (1 - mask) + u1 * mask
+    with torch.no_grad():
+        probs = [n(u0).softmax(1) * (1 - mask) + n(u1).softmax(1) * mask for n in nets]
+        labels = [sum(p for j, p in enumerate(probs) if j != k).argmax(1) for k in range(3)]
+        ref_cps = sum(F.cross_entropy(n(mixed), labels[k]) for k, n in enumerate(nets))
+        ref_sup = sum(F.cross_entropy(n(img_l), label, ignore_index=255) for n in nets)
+    torch.testing.assert_close(cps, ref_cps, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sup, ref_sup, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss.detach(), sup + 1.5 * cps)
+    assert abs(cps.item() - cps_pairwise.item()) > 1e-3  # the ensemble labels are not the pairwise ones
 
 
 def _ohem_reference(pred, target, thresh, min_kept, ignore=255):

@@ -153,6 +153,9 @@ class CPSStep(nn.Module):
             return sup, sup.detach(), torch.zeros_like(sup)
 
         pseudo_u = None
+        # n-CPS ensemble labels with CutMix: the teachers' labels come from their own passes on u0 and
+        # u1, so each branch's label (the argmax of the other branches' mean softmax) is made here
+        ensemble_u = self.cutmix and self.ncps_ensemble and self.num_branches > 2
         if self.cutmix:
             with torch.no_grad(), self._autocast(u0):
                 # argmax of logits mixed by a 0/1 mask == the mask's choice between the two argmaxes;
@@ -160,8 +163,15 @@ class CPSStep(nn.Module):
                 m = mask[:, 0].bool()
                 pseudo_u = []
                 for net in nets:  # u0 before u1, as the reference (BatchNorm running statistics)
-                    p0 = net(u0).argmax(1)
-                    pseudo_u.append(torch.where(m, net(u1).argmax(1), p0))
+                    t0 = net(u0)
+                    t1 = net(u1)
+                    if ensemble_u:  # softmax of the mixed logits == the mask's choice between the two softmaxes
+                        pseudo_u.append(torch.where(m.unsqueeze(1), t1.float().softmax(1), t0.float().softmax(1)))
+                    else:
+                        pseudo_u.append(torch.where(m, t1.argmax(1), t0.argmax(1)))
+                if ensemble_u:  # pseudo_u[k]: the label branch k learns from
+                    total = sum(pseudo_u)
+                    pseudo_u = [(total - p).argmax(1) for p in pseudo_u]
             u = u0 * (1 - mask) + u1 * mask
         else:
             u = u0
@@ -174,6 +184,13 @@ class CPSStep(nn.Module):
 
         if self.loss_backend == "reference":
             return self._reference_loss(out_l, out_u, label_l, pseudo_u)
+
+        if ensemble_u:
+            # each branch against its own label: no fused kernel takes per-branch labels, so K
+            # cross-entropies (the unlabeled rows only; the labeled rows' pseudo labels are ignored)
+            sup = sum(self._sup(x, label_l) for x in out_l)
+            cps = sum(masked_cross_entropy(x.float(), e, ignore) for x, e in zip(out_u, pseudo_u))
+            return sup + self.cps_weight * cps, sup.detach(), cps.detach()
 
         if self.sup_loss == "ohem":
             # OHEM is not part of the fused kernels: supervised terms apart, cross terms fused
