@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder (summary.json, plots, predictions)")
     d.add_argument("--iters", type=int, default=None, help="iterations per run (default: the demo preset's)")
     d.add_argument("--branches", default="2", help="CPS runs by branch count: '2' (default) or '2,3' to add "
-                   "n-CPS with three branches (about 6.5 more minutes on 2 CPU cores)")
+                   "n-CPS with three branches (about 9 more minutes on 2 CPU cores)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(func=_cmd_demo)
@@ -144,8 +145,23 @@ def run(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The console script: exit status 0 unless a command raises."""
-    run(argv)
+    """The console script: exit status 0 unless a command raises.
+
+    Bad input (a config, data or weights file, a backend that cannot run) ends with its message
+    and exit status 2, without a traceback (``CPS_FAST_TRACEBACK=1`` shows it); anything else raises.
+    """
+    from .backends import BackendUnavailable
+    from .config import ConfigError
+    from .data.datasets import DataError
+    from .models.weights import PretrainedWeightsError
+
+    try:
+        run(argv)
+    except (ConfigError, DataError, PretrainedWeightsError, BackendUnavailable) as exc:
+        if os.environ.get("CPS_FAST_TRACEBACK") == "1":
+            raise
+        print(f"cps-fast: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every fused op: the tests' ground truth.
 
 Written for clarity, not speed: it materialises log-softmax, uses autograd for
-gradients, and follows the contract in docs/ and DESIGN.md to the letter.
+gradients, and follows the contract in the fused ops' docstrings and docs/ to the letter.
 """
 from __future__ import annotations
 

@@ -415,6 +415,27 @@ def test_bench_loss_smoke(tmp_path):
     assert all(r["median_ms"] > 0 and r["device"] for r in saved)
 
 
+def test_cli_bad_input_is_a_message_and_status_2(tmp_path, capsys, monkeypatch):
+    from cps_fast.cli import main
+    from cps_fast.config import ConfigError
+    from cps_fast.data.datasets import DataError
+
+    monkeypatch.delenv("CPS_FAST_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "demo", "--out", str(tmp_path), "--set", "no_such_key=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("cps-fast: error: ") and "no_such_key" in err, err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "voc_r50_1-8", "--out", str(tmp_path), "--data-root", str(tmp_path / "none"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("cps-fast: error: ") and "Traceback" not in err, err
+    monkeypatch.setenv("CPS_FAST_TRACEBACK", "1")
+    with pytest.raises(ConfigError, match="no_such_key"):
+        main(["train", "demo", "--out", str(tmp_path), "--set", "no_such_key=1"])
+    with pytest.raises(DataError):
+        main(["train", "voc_r50_1-8", "--out", str(tmp_path), "--data-root", str(tmp_path / "none"), "--device", "cpu"])
+
+
 def test_bench_lists_every_script():
     """`cps-fast bench X` takes every benchmarks/bench_X.py, and the README's command line names them all."""
     from cps_fast.cli import BENCHMARKS

@@ -48,7 +48,7 @@ def _crop(crop_size) -> tuple[int, int]:
 
 def _make(dataset, with_label, *, batch_size, crop_size, scales, flip, backend, seed, stream,
           rank, world_size, mean, std, num_workers, epoch_length, label_dtype, start_epoch_arg,
-          device_id, prefetch_queue_depth, num_threads, start_iter=0):
+          device_id, prefetch_queue_depth, num_threads, start_iter=0, check_labels=None):
     if len(dataset) == 0:
         raise ValueError(f"dataset {dataset!r} is empty")
     schedule = SampleSchedule(len(dataset), batch_size, length=epoch_length, seed=seed,
@@ -72,7 +72,7 @@ def _make(dataset, with_label, *, batch_size, crop_size, scales, flip, backend, 
                       device="gpu" if be == "dali-gpu" else "cpu", device_id=device_id,
                       num_threads=num_threads or (num_workers or 4), label_dtype=label_dtype,
                       start_epoch=start_epoch, start_batch=start_batch,
-                      prefetch_queue_depth=prefetch_queue_depth)
+                      prefetch_queue_depth=prefetch_queue_depth, check_labels=check_labels)
 
 
 def labeled_loader(dataset, *, batch_size: int, crop_size, scales: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0),
@@ -82,7 +82,7 @@ def labeled_loader(dataset, *, batch_size: int, crop_size, scales: Sequence[floa
                    epoch_length: Optional[int] = None, label_dtype: torch.dtype = torch.uint8,
                    start_epoch: int = 0, device_id: Optional[int] = None,
                    prefetch_queue_depth: int = 2, num_threads: Optional[int] = None,
-                   start_iter: int = 0):
+                   start_iter: int = 0, check_labels: Optional[bool] = None):
     """Augmented labeled batches, infinitely; ``len()`` = iterations per epoch.
 
     Yields ``{"image": (B, 3, h, w) float32 normalised, channels_last memory,
@@ -92,13 +92,17 @@ def labeled_loader(dataset, *, batch_size: int, crop_size, scales: Sequence[floa
     number of samples per epoch over all ranks: pass the unlabeled set's length to
     repeat the labeled list as the reference does. Deterministic for a given
     (seed, rank, world_size); ranks see disjoint slices of each global batch.
+    ``check_labels`` (DALI backends): range-check the labels DALI decodes, raising
+    :class:`DataError` with the batch's files; default on for ``dali-cpu`` and off for
+    ``dali-gpu``, where it reads a flag back to the host every batch. Labels read on
+    the host (the ``pytorch`` backend, palette and 16-bit PNGs) are always checked.
     """
     return _make(dataset, True, batch_size=batch_size, crop_size=crop_size, scales=scales, flip=flip,
                  backend=backend, seed=seed, stream=0, rank=rank, world_size=world_size, mean=mean,
                  std=std, num_workers=num_workers, epoch_length=epoch_length,
                  label_dtype=label_dtype, start_epoch_arg=start_epoch, device_id=device_id,
                  prefetch_queue_depth=prefetch_queue_depth, num_threads=num_threads,
-                 start_iter=start_iter)
+                 start_iter=start_iter, check_labels=check_labels)
 
 
 def unlabeled_loader(dataset, *, batch_size: int, crop_size, scales: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0),

@@ -6,7 +6,7 @@ synthetic train set) and the same network; CPS adds the unlabeled rest. Writes
 ``OUT/summary.json`` (``supervised_miou``, ``cps_miou``, ``ncps3_miou``),
 ``OUT/curves.png`` (validation mIoU against iterations) and ``OUT/predictions.png``
 (input, label and each run's prediction for a few validation images), plus each
-run's folder. The K = 3 run is asked for with ``--branches 2,3`` (it adds about 6.5
+run's folder. The K = 3 run is asked for with ``--branches 2,3`` (it adds about 9
 minutes on a 2-core CPU, past the default demo's 10-minute budget).
 """
 from __future__ import annotations
