@@ -491,16 +491,45 @@ def _gpu_cfg(**kw):
 
 @pytest.mark.gpu
 def test_graph_step_equals_eager_without_cutmix(tmp_path):
-    """Captured and eager steps give the same parameters (bf16 tolerance); no CutMix, whose
-    boxes come from different generators in the two modes."""
-    runs = {}
-    for graph in (False, True):
-        cfg = _gpu_cfg(cuda_graph=graph).replace(cutmix=False, cps_weight=1.5)
-        Trainer(cfg, tmp_path / str(graph), device="cuda", print_fn=lambda *a: None).train()
-        runs[graph] = load_checkpoint(tmp_path / str(graph) / "last.pt")["model"]
-    for k, v in runs[False].items():
-        if v.dtype.is_floating_point:
-            torch.testing.assert_close(runs[True][k], v, rtol=5e-2, atol=5e-3, msg=k)
+    """A replayed step and an eager step, from the same state on the same batch, make the same
+    update (bf16 tolerance). Whole runs are not compared: bf16 training is chaotic, and cuDNN's
+    and interpolate's backward atomics make two runs drift apart within a few steps (on the CPU,
+    1e-4 relative noise in 5 % of the gradients failed 99 of 168 tensors after 24 steps). No
+    CutMix, whose boxes come from different generators in the two modes."""
+    t = Trainer(_gpu_cfg(cutmix=False, cps_weight=1.5), tmp_path, device="cuda", print_fn=lambda *a: None)
+    b = next(iter(__import__("cps_fast").data.labeled_loader(t.labeled_set, batch_size=4, crop_size=64,
+                                                              backend="pytorch", num_workers=0)))
+    batch = [t._to_device(b["image"]), t._to_device(b["label"]), t._to_device(b["image"].flip(-1)), None]
+    t.model.train()
+    t._capture(lambda: batch)  # 3 eager warm-up steps, the capture and one replay: a trained-in state
+    torch.cuda.synchronize()
+    state = ([p.data for p in t.model.parameters()] + list(t.model.buffers())
+             + [x for group in t.optimizer.buffers for x in group] + [t.iteration, t.lr, t.sums, t.first_bad])
+    saved = [x.clone() for x in state]
+    names = [n for n, _ in t.model.named_parameters()]
+
+    def run(how):
+        for x, s0 in zip(state, saved):  # in place: the graph holds these addresses
+            x.copy_(s0)
+        if how == "graph":
+            t._copy_in(batch)
+            t.graph.replay()
+        else:
+            t._step(*batch)
+        torch.cuda.synchronize()
+        return [p.detach() - s0 for p, s0 in zip(t.model.parameters(), saved)], [x.clone() for x in t.model.buffers()]
+
+    d_graph, buf_graph = run("graph")
+    d_eager, buf_eager = run("eager")
+    assert any(float(d.abs().max()) > 0 for d in d_eager), "the eager step changed no parameter"
+    for name, dg, de in zip(names, d_graph, d_eager):
+        scale = float(de.abs().max())
+        torch.testing.assert_close(dg, de, rtol=5e-2, atol=5e-2 * scale + 1e-12, msg=lambda m: f"{name}: {m}")
+    for bg, be in zip(buf_graph, buf_eager):
+        if be.dtype.is_floating_point:
+            torch.testing.assert_close(bg, be, rtol=1e-2, atol=1e-3)
+        else:
+            assert torch.equal(bg, be)  # BatchNorm's num_batches_tracked
 
 
 @pytest.mark.gpu
