@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     outcome: dict[Unit, str] = {}
     interrupted = False
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the CPU tests of --jobs processes share the cores: torch's default (every core each) oversubscribes
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     env.pop("CPS_FAST_TEST_SHARD", None)  # set per shard below, never inherited
     while pending or running:
         now = time.monotonic()

@@ -90,7 +90,10 @@ def _check(out, dtype):
         assert not torch.isnan(g).any(), "the kernel left gradient elements unwritten"
         scale = float(r.float().abs().max())
         if dtype == torch.float32:
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6 * scale)
+            # the CUDA build uses --use_fast_math (__expf, __logf): p - 1 at p ~ 1 cancels about
+            # 1e-6 of relative error, which a 1e-6 floor would meet head-on
+            floor = 4e-6 if g.is_cuda else 1e-6
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=floor * scale)
         else:
             # both round a float32 gradient to the logits' dtype: at most one ulp apart
             eps = torch.finfo(dtype).eps

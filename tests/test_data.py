@@ -476,8 +476,11 @@ def test_dali_gpu_matches_dali_cpu(tmp_path):
         img = np.stack([128 + 100 * np.sin(xx / (9 + i) + c * 2.1) * np.cos(yy / (13 - i)) for c in range(3)], -1)
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / "JPEGImages" / f"{name}.jpg", quality=90)
     ds = D.open_dataset("voc", str(root))
-    g = next(iter(D.labeled_loader(ds, backend="dali-gpu", **kw)))
-    c = next(iter(D.labeled_loader(ds, backend="dali-cpu", **kw)))
+    # scale 1 only: these labels are random per pixel, and at scales like 1.75 exact nearest-neighbour
+    # ties fall inside the crop, which DALI's CPU (stepwise) and GPU (direct) resamplers round apart
+    kw_jpeg = dict(kw, scales=(1.0,))
+    g = next(iter(D.labeled_loader(ds, backend="dali-gpu", **kw_jpeg)))
+    c = next(iter(D.labeled_loader(ds, backend="dali-cpu", **kw_jpeg)))
     assert torch.equal(g["label"].cpu(), c["label"])
     diff = (g["image"].cpu() - c["image"]).abs()
     assert diff.mean() < 0.02 and (diff > 0.1).float().mean() < 0.01, (float(diff.mean()), float(diff.max()))
