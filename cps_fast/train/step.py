@@ -165,8 +165,8 @@ class CPSStep(nn.Module):
                 for net in nets:  # u0 before u1, as the reference (BatchNorm running statistics)
                     t0 = net(u0)
                     t1 = net(u1)
-                    if ensemble_u:  # softmax of the mixed logits == the mask's choice between the two softmaxes
-                        pseudo_u.append(torch.where(m.unsqueeze(1), t1.float().softmax(1), t0.float().softmax(1)))
+                    if ensemble_u:  # the softmax of the mixed logits
+                        pseudo_u.append(torch.where(m.unsqueeze(1), t1, t0).float().softmax(1))
                     else:
                         pseudo_u.append(torch.where(m, t1.argmax(1), t0.argmax(1)))
                 if ensemble_u:  # pseudo_u[k]: the label branch k learns from
@@ -185,19 +185,16 @@ class CPSStep(nn.Module):
         if self.loss_backend == "reference":
             return self._reference_loss(out_l, out_u, label_l, pseudo_u)
 
-        if ensemble_u:
-            # each branch against its own label: no fused kernel takes per-branch labels, so K
-            # cross-entropies (the unlabeled rows only; the labeled rows' pseudo labels are ignored)
-            sup = sum(self._sup(x, label_l) for x in out_l)
-            cps = sum(masked_cross_entropy(x.float(), e, ignore) for x, e in zip(out_u, pseudo_u))
-            return sup + self.cps_weight * cps, sup.detach(), cps.detach()
-
-        if self.sup_loss == "ohem":
-            # OHEM is not part of the fused kernels: supervised terms apart, cross terms fused
+        if self.sup_loss == "ohem" or ensemble_u:
+            # OHEM is not part of the fused kernels: supervised terms apart, cross terms fused. Ensemble
+            # labels with CutMix give each branch its own label, which no fused kernel takes: K
+            # cross-entropies over the unlabeled rows.
             full = (lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=True)) if low else (
                 lambda x: x)
             sup = sum(self._sup(full(x), label_l) for x in out_l)
-            if self.cutmix:
+            if ensemble_u:
+                cps = sum(masked_cross_entropy(x.float(), e, ignore) for x, e in zip(out_u, pseudo_u))
+            elif self.cutmix:
                 cps = self._cross(out_u, pseudo_u, None, size)
             else:
                 cps = self._cross([torch.cat([x_l, x_u]) for x_l, x_u in zip(out_l, out_u)], None, None, size)
