@@ -5,6 +5,11 @@ Providers (forward + backward w.r.t. the low-resolution logits unless --modes sa
              triton on CUDA, the C++ cpu backend when built, else torch)
   fused[P]   the cpu backend with column paths P (avx512, avx2 or scalar; the default is the
              widest the CPU has), e.g. --providers fused[avx512],fused[avx2],fused[scalar]
+  fused[BHxBW:F:W:AX]
+             the triton backend with its configuration forced (kernels/cps_upsample.py
+             CONFIG_OVERRIDE): BH x BW low-res pixels per program, F full-res pixels per step,
+             W warps, class axis AX (0: a pixel per thread, 1: lanes across classes); the GPU
+             run sweeps these beside the heuristic, e.g. fused[8x8:32:8:1],fused[8x8:256:8:0]
   unfused    F.interpolate(bilinear, align_corners=True) + cps_fast.cps_loss (automatic backend)
   reference  F.interpolate + the reference CPS code's argmax and four F.cross_entropy calls
              (under autocast in the logits' dtype on a GPU, as the reference trains)
@@ -20,6 +25,8 @@ CUDA the peak memory allocated during the call beyond the inputs
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,6 +66,17 @@ def make_provider(name, device, dtype, size, backend):
         if chosen == "cpu" and hasattr(_C, "upsample_simd"):
             fn.backend = f"cpu[{_C.upsample_simd()}]"
         return fn
+    forced = re.fullmatch(r"fused\[(\d+)x(\d+):(\d+):(\d+):([01])\]", name)
+    if forced:
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"{name} is a configuration of the triton backend, which needs CUDA tensors here"
+        from cps_fast.kernels import cps_upsample as triton_ops
+
+        fn = common.with_setting(lambda a, b, t: upsample_loss.cps_loss_upsampled(  # noqa: E731
+            a, b, t, size=size, cps_weight=CPS_WEIGHT, backend="triton", validate=False),
+            triton_ops, "CONFIG_OVERRIDE", tuple(int(g) for g in forced.groups()))
+        fn.backend = "triton"
+        return fn
     if name.startswith("fused[") and name.endswith("]"):
         simd = name[len("fused["):-1]
         if device.type != "cpu":
@@ -88,7 +106,8 @@ def make_provider(name, device, dtype, size, backend):
             lambda a, b, t: reference_way(up(a), up(b), t.long(), cps_weight=CPS_WEIGHT), device, dtype)
         run.backend = "eager"
         return run
-    return f"unknown provider {name!r}; expected fused, fused[avx512|avx2|scalar], unfused or reference"
+    return (f"unknown provider {name!r}; expected fused, fused[avx512|avx2|scalar], fused[BHxBW:F:W:AX], "
+            f"unfused or reference")
 
 
 def bench_case(provider, fn, shape, size, dtype_name, layout, device, mode, reps):

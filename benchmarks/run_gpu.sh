@@ -106,7 +106,10 @@ step step 90 220 $PY $B/bench_step.py --images 32 --warmup 13 --iters 20 --json 
 # flat channels_last kernel); 16:1, 32:1 and 64:4 keep NCHW's class reductions inside a warp or a few
 step tiles 30 150 $PY $B/bench_loss.py --providers triton --triton-configs 64:8,32:1,32:2,64:4,16:1,flat,flat:64:8,flat:32:4,flat:16:1 \
   --dtypes bf16 --modes fwd+bwd --json "$work/loss-tiles.json"
-step upsample 30 70 $PY $B/bench_upsample.py --json "$work/upsample.json"
+# beside the heuristic (4x8:16:1:0, classes in registers): the lanes-across-classes layout it replaced
+# (8x8:32:8:1), and pixel-per-thread blocks with fewer instructions but spills, or more halo (NOTES.md)
+step upsample 30 120 $PY $B/bench_upsample.py \
+  --providers "fused,unfused,reference,fused[8x8:32:8:1],fused[8x8:128:4:0],fused[4x4:16:1:0]" --json "$work/upsample.json"
 # triton[16x1]: one warp per 16-pixel tile, no cross-warp class reductions (0 barriers in NCHW, was 71-113)
 step ncps 30 100 $PY $B/bench_ncps.py --shapes voc --providers "eager,triton,triton[e2],triton[e4],triton[16x1]" \
   --json "$work/ncps.json"

@@ -28,6 +28,7 @@ import triton.language as tl
 MAX_TILE_C = 256  # widest class axis kept in one register tile
 LOOP_BLOCK_C = 64  # class block of the online-softmax path
 TILE_ELEMS = 4096  # elements of one [BLOCK_P, BLOCK_C] tile
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
@@ -78,37 +79,43 @@ def _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb):
 
 
 @triton.jit
-def _tile_stats(x, c, pmask, BLOCK_C: tl.constexpr):
-    """Row statistics of a ``[BLOCK_P, BLOCK_C]`` logits tile (padding columns at -inf): max, argmax
-    (int32, ties to the lowest class as torch.argmax), exp(x - max), its sum and the log-sum-exp.
-    Padding rows get max 0 and sum 1, so their log and divisions stay finite."""
-    m = tl.where(pmask, tl.max(x, axis=1), 0.0)
-    arg = tl.min(tl.where(x == m[:, None], c[None, :], BLOCK_C), axis=1).to(tl.int32)
-    e = tl.exp(x - m[:, None])
-    s = tl.where(pmask, tl.sum(e, axis=1), 1.0)
+def _tile_stats(x, c, pmask, BLOCK_C: tl.constexpr, AX: tl.constexpr):
+    """Per-pixel statistics of a logits tile whose class axis is ``AX`` (``[BLOCK_P, BLOCK_C]`` with
+    ``AX = 1``, ``[BLOCK_C, BLOCK_P]`` with ``AX = 0``; padding classes at -inf): max, argmax (int32,
+    ties to the lowest class as torch.argmax), exp(x - max), its sum and the log-sum-exp.
+    Padding pixels get max 0 and sum 1, so their log and divisions stay finite."""
+    m = tl.where(pmask, tl.max(x, axis=AX), 0.0)
+    arg = tl.min(tl.where(x == tl.expand_dims(m, AX), tl.expand_dims(c, 1 - AX), BLOCK_C), axis=AX).to(tl.int32)
+    # exp(x - m) as exp2(x * log2(e) - m * log2(e)): one FMA and the exp2 unit per element
+    e = tl.math.exp2(x * LOG2E - tl.expand_dims(m * LOG2E, AX))
+    s = tl.where(pmask, tl.sum(e, axis=AX), 1.0)
     return m, arg, e, s, m + tl.log(s)
 
 
 @triton.jit
-def _label_hits(c, t, pa, pb, xa, xb):
-    """One-hot masks of the three labels over a tile's class columns ``c``, and the logits they pick:
-    ``(hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa)`` (a label outside the columns picks 0)."""
-    hit_t = c[None, :] == t[:, None]
-    hit_pa = c[None, :] == pa[:, None]
-    hit_pb = c[None, :] == pb[:, None]
-    xa_t = tl.sum(tl.where(hit_t, xa, 0.0), axis=1)
-    xb_t = tl.sum(tl.where(hit_t, xb, 0.0), axis=1)
-    xa_pb = tl.sum(tl.where(hit_pb, xa, 0.0), axis=1)
-    xb_pa = tl.sum(tl.where(hit_pa, xb, 0.0), axis=1)
+def _label_hits(c, t, pa, pb, xa, xb, AX: tl.constexpr):
+    """One-hot masks of the three labels over a tile's classes ``c`` (class axis ``AX``), and the logits
+    they pick: ``(hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa)`` (a label outside the classes picks 0)."""
+    cc = tl.expand_dims(c, 1 - AX)
+    hit_t = cc == tl.expand_dims(t, AX)
+    hit_pa = cc == tl.expand_dims(pa, AX)
+    hit_pb = cc == tl.expand_dims(pb, AX)
+    xa_t = tl.sum(tl.where(hit_t, xa, 0.0), axis=AX)
+    xb_t = tl.sum(tl.where(hit_t, xb, 0.0), axis=AX)
+    xa_pb = tl.sum(tl.where(hit_pb, xa, 0.0), axis=AX)
+    xb_pa = tl.sum(tl.where(hit_pa, xb, 0.0), axis=AX)
     return hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa
 
 
 @triton.jit
-def _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb):
-    """Both branches' gradient tiles: softmax times the pixel's total weight minus each label's weight
-    (a is supervised by the target and pseudo_b, b by the target and pseudo_a)."""
-    ga = ea * ((ct + cpb) / sa)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pb, cpb[:, None], 0.0)
-    gb = eb * ((ct + cpa) / sb)[:, None] - tl.where(hit_t, ct[:, None], 0.0) - tl.where(hit_pa, cpa[:, None], 0.0)
+def _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb, AX: tl.constexpr):
+    """Both branches' gradient tiles (class axis ``AX``): softmax times the pixel's total weight minus
+    each label's weight (a is supervised by the target and pseudo_b, b by the target and pseudo_a)."""
+    ct2 = tl.expand_dims(ct, AX)
+    ga = (ea * tl.expand_dims((ct + cpb) / sa, AX) - tl.where(hit_t, ct2, 0.0)
+          - tl.where(hit_pb, tl.expand_dims(cpb, AX), 0.0))
+    gb = (eb * tl.expand_dims((ct + cpa) / sb, AX) - tl.where(hit_t, ct2, 0.0)
+          - tl.where(hit_pa, tl.expand_dims(cpa, AX), 0.0))
     return ga, gb
 
 
@@ -119,19 +126,19 @@ def _tile_loss(xa, xb, c, pmask, pid, n, l, t_ptr, pa_ptr, pb_ptr, counts_ptr, p
     """The loss of both branches' ``[BLOCK_P, BLOCK_C]`` float32 logits tiles (padding at -inf):
     stores this program's three sums and returns both gradient tiles (float32; a caller that does
     not store them leaves them, and their loads, to dead-code elimination)."""
-    ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C)
-    mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C)
+    ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C, 1)
+    mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C, 1)
 
     t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
     pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, n, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index, C,
                                       arg_a, arg_b, HAS_PA, HAS_PB)
 
-    hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb)
+    hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb, 1)
 
     _store_sums(part_ptr, pid, lse_a, lse_b, xa_t, xb_t, xa_pb, xb_pa, vt, vpa, vpb)
 
     ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
-    return _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb)
+    return _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb, 1)
 
 
 @triton.jit

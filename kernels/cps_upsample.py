@@ -14,20 +14,26 @@ Work decomposition (a gather formulation: no atomics on the gradient):
 * For each such pixel it interpolates the ``C`` logits of both branches on the fly
   from their <= 4 low-resolution neighbours (reads that hit L1/L2), in float32, and
   computes max, argmax, log-sum-exp, label gathers and the full-resolution gradient
-  in registers exactly as the tile kernel of :mod:`cps_fast.kernels.cps_loss` does.
-* The full-resolution gradient ``G [BLOCK_F, C]`` is reduced onto the owned pixels
-  with the bilinear weights: ``acc += Wm @ G`` with a dense ``[BH*BW, BLOCK_F]``
-  weight matrix built in registers (``Wm[o, p] = wy(p, row o) * wx(p, col o)``), on
-  ``tl.dot``. ``input_precision`` is "ieee" (exact float32 FMA) for float32 logits and
-  "tf32" (tensor cores, operands rounded to 10 mantissa bits, float32 accumulation) for
-  bfloat16/float16 logits, whose gradient is rounded to 7/10 mantissa bits on output
-  anyway; "tf32x3" was tried and spills registers on sm_90.
+  in registers with the tile helpers of :mod:`cps_fast.kernels.cps_loss`.
+* Tile orientation (``AX``, per class width in ``_CONFIGS``): up to 32 classes the tiles
+  are ``[BLOCK_C, BLOCK_F]`` and a thread holds its pixel's classes (two lanes per pixel
+  in the default one-warp program), so the class reductions need no more than one
+  shuffle and the per-pixel index and weight arithmetic is not repeated across lanes;
+  wider class axes use ``[BLOCK_F, BLOCK_C]`` tiles with lanes across the classes.
+* The full-resolution gradient ``G`` is reduced onto the owned pixels with the
+  bilinear weights: ``acc += Wm @ G`` with a dense ``[BH*BW, BLOCK_F]`` weight matrix
+  built in registers (``Wm[o, p] = wy(p, row o) * wx(p, col o)``, an outer product of
+  each pixel's row and column weights), on ``tl.dot``. ``input_precision`` is "ieee"
+  (exact float32 FMA) for float32 logits and "tf32" (tensor cores, operands rounded to
+  10 mantissa bits, float32 accumulation) for bfloat16/float16 logits, whose gradient is
+  rounded to 7/10 mantissa bits on output anyway; "tf32x3" was tried and spills
+  registers on sm_90.
 * Loss sums count each full-resolution pixel once, in the program that owns its
   ``(i0, j0)`` corner; per-program partial sums are added afterwards.
 
 Halo recomputation: a program walks about ``(BH + 1)(BW + 1) s^2`` pixels for
-``BH * BW * s^2`` owned ones at scale ``s`` (about 1.3-1.6x); without gradients only
-owned pixels are walked.
+``BH * BW * s^2`` owned ones at scale ``s`` (1.45x for 8x8 blocks, 1.72x for 4x8 at
+512 / 128); without gradients only owned pixels are walked.
 
 Source coordinates follow PyTorch's ``upsample_bilinear2d`` (float32
 ``area_pixel_compute_source_index``; ``i0 = min(floor(src), in - 1)``,
@@ -47,21 +53,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .cps_loss import _grad_weights, _label_hits, _load_labels, _pseudo_labels, _tile_grads, _tile_stats
+from .cps_loss import LOG2E, _grad_weights, _label_hits, _load_labels, _pseudo_labels, _tile_grads, _tile_stats
 
 MAX_C = 256
 
-# BLOCK_C -> (BH, BW, BLOCK_F, num_warps), chosen so that the sm_90 build does not spill
-# (ptxas, Triton 3.9: 107-171 registers per thread up to C = 128; C = 256 spills ~200 bytes
-# of stack at 16 warps). Each of the 4 bilinear gathers holds a 64-bit address per element,
-# which is what bounds BLOCK_F. Not yet tuned on a GPU.
+# BLOCK_C -> (BH, BW, BLOCK_F, num_warps, AX). Compile-only evidence (sm_90a, bf16, C = 21;
+# benchmarks/NOTES.md): with Triton >= 3.9, up to 32 classes, AX = 0 and one warp of 16 full-res
+# pixels gets two lanes per pixel, each thread holding 16 classes of one pixel, so the class
+# reductions are in registers plus one shuffle: about a third of the instructions per owned
+# low-res pixel of the lanes-across-classes layout (AX = 1, 8x8:32:8), without spilling. Triton 3.6
+# (the GPU machine's) lays the same gathers out with lanes across the classes anyway and then
+# spills, while it compiles AX = 1 to half the instructions Triton 3.9 does: there AX = 1 stays.
+# Wider class axes spill in AX = 0 and keep AX = 1. Not yet timed on a GPU (the GPU run sweeps both).
+_PIXEL_MAJOR = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
 _CONFIGS = {
-    16: (8, 8, 32, 8),
-    32: (8, 8, 32, 8),
-    64: (4, 8, 16, 8),
-    128: (4, 4, 16, 16),
-    256: (4, 4, 16, 16),
+    16: (4, 8, 16, 1, 0) if _PIXEL_MAJOR else (8, 8, 32, 8, 1),
+    32: (4, 8, 16, 1, 0) if _PIXEL_MAJOR else (8, 8, 32, 8, 1),
+    64: (4, 8, 16, 8, 1),
+    128: (4, 4, 16, 16, 1),
+    256: (4, 4, 16, 16, 1),
 }
+# float32 logits: the gradient pull-back's tl.dot runs as exact float32 FMAs (no tensor cores),
+# whose operand tiles spill in 4x8 (about 80 bytes); 4x4 owned pixels do not spill
+_CONFIGS_FP32 = {16: (4, 4, 16, 1, 0), 32: (4, 4, 16, 1, 0)} if _PIXEL_MAJOR else {}
 
 
 @triton.jit
@@ -101,27 +115,35 @@ def _footprint(lo, hi, inv_scale, out_size, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _bilinear(base, i0, i1, j0, j1, ly, lx, s_h, s_w, c_off, m2, cmask):
-    """``[BLOCK_F, BLOCK_C]`` interpolated float32 logits (-inf on padding classes, 0 on masked pixels)."""
+def _bilinear(base, i0, i1, j0, j1, ly, lx, s_h, s_w, c_off, cmask, AX: tl.constexpr):
+    """Interpolated float32 logits, -inf on padding classes: ``[BLOCK_C, BLOCK_F]`` with the class axis
+    ``AX = 0``, ``[BLOCK_F, BLOCK_C]`` with ``AX = 1``; ``c_off`` is the class offsets expanded on ``1 - AX``.
+
+    Unmasked loads: the caller clamps padding classes to the last class and padding pixels to the
+    last output pixel, so every address is inside the tensor (per-element masks cost more
+    instructions than the loads)."""
     r0 = i0 * s_h
     r1 = i1 * s_h
     q0 = j0 * s_w
     q1 = j1 * s_w
-    x00 = tl.load(base + (r0 + q0)[:, None] + c_off, mask=m2, other=0.0).to(tl.float32)
-    x01 = tl.load(base + (r0 + q1)[:, None] + c_off, mask=m2, other=0.0).to(tl.float32)
-    x10 = tl.load(base + (r1 + q0)[:, None] + c_off, mask=m2, other=0.0).to(tl.float32)
-    x11 = tl.load(base + (r1 + q1)[:, None] + c_off, mask=m2, other=0.0).to(tl.float32)
-    wx0 = (1.0 - lx)[:, None]
-    wx1 = lx[:, None]
-    top = x00 * wx0 + x01 * wx1
-    bot = x10 * wx0 + x11 * wx1
-    x = top * (1.0 - ly)[:, None] + bot * ly[:, None]
-    return tl.where(cmask[None, :], x, float("-inf"))
+    x00 = tl.load(base + c_off + tl.expand_dims(r0 + q0, AX)).to(tl.float32)
+    x01 = tl.load(base + c_off + tl.expand_dims(r0 + q1, AX)).to(tl.float32)
+    x10 = tl.load(base + c_off + tl.expand_dims(r1 + q0, AX)).to(tl.float32)
+    x11 = tl.load(base + c_off + tl.expand_dims(r1 + q1, AX)).to(tl.float32)
+    # one product per corner weight and three FMAs per element (PyTorch nests the two lerps:
+    # the sums differ in rounding only)
+    w00 = tl.expand_dims((1.0 - ly) * (1.0 - lx), AX)
+    w01 = tl.expand_dims((1.0 - ly) * lx, AX)
+    w10 = tl.expand_dims(ly * (1.0 - lx), AX)
+    w11 = tl.expand_dims(ly * lx, AX)
+    x = x00 * w00 + x01 * w01 + x10 * w10 + x11 * w11
+    return tl.where(tl.expand_dims(cmask, 1 - AX), x, float("-inf"))
 
 
 @triton.jit
-def _axis_weights(own, i0, i1, lam):
-    """``[n_owned, BLOCK_F]`` bilinear weights of full-res pixels on owned low-res rows (or columns)."""
+def _axis_weights(start, i0, i1, lam, B: tl.constexpr):
+    """``[B, BLOCK_F]`` bilinear weights of full-res pixels on the owned rows (or columns) ``start + [0, B)``."""
+    own = start + tl.arange(0, B)
     w = tl.where(i0[None, :] == own[:, None], 1.0 - lam[None, :], 0.0)
     return w + tl.where(i1[None, :] == own[:, None], lam[None, :], 0.0)
 
@@ -139,8 +161,13 @@ def _cps_upsample_kernel(
     ALIGN: tl.constexpr, HAS_T: tl.constexpr, HAS_PA: tl.constexpr, HAS_PB: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, AX: tl.constexpr,
 ):
+    # The tiles' class axis is AX. The gathers have no contiguity for Triton to exploit, so it
+    # spreads a tile's last axis over lanes (then warps): with AX = 0 ([BLOCK_C, BLOCK_F],
+    # BLOCK_F = 32 * num_warps) a thread holds one pixel's classes and every class reduction stays
+    # in its registers; with AX = 1 ([BLOCK_F, BLOCK_C]) lanes span the classes, which keeps wide
+    # class axes in registers at the cost of shuffle reductions.
     pid = tl.program_id(0)
     tile = pid % n_tiles
     band = (pid // n_tiles) % n_bands
@@ -163,13 +190,11 @@ def _cps_upsample_kernel(
     b_base = b_ptr + n64 * s_bn
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
-    ca = c[None, :] * s_ac
-    cb = c[None, :] * s_bc
+    c_load = tl.expand_dims(tl.minimum(c, C - 1), 1 - AX)  # padding classes read the last class (then -inf)
+    ca = c_load * s_ac
+    cb = c_load * s_bc
     nv = tl.zeros((BLOCK_F,), dtype=tl.int64) + n64  # image index per pixel, for the label helpers
 
-    own = tl.arange(0, BH * BW)
-    own_r = r0 + own // BW
-    own_c = c0 + own % BW
     acc_a = tl.zeros((BH * BW, BLOCK_C), dtype=tl.float32)
     acc_b = tl.zeros((BH * BW, BLOCK_C), dtype=tl.float32)
     sum_t = tl.zeros((BLOCK_F,), dtype=tl.float32)
@@ -183,18 +208,17 @@ def _cps_upsample_kernel(
         fx = tl.minimum(x0 + q % fw, W - 1)
         i0, i1, ly = _source_index(fy, scale_h, h, ALIGN)
         j0, j1, lx = _source_index(fx, scale_w, w, ALIGN)
-        m2 = pmask[:, None] & cmask[None, :]
-        xa = _bilinear(a_base, i0, i1, j0, j1, ly, lx, s_ah, s_aw, ca, m2, cmask)
-        xb = _bilinear(b_base, i0, i1, j0, j1, ly, lx, s_bh, s_bw, cb, m2, cmask)
+        xa = _bilinear(a_base, i0, i1, j0, j1, ly, lx, s_ah, s_aw, ca, cmask, AX)
+        xb = _bilinear(b_base, i0, i1, j0, j1, ly, lx, s_bh, s_bw, cb, cmask, AX)
 
-        ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C)
-        mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C)
+        ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C, AX)
+        mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C, AX)
 
         l = fy * W + fx
         t, vt = _load_labels(t_ptr, nv, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
         pa, vpa, pb, vpb = _pseudo_labels(pa_ptr, pb_ptr, nv, l, s_pan, s_pal, s_pbn, s_pbl, pmask, ignore_index,
                                           C, arg_a, arg_b, HAS_PA, HAS_PB)
-        hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb)
+        hit_t, hit_pa, hit_pb, xa_t, xb_t, xa_pb, xb_pa = _label_hits(c, t, pa, pb, xa, xb, AX)
 
         # each full-res pixel is counted by the program owning its (i0, j0) corner
         owned = pmask & (i0 >= r0) & (i0 < r0 + BH) & (j0 >= c0) & (j0 < c0 + BW)
@@ -204,9 +228,21 @@ def _cps_upsample_kernel(
 
         if WRITE_GRAD:
             ct, cpa, cpb = _grad_weights(counts_ptr, cps_weight, vt, vpa, vpb)
-            # masked pixels have all weights 0, hence a zero gradient row
-            ga, gb = _tile_grads(ea, eb, sa, sb, hit_t, hit_pa, hit_pb, ct, cpa, cpb)
-            wm = _axis_weights(own_r, i0, i1, ly) * _axis_weights(own_c, j0, j1, lx)
+            # masked pixels have all weights 0, hence a zero gradient column
+            # the softmax recomputed from the logits instead of kept from the statistics: exp(x - lse)
+            # in one FMA and exp2 per element, and the exp(x - max) tiles need no registers between
+            # the statistics and here (a pixel-per-thread tile is 32 registers per branch)
+            pa_sm = tl.math.exp2(xa * LOG2E - tl.expand_dims(lse_a * LOG2E, AX))
+            pb_sm = tl.math.exp2(xb * LOG2E - tl.expand_dims(lse_b * LOG2E, AX))
+            ga, gb = _tile_grads(pa_sm, pb_sm, 1.0, 1.0, hit_t, hit_pa, hit_pb, ct, cpa, cpb, AX)
+            # Wm[o, p] = wy(p, row o) * wx(p, col o) for owned pixel o = (row, col): an outer
+            # product per pixel of BH row weights and BW column weights
+            wy = _axis_weights(r0, i0, i1, ly, BH)
+            wx = _axis_weights(c0, j0, j1, lx, BW)
+            wm = tl.reshape(wy[:, None, :] * wx[None, :, :], (BH * BW, BLOCK_F))
+            if AX == 0:
+                ga = tl.trans(ga)
+                gb = tl.trans(gb)
             acc_a = tl.dot(wm, ga, acc_a, input_precision=DOT_PRECISION)
             acc_b = tl.dot(wm, gb, acc_b, input_precision=DOT_PRECISION)
 
@@ -216,9 +252,12 @@ def _cps_upsample_kernel(
 
     if WRITE_GRAD:
         # every low-res pixel has exactly one owner: the gradient is fully written (zeros included)
+        own = tl.arange(0, BH * BW)
+        own_r = r0 + own // BW
+        own_c = c0 + own % BW
         om = ((own_r < h) & (own_c < w))[:, None] & cmask[None, :]
-        off_a = (own_r * s_ah + own_c * s_aw)[:, None] + ca
-        off_b = (own_r * s_bh + own_c * s_bw)[:, None] + cb
+        off_a = (own_r * s_ah + own_c * s_aw)[:, None] + c[None, :] * s_ac
+        off_b = (own_r * s_bh + own_c * s_bw)[:, None] + c[None, :] * s_bc
         tl.store(ga_ptr + n64 * s_an + off_a, acc_a.to(ga_ptr.dtype.element_ty), mask=om)
         tl.store(gb_ptr + n64 * s_bn + off_b, acc_b.to(gb_ptr.dtype.element_ty), mask=om)
 
@@ -233,20 +272,28 @@ def source_scale(in_size: int, out_size: int, align_corners: bool) -> np.float32
     return np.float32(in_size) / np.float32(out_size)
 
 
+# (BH, BW, BLOCK_F, num_warps, AX) forced for every class width, or None for _CONFIGS: for tests and
+# the GPU run's configuration sweep (benchmarks/bench_upsample.py, providers fused[BHxBW:F:W:AX])
+CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None
+
 # Under TRITON_INTERPRET=1 every op is a numpy call with a fixed Python overhead, so fewer,
 # larger chunks of full-res pixels run much faster; registers do not matter there.
 INTERPRET_BLOCK_F = 256
 
 
-def block_config(C: int, interpret: bool | None = None) -> tuple[int, int, int, int, int]:
-    """(BH, BW, BLOCK_F, BLOCK_C, num_warps) for a class axis of size C (C <= MAX_C)."""
+def block_config(C: int, interpret: bool | None = None, dtype: torch.dtype = torch.bfloat16,
+                 ) -> tuple[int, int, int, int, int, int]:
+    """(BH, BW, BLOCK_F, BLOCK_C, num_warps, AX) for a class axis of size C (C <= MAX_C) of ``dtype`` logits."""
     if interpret is None:
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     block_c = max(16, triton.next_power_of_2(C))  # tl.dot needs every dimension >= 16
-    bh, bw, block_f, num_warps = _CONFIGS[block_c]
+    if CONFIG_OVERRIDE is not None:
+        return (*CONFIG_OVERRIDE[:3], block_c, *CONFIG_OVERRIDE[3:])
+    configs = _CONFIGS_FP32 if dtype == torch.float32 and block_c in _CONFIGS_FP32 else _CONFIGS
+    bh, bw, block_f, num_warps, ax = configs[block_c]
     if interpret and INTERPRET_BLOCK_F:
         block_f = max(block_f, INTERPRET_BLOCK_F)
-    return bh, bw, block_f, block_c, num_warps
+    return bh, bw, block_f, block_c, num_warps, ax
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -283,7 +330,7 @@ def cps_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, i
             raise ValueError(f"cps_upsample (triton): {name} has more than 2**31 elements per image")
     if H * W >= 2**31:
         raise ValueError(f"cps_upsample (triton): output size {H}x{W} has more than 2**31 pixels")
-    bh, bw, block_f, block_c, num_warps = block_config(C)
+    bh, bw, block_f, block_c, num_warps, ax = block_config(C, dtype=a4.dtype)
     n_bands, n_tiles = triton.cdiv(h, bh), triton.cdiv(w, bw)
     n_prog = N * n_bands * n_tiles
     if n_prog == 0:
@@ -307,7 +354,7 @@ def cps_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, i
         float(scale_h), float(scale_w), inv_h, inv_w,
         float(cps_weight), int(ignore_index),
         ALIGN=bool(align_corners), HAS_T=has_t, HAS_PA=has_pa, HAS_PB=has_pb, WRITE_GRAD=write_grad,
-        BH=bh, BW=bw, BLOCK_F=block_f, BLOCK_C=block_c, DOT_PRECISION=_dot_precision(a4.dtype),
+        BH=bh, BW=bw, BLOCK_F=block_f, BLOCK_C=block_c, DOT_PRECISION=_dot_precision(a4.dtype), AX=ax,
         num_warps=num_warps, num_stages=1,  # software-pipelining the gathers only costs shared memory
     )
     return partials.sum(dim=0)

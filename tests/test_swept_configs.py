@@ -2,7 +2,8 @@
 
 The GPU run times forced tile configurations of the fused losses beside the heuristic's
 (`tiles` step: bench_loss.py --triton-configs; `ncps` step: bench_ncps.py providers
-triton[eN] and triton[BPxW]), and the fastest becomes the heuristic. A speed is only worth
+triton[eN] and triton[BPxW]; `upsample` step: bench_upsample.py providers fused[BHxBW:F:W:AX]),
+and the fastest becomes the heuristic. A speed is only worth
 having from a kernel that computes the loss, so each swept configuration runs here through
 the benchmark's own provider (the Triton interpreter on CPU tensors, compiled Triton on a
 GPU) against the float64 reference, and a spy checks that the forced configuration is the
@@ -25,8 +26,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_loss  # noqa: E402
 import bench_ncps  # noqa: E402
+import bench_upsample  # noqa: E402
 import test_loss  # noqa: E402
 import test_ncps_loss  # noqa: E402
+import test_upsample_loss  # noqa: E402
 
 RUN_GPU = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,6 +45,8 @@ def _swept(pattern: str, what: str) -> list[str]:
 LOSS_CONFIGS = _swept(r"bench_loss\.py --providers triton --triton-configs (\S+)", "the tiles step's sweep")
 NCPS_PROVIDERS = [p for p in _swept(r'bench_ncps\.py [^\n]*--providers "([^"]+)"', "the ncps step's providers")
                   if p.startswith("triton[")]
+UPSAMPLE_PROVIDERS = [p for p in _swept(r'bench_upsample\.py \\\n\s*--providers "([^"]+)"', "the upsample step's providers")
+                      if re.fullmatch(r"fused\[\d+x\d+:\d+:\d+:[01]\]", p)]
 
 
 class Spy:
@@ -85,6 +90,7 @@ def run_provider(fn, xs):
 def test_the_sweeps_were_found():
     assert len(LOSS_CONFIGS) >= 2 and all(LOSS_CONFIGS)
     assert NCPS_PROVIDERS, "run_gpu.sh's ncps step sweeps no forced n-CPS configuration"
+    assert UPSAMPLE_PROVIDERS, "run_gpu.sh's upsample step sweeps no forced configuration"
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
@@ -143,3 +149,33 @@ def test_swept_ncps_configuration(provider, K, layout, monkeypatch):
         block_p = launches[0][1]
         assert launches[0][2] == max(1, min(16, block_p * 32 // (int(forced.group(1)) * 32))), launches
     assert triton_ops.TILE_OVERRIDE is None and triton_ops.ELEMS_OVERRIDE is None, "the sweep's setting leaked out"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
+@pytest.mark.parametrize("provider", UPSAMPLE_PROVIDERS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("C,dtype", [(21, torch.bfloat16), (19, torch.float32)])
+def test_swept_upsample_configuration(provider, layout, C, dtype, monkeypatch):
+    from cps_fast.kernels import cps_upsample as triton_ops
+
+    launched = []
+    monkeypatch.setattr(triton_ops, "_cps_upsample_kernel", Spy(triton_ops._cps_upsample_kernel, "upsample", launched))
+    blocks = []  # what block_config returned to the launcher: (BH, BW, BLOCK_F, BLOCK_C, num_warps, AX)
+    real_config = triton_ops.block_config
+    monkeypatch.setattr(triton_ops, "block_config", lambda *a, **k: blocks.append(real_config(*a, **k)) or blocks[-1])
+    size = (27, 31)
+    fn = bench_upsample.make_provider(provider, torch.device(DEVICE), dtype, size, None)
+    assert not isinstance(fn, str), f"{provider}: {fn}"
+    a, b = (test_upsample_loss.make_low(2, C, 7, 8, dtype, layout, DEVICE, size=size) for _ in range(2))
+    target = make_labels((2, *size), C, 0.3, DEVICE)
+    leaves = [x.detach().clone().requires_grad_() for x in (a, b)]
+    loss = fn(*leaves, target)
+    loss.backward()
+    # the provider returns the loss only: its parts are not compared
+    got = (loss.detach(), None, None, leaves[0].grad, leaves[1].grad)
+    test_upsample_loss.assert_close_to_reference(got, a, b, target, backend="triton", size=size,
+                                                 cps_weight=bench_upsample.CPS_WEIGHT)
+    forced = tuple(int(g) for g in re.fullmatch(r"fused\[(\d+)x(\d+):(\d+):(\d+):([01])\]", provider).groups())
+    assert launched, f"{provider}: the kernel did not run"
+    assert blocks and all(cfg[:3] + cfg[4:] == forced for cfg in blocks), f"{provider}: launched with {blocks}"
+    assert triton_ops.CONFIG_OVERRIDE is None, "the sweep's setting leaked out"

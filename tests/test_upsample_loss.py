@@ -189,14 +189,21 @@ def test_class_axis_widths(backend, C):
 
 
 @pytest.mark.parametrize("backend", ["triton"])
-def test_triton_with_the_gpu_block_sizes(backend, monkeypatch):
-    """The interpreter normally walks 256 full-res pixels per step; the GPU sizes (16-32) run here too."""
+@pytest.mark.parametrize("config", [None, (8, 8, 32, 8, 1), (4, 8, 64, 2, 0), (8, 4, 32, 1, 1)],
+                         ids=["heuristic", "8x8:32:8:1", "4x8:64:2:0", "8x4:32:1:1"])
+@pytest.mark.parametrize("C", [21, 64])
+def test_triton_with_the_gpu_block_sizes(backend, config, C, monkeypatch):
+    """The interpreter normally walks 256 full-res pixels per step; the GPU sizes run here too, in
+    both class-axis orientations (AX = 0: a pixel per thread; AX = 1: lanes across classes) and
+    with non-square owned blocks."""
     need(backend)
     from cps_fast.kernels import cps_upsample
 
     monkeypatch.setattr(cps_upsample, "INTERPRET_BLOCK_F", 0)
-    a, b = (make_low(1, 21, 9, 10, layout="channels_last", size=(33, 37)) for _ in range(2))
-    target = make_labels((1, 33, 37), 21, 0.2)
+    monkeypatch.setattr(cps_upsample, "CONFIG_OVERRIDE", config)
+    a = make_low(1, C, 9, 10, layout="channels_last", size=(33, 37))
+    b = make_low(1, C, 9, 10, size=(33, 37))
+    target = make_labels((1, 33, 37), C, 0.2)
     kw = dict(size=(33, 37), cps_weight=1.5)
     got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
     assert_close_to_reference(got, a, b, target, **kw)
