@@ -17,7 +17,7 @@ Work decomposition (a gather formulation: no atomics on the gradient):
   in registers with the tile helpers of :mod:`cps_fast.kernels.cps_loss`.
 * Tile orientation (``AX``, per class width in ``_CONFIGS``): up to 32 classes the tiles
   are ``[BLOCK_C, BLOCK_F]`` and a thread holds its pixel's classes (two lanes per pixel
-  in the default one-warp program), so the class reductions need no more than one
+  in the one-warp default for Triton >= 3.9), so the class reductions need no more than one
   shuffle and the per-pixel index and weight arithmetic is not repeated across lanes;
   wider class axes use ``[BLOCK_F, BLOCK_C]`` tiles with lanes across the classes.
 * The full-resolution gradient ``G`` is reduced onto the owned pixels with the
@@ -163,11 +163,11 @@ def _cps_upsample_kernel(
     BH: tl.constexpr, BW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr, AX: tl.constexpr,
 ):
-    # The tiles' class axis is AX. The gathers have no contiguity for Triton to exploit, so it
-    # spreads a tile's last axis over lanes (then warps): with AX = 0 ([BLOCK_C, BLOCK_F],
-    # BLOCK_F = 32 * num_warps) a thread holds one pixel's classes and every class reduction stays
-    # in its registers; with AX = 1 ([BLOCK_F, BLOCK_C]) lanes span the classes, which keeps wide
-    # class axes in registers at the cost of shuffle reductions.
+    # The tiles' class axis is AX. The gathers have no contiguity for Triton (>= 3.9) to exploit, so
+    # it spreads a tile's last axis over lanes (then warps): with AX = 0 ([BLOCK_C, BLOCK_F]) a thread
+    # holds one pixel's classes (BLOCK_F = 32 * num_warps) or half of them (16 * num_warps), and the
+    # class reductions stay in registers; with AX = 1 ([BLOCK_F, BLOCK_C]) lanes span the classes,
+    # which keeps wide class axes in registers at the cost of shuffle reductions.
     pid = tl.program_id(0)
     tile = pid % n_tiles
     band = (pid // n_tiles) % n_bands
@@ -211,8 +211,12 @@ def _cps_upsample_kernel(
         xa = _bilinear(a_base, i0, i1, j0, j1, ly, lx, s_ah, s_aw, ca, cmask, AX)
         xb = _bilinear(b_base, i0, i1, j0, j1, ly, lx, s_bh, s_bw, cb, cmask, AX)
 
-        ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, pmask, BLOCK_C, AX)
-        mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, pmask, BLOCK_C, AX)
+        # statistics of every pixel: the clamped gathers give padding pixels a real pixel's logits,
+        # so theirs are finite too (the helper's padding rule, max 0 and sum 1, would let
+        # exp(x - lse) overflow there); the label validities below keep them out of sums and gradients
+        every = q >= 0
+        ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, every, BLOCK_C, AX)
+        mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, every, BLOCK_C, AX)
 
         l = fy * W + fx
         t, vt = _load_labels(t_ptr, nv, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
