@@ -50,6 +50,8 @@ GPU_SHAPES = {"voc": ((8, 21, 128, 128), (512, 512)), "cityscapes": ((8, 19, 200
 CPU_SHAPES = {"voc-small": ((2, 21, 64, 64), (256, 256))}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 CPS_WEIGHT = 1.5
+# fused[BHxBW:F:W:AX]: the triton backend's configuration forced (groups: BH, BW, BLOCK_F, num_warps, AX)
+FORCED_CONFIG = re.compile(r"fused\[(\d+)x(\d+):(\d+):(\d+):([01])\]")
 
 
 def make_provider(name, device, dtype, size, backend):
@@ -66,7 +68,7 @@ def make_provider(name, device, dtype, size, backend):
         if chosen == "cpu" and hasattr(_C, "upsample_simd"):
             fn.backend = f"cpu[{_C.upsample_simd()}]"
         return fn
-    forced = re.fullmatch(r"fused\[(\d+)x(\d+):(\d+):(\d+):([01])\]", name)
+    forced = FORCED_CONFIG.fullmatch(name)
     if forced:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return f"{name} is a configuration of the triton backend, which needs CUDA tensors here"

@@ -215,8 +215,8 @@ def _cps_upsample_kernel(
         # so theirs are finite too (the helper's padding rule, max 0 and sum 1, would let
         # exp(x - lse) overflow there); the label validities below keep them out of sums and gradients
         every = q >= 0
-        ma, arg_a, ea, sa, lse_a = _tile_stats(xa, c, every, BLOCK_C, AX)
-        mb, arg_b, eb, sb, lse_b = _tile_stats(xb, c, every, BLOCK_C, AX)
+        _, arg_a, _, _, lse_a = _tile_stats(xa, c, every, BLOCK_C, AX)
+        _, arg_b, _, _, lse_b = _tile_stats(xb, c, every, BLOCK_C, AX)
 
         l = fy * W + fx
         t, vt = _load_labels(t_ptr, nv, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)

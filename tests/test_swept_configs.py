@@ -46,7 +46,7 @@ LOSS_CONFIGS = _swept(r"bench_loss\.py --providers triton --triton-configs (\S+)
 NCPS_PROVIDERS = [p for p in _swept(r'bench_ncps\.py [^\n]*--providers "([^"]+)"', "the ncps step's providers")
                   if p.startswith("triton[")]
 UPSAMPLE_PROVIDERS = [p for p in _swept(r'bench_upsample\.py \\\n\s*--providers "([^"]+)"', "the upsample step's providers")
-                      if re.fullmatch(r"fused\[\d+x\d+:\d+:\d+:[01]\]", p)]
+                      if bench_upsample.FORCED_CONFIG.fullmatch(p)]
 
 
 class Spy:
@@ -175,7 +175,7 @@ def test_swept_upsample_configuration(provider, layout, C, dtype, monkeypatch):
     got = (loss.detach(), None, None, leaves[0].grad, leaves[1].grad)
     test_upsample_loss.assert_close_to_reference(got, a, b, target, backend="triton", size=size,
                                                  cps_weight=bench_upsample.CPS_WEIGHT)
-    forced = tuple(int(g) for g in re.fullmatch(r"fused\[(\d+)x(\d+):(\d+):(\d+):([01])\]", provider).groups())
+    forced = tuple(int(g) for g in bench_upsample.FORCED_CONFIG.fullmatch(provider).groups())
     assert launched, f"{provider}: the kernel did not run"
     assert blocks and all(cfg[:3] + cfg[4:] == forced for cfg in blocks), f"{provider}: launched with {blocks}"
     assert triton_ops.CONFIG_OVERRIDE is None, "the sweep's setting leaked out"

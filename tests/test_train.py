@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from cps_fast.cli import run as cli_main
 from cps_fast.config import load_preset
+from cps_fast.data import labeled_loader
 from cps_fast.models import CPSModel, param_groups
 from cps_fast.train import SGD, CPSStep, Trainer, load_checkpoint, ohem_cross_entropy, poly_lr
 
@@ -497,8 +498,7 @@ def test_graph_step_equals_eager_without_cutmix(tmp_path):
     1e-4 relative noise in 5 % of the gradients failed 99 of 168 tensors after 24 steps). No
     CutMix, whose boxes come from different generators in the two modes."""
     t = Trainer(_gpu_cfg(cutmix=False, cps_weight=1.5), tmp_path, device="cuda", print_fn=lambda *a: None)
-    b = next(iter(__import__("cps_fast").data.labeled_loader(t.labeled_set, batch_size=4, crop_size=64,
-                                                              backend="pytorch", num_workers=0)))
+    b = next(iter(labeled_loader(t.labeled_set, batch_size=4, crop_size=64, backend="pytorch", num_workers=0)))
     batch = [t._to_device(b["image"]), t._to_device(b["label"]), t._to_device(b["image"].flip(-1)), None]
     t.model.train()
     t._capture(lambda: batch)  # 3 eager warm-up steps, the capture and one replay: a trained-in state
@@ -547,8 +547,7 @@ def test_ohem_step_is_captured(tmp_path):
 @pytest.mark.gpu
 def test_captured_step_has_no_host_sync_and_learns(tmp_path):
     t = Trainer(_gpu_cfg(max_iters=60, log_every=20), tmp_path, device="cuda", print_fn=lambda *a: None)
-    lab = iter(__import__("cps_fast").data.labeled_loader(t.labeled_set, batch_size=4, crop_size=64,
-                                                          backend="pytorch", num_workers=0))
+    lab = iter(labeled_loader(t.labeled_set, batch_size=4, crop_size=64, backend="pytorch", num_workers=0))
     batches = []
     for _ in range(4):
         b = next(lab)
