@@ -8,7 +8,9 @@ divisible by 16 are marked so). ``cuobjdump`` (shipped with Triton) reads the
 registers, spill stack and shared memory of the cubin, and the PTX shows the
 width of the global loads and stores (each width with its count of instructions: the
 logits tiles, the labels and the scalars show up as separate entries) and the number of
-CTA barriers (each a shared-memory round trip that all the program's warps wait for).
+CTA barriers (each a shared-memory round trip that all the program's warps wait for). The SASS
+gives the instruction count of the kernel's main loop, and for the upsample-fused kernel the
+warp-instructions it issues per full-resolution pixel (that kernel is issue-bound).
 
 Why: a kernel that compiles in the interpreter can still fail to compile for the
 GPU, and registers, spills and load widths decide a memory-bound kernel's speed.
@@ -130,6 +132,7 @@ def compile_launch(launch: Launch) -> dict:
         cubin.write_bytes(kernel.asm["cubin"])
         out = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True,
                              text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     usage = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
     ptx = kernel.asm["ptx"]
 
@@ -149,14 +152,33 @@ def compile_launch(launch: Launch) -> dict:
         return " ".join(f"{w}x{n}" for w, n in sorted(counts.items(), reverse=True))
 
     shared = usage.get("shared", 0) + int(getattr(kernel.metadata, "shared", 0) or 0)  # static + dynamic
+    loop = loop_instructions(sass)
+    consts = {n: v for n, v in zip(launch.fn.arg_names, launch.args) if sig.get(n) == "constexpr"} \
+        | {k: v for k, v in launch.kwargs.items() if k in launch.fn.arg_names}
     return {"regs": usage.get("reg"), "stack_bytes": usage.get("stack"), "shared_bytes": shared,
             "widest_load_bits": widest("ld"), "widest_store_bits": widest("st"),
             "loads": histogram("ld"), "stores": histogram("st"),
             # CTA barriers in the PTX: shared-memory round trips (cross-warp reductions, gathers, layout moves)
             "barriers": len(re.findall(r"\bbar(?:rier)?\.sync", ptx)),
             "num_warps": options["num_warps"],
-            "constexprs": {n: v for n, v in zip(launch.fn.arg_names, launch.args) if sig.get(n) == "constexpr"}
-            | {k: v for k, v in launch.kwargs.items() if k in launch.fn.arg_names}}
+            # SASS instructions in the kernel's largest loop, as each warp issues them; per pixel for the
+            # upsample-fused kernel, whose loop steps BLOCK_F full-resolution pixels with every warp
+            "loop_instructions": loop,
+            "loop_instructions_per_pixel": (round(loop * options["num_warps"] / consts["BLOCK_F"], 1)
+                                            if loop and "BLOCK_F" in consts else None),
+            "constexprs": consts}
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions in the body of the largest loop of a kernel's SASS (the backward branch that spans
+    the most), 0 when it has none. Issue-bound kernels spend their time there."""
+    ins = [int(a, 16) for a in re.findall(r"^\s*/\*([0-9a-f]{4,})\*/\s+\S", sass, re.M)]
+    best = 0
+    for addr, target in re.findall(r"^\s*/\*([0-9a-f]{4,})\*/[^;\n]*\bBRA\b[^;\n]*?0x([0-9a-f]+)", sass, re.M):
+        a, t = int(addr, 16), int(target, 16)
+        if t < a:
+            best = max(best, sum(1 for x in ins if t <= x <= a))
+    return best
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -240,6 +262,10 @@ def main(argv=None):
                    help="force this BLOCK_P:num_warps on the tile kernels of the CPS and n-CPS losses "
                         "(TILE_OVERRIDE in kernels/cps_loss.py and kernels/ncps_loss.py) to compare "
                         "configurations, e.g. --ops cps_loss --tile 32:1 --json out.json")
+    p.add_argument("--upsample-config", default=None, metavar="BHxBW:F:W:AX",
+                   help="force this configuration on the upsample-fused kernel (CONFIG_OVERRIDE in "
+                        "kernels/cps_upsample.py; bench_upsample.py's fused[BHxBW:F:W:AX]), e.g. "
+                        "--ops cps_upsample --upsample-config 8x8:128:4:0 --json out.json")
     p.add_argument("--shapes", default=None, help="comma list of shape names to compile (default: all)")
     args = p.parse_args(argv)
     if args.tile:
@@ -249,6 +275,15 @@ def main(argv=None):
         if not args.json:
             raise SystemExit("kernel_report: --tile needs --json (the default file is the heuristic's report)")
         K.TILE_OVERRIDE = NK.TILE_OVERRIDE = tuple(int(v) for v in args.tile.split(":"))
+    if args.upsample_config:
+        from cps_fast.kernels import cps_upsample as UK
+
+        forced = re.fullmatch(r"(\d+)x(\d+):(\d+):(\d+):([01])", args.upsample_config)
+        if not forced:
+            raise SystemExit(f"kernel_report: --upsample-config {args.upsample_config!r}: expected BHxBW:F:W:AX")
+        if not args.json:
+            raise SystemExit("kernel_report: --upsample-config needs --json (the default file is the heuristic's report)")
+        UK.CONFIG_OVERRIDE = tuple(int(g) for g in forced.groups())
     rows = []
     for op in args.ops.split(","):
         if op not in CASES:
@@ -264,7 +299,8 @@ def main(argv=None):
         ("op", "op", ""), ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""),
         ("kernel", "kernel", ""), ("num_warps", "warps", ""), ("regs", "regs", ""),
         ("stack_bytes", "spill B", ""), ("shared_bytes", "smem B", ""), ("barriers", "barriers", ""),
-        ("loads", "loads (bits x count)", ""), ("stores", "stores", ""),
+        ("loads", "loads (bits x count)", ""), ("stores", "stores", ""), ("loop_instructions", "loop", ""),
+        ("loop_instructions_per_pixel", "per px", ""),
     ])
     path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / "kernel_report-sm90.json"
     common.write_json(rows, str(path), "kernel_report", torch.device("cpu"))

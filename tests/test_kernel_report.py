@@ -83,3 +83,13 @@ def test_channels_last_flat_kernel_is_vectorised_without_layout_moves(report):
         tile = next(t for t in report if t["kernel"] == "_cps_loss_tile_kernel"
                     and all(t[k] == r[k] for k in ("shape_name", "dtype", "layout")))
         assert r["barriers"] <= tile["barriers"] + 8, (r, tile)
+
+
+def test_upsample_loop_is_counted(report):
+    # the upsample-fused kernel is issue-bound: its report counts the main loop's SASS instructions and
+    # the warp-instructions per full-resolution pixel (benchmarks/NOTES.md compares configurations by it)
+    for r in report:
+        if r["op"] == "cps_upsample":
+            assert r["loop_instructions"] > 100, r
+            block_f, warps = r["constexprs"]["BLOCK_F"], r["num_warps"]
+            assert r["loop_instructions_per_pixel"] == round(r["loop_instructions"] * warps / block_f, 1), r
