@@ -6,6 +6,8 @@
     cps-fast predict CKPT IMAGES... --out DIR  coloured masks and overlays
     cps-fast bench {loss,upsample,ncps,model,data,step} ...  the benchmark scripts in benchmarks/
     cps-fast splits ...                        seeded labeled/unlabeled partitions
+    cps-fast prepare {voc,cityscapes} ...      the presets' data folders from the official archives
+    cps-fast presets                           the paper's presets, one line each
 """
 from __future__ import annotations
 
@@ -49,6 +51,18 @@ def _cmd_splits(args, rest):
     from .data import splits
 
     splits.main(rest)
+
+
+def _cmd_prepare(args, rest):
+    from .data import prepare
+
+    return prepare.main(rest)
+
+
+def _cmd_presets(args, rest):
+    from .config import presets_table
+
+    print(presets_table())
 
 
 def _cmd_train(args, rest):
@@ -127,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("splits", help="write seeded labeled/unlabeled partitions (arguments go to it)")
     s.set_defaults(func=_cmd_splits)
+
+    pp = sub.add_parser("prepare", help="write a preset's data folder from the official archives "
+                        "(arguments go to it: cps-fast prepare voc --help)")
+    pp.set_defaults(func=_cmd_prepare)
+
+    ps = sub.add_parser("presets", help="list the presets: dataset, backbone, partition, CutMix, CPS weight, "
+                        "crop, schedule, paper mIoU")
+    ps.set_defaults(func=_cmd_presets)
     return p
 
 
@@ -136,7 +158,7 @@ def run(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # bench and splits pass everything after their name to the script's own parser
-    if argv and argv[0] in ("bench", "splits"):
+    if argv and argv[0] in ("bench", "splits", "prepare"):
         head = argv[:2] if argv[0] == "bench" else argv[:1]
         args = parser.parse_args(head)
         return args.func(args, argv[len(head):])

@@ -37,6 +37,7 @@ __all__ = [
     "list_presets",
     "load_config",
     "load_preset",
+    "presets_table",
     "save_config",
 ]
 
@@ -181,7 +182,12 @@ class Config:
         need(self.batch_size_labeled >= 1, "batch_size_labeled", "at least 1")
         need(self.batch_size_unlabeled >= 1, "batch_size_unlabeled", "at least 1")
         need(len(self.scales) >= 1 and all(s > 0 for s in self.scales), "scales", "positive factors")
-        need(all(s > 0 for s in self.std), "std", "positive values")
+        need(all(0 <= m <= 1 for m in self.mean), "mean",
+             "the RGB mean of image / 255, each in [0, 1], e.g. 0.485,0.456,0.406 (values such as 123.675,116.28,"
+             "103.53 are the 0-255 convention of mmsegmentation and DALI: divide them by 255)")
+        need(all(0 < s <= 1 for s in self.std), "std",
+             "the RGB std of image / 255, each in (0, 1], e.g. 0.229,0.224,0.225 (values such as 58.395,57.12,"
+             "57.375 are the 0-255 convention of mmsegmentation and DALI: divide them by 255)")
         need(0 <= self.ignore_index <= 255, "ignore_index", "a value in 0..255")
         need(self.ignore_index >= self.num_classes, "ignore_index", f"not a class index (>= num_classes={self.num_classes})")
         need(self.num_workers >= 0, "num_workers", ">= 0")
@@ -280,7 +286,12 @@ class Config:
         return self.epochs * self.iters_per_epoch_for(num_labeled, num_unlabeled)
 
     def data_path(self, rel: Optional[str]) -> Optional[str]:
-        """A list-file path resolved against ``data_root`` (absolute paths unchanged)."""
+        """A list-file path resolved against ``data_root`` (absolute paths unchanged;
+        ``paper:...`` names a list packaged with cps-fast, see cps_fast.data.paper_lists)."""
+        if rel is not None and rel.startswith("paper:"):
+            from .data.paper_lists import paper_list_path
+
+            return str(paper_list_path(rel))
         if rel is None or os.path.isabs(rel) or self.data_root is None:
             return rel
         return os.path.join(self.data_root, rel)
@@ -503,6 +514,42 @@ def load_preset(name: str) -> Config:
         return Config(**values)
     except ConfigError as e:
         raise ConfigError(f"preset {str(path)!r}: {e}") from None
+
+
+def _paper_iters(cfg: Config) -> Optional[int]:
+    """The schedule's length in iterations at the paper's partition sizes (None when unknown)."""
+    from .data.paper_lists import PAPER_COUNTS
+
+    if cfg.max_iters is not None:
+        return cfg.max_iters
+    if cfg.dataset not in PAPER_COUNTS or cfg.partition is None:
+        return None
+    _, total, labeled = PAPER_COUNTS[cfg.dataset]
+    denom = int(cfg.partition.split("/")[-1]) if cfg.partition.startswith("1/") else None
+    if denom not in labeled:
+        return None
+    return cfg.total_iters(labeled[denom], total - labeled[denom])
+
+
+def presets_table() -> str:
+    """One line per bundled preset: dataset, backbone, partition, CutMix, CPS weight, crop, schedule
+    (epochs and the iterations they make at the paper's partition sizes) and the paper's mIoU."""
+    head = ("preset", "dataset", "backbone", "partition", "cutmix", "cps_weight", "crop", "schedule", "paper mIoU")
+    rows = [head]
+    for name in list_presets():
+        cfg = load_preset(name)
+        iters = _paper_iters(cfg)
+        sched = (f"{cfg.epochs} ep = {iters} it" if cfg.max_iters is None and iters is not None
+                 else f"{iters} it" if iters is not None else f"{cfg.epochs} ep")
+        rows.append((name, cfg.dataset, cfg.backbone, cfg.partition or "-", "yes" if cfg.cutmix else "no",
+                     f"{cfg.cps_weight:g}", str(cfg.crop_size), sched,
+                     f"{cfg.paper_miou:.2f}" if cfg.paper_miou is not None else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    right = {5, 6, 8}
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def format_config(cfg: Config) -> str:

@@ -278,13 +278,11 @@ class SegDataset:
                 f"label_format={self.label_format!r}, labeled={self.labeled})")
 
 
-def _require_dir(root: str, sub: str, what: str) -> str:
+def _check_root(root, what: str, layouts) -> str:
     if root is None or not os.path.isdir(root):
-        raise DataError(f"{what} root {root!r} is not a directory (expected it to hold {sub}/)")
-    d = os.path.join(root, sub)
-    if not os.path.isdir(d):
-        raise DataError(f"{what} root {root} has no folder {sub}/ (looked for {d})")
-    return d
+        raise DataError(f"{what} root {root!r} is not a directory (expected a folder in one of these layouts: "
+                        + "; ".join(lay.describe for lay in layouts) + ")")
+    return str(root)
 
 
 def _label_format_of(path: str) -> str:
@@ -295,124 +293,283 @@ def _label_format_of(path: str) -> str:
         return "gray"  # reported as a clear error when the file is read
 
 
-class VOCDataset(SegDataset):
-    """PASCAL VOC 2012 (optionally with the SBD "aug" labels).
+_SPLITS = ("train", "val", "test")
 
-    Layout: ``root/JPEGImages/<id>.jpg`` and ``root/SegmentationClassAug/<id>.png``
-    (grayscale indices) or ``root/SegmentationClass/<id>.png`` (palette indices).
-    Without ``list_file`` the ids come from ``root/ImageSets/Segmentation/<split>.txt``.
+
+def _split_and_stem(path: str, default_split: str, suffixes: Sequence[str]) -> tuple[str, str]:
+    """(split, image id) of a list line's image path in any layout: the split is the path's
+    ``train``/``val``/``test`` component (else ``default_split``), the id its file name without
+    the extension and the layout's suffix (``_leftImg8bit``)."""
+    parts = path.replace("\\", "/").split("/")
+    split = next((p for p in reversed(parts[:-1]) if p in _SPLITS), default_split)
+    stem = os.path.splitext(parts[-1])[0]
+    for suffix in suffixes:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return split, stem
+
+
+class _Layout:
+    """One on-disk layout of a dataset: where the image and label of an id live, and the
+    default list of a split. Subclasses say how to recognise themselves from the root."""
+
+    name = ""
+    describe = ""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    @classmethod
+    def matches(cls, root: str) -> bool:
+        raise NotImplementedError
+
+    def image(self, split: str, id_: str) -> str:
+        raise NotImplementedError
+
+    def label(self, split: str, id_: str) -> Optional[str]:
+        raise NotImplementedError
+
+    def default_list(self, split: str) -> Optional[str]:
+        """The split's list file in this layout, or None to take every image of the split."""
+        return None
+
+    def ids(self, split: str) -> list[str]:
+        raise DataError(f"{self.describe} at {self.root}: no default list for split {split!r}")
+
+
+def _detect(root: str, layouts, what: str, hint: str) -> _Layout:
+    for layout in layouts:
+        if layout.matches(root):
+            return layout(root)
+    looked = "; ".join(f"{lay.describe}" for lay in layouts)
+    raise DataError(f"{what} root {root} matches none of the layouts cps-fast reads: {looked}. {hint}")
+
+
+class _VOCDevkit(_Layout):
+    name = "voc-devkit"
+    describe = ("VOCdevkit/VOC2012 (JPEGImages/ with SegmentationClassAug/ or SegmentationClass/, "
+                "lists in ImageSets/Segmentation/)")
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        self.label_dir = next((os.path.join(root, sub) for sub in ("SegmentationClassAug", "SegmentationClass")
+                               if os.path.isdir(os.path.join(root, sub))), None)
+
+    @classmethod
+    def matches(cls, root):
+        return os.path.isdir(os.path.join(root, "JPEGImages"))
+
+    def image(self, split, id_):
+        return os.path.join(self.root, "JPEGImages", id_ + ".jpg")
+
+    def label(self, split, id_):
+        if self.label_dir is None:
+            return None
+        return os.path.join(self.label_dir, id_ + ".png")
+
+    def default_list(self, split):
+        return os.path.join(self.root, "ImageSets", "Segmentation", f"{split}.txt")
+
+
+class _VOCReference(_Layout):
+    """TorchSemiSeg's prepared ``DATA/pascal_voc`` (what ``cps-fast prepare voc`` writes)."""
+
+    name = "voc-torchsemiseg"
+    describe = ("TorchSemiSeg's prepared pascal_voc (train_aug/image/, train_aug/label/, val/image/, "
+                "val/label/, lists train_aug.txt and val.txt)")
+    FOLDER = {"train": "train_aug", "train_aug": "train_aug", "val": "val"}
+
+    @classmethod
+    def matches(cls, root):
+        return any(os.path.isdir(os.path.join(root, f, "image")) for f in ("train_aug", "val"))
+
+    def _folder(self, split, id_):
+        first = self.FOLDER.get(split, split)
+        if os.path.isfile(os.path.join(self.root, first, "image", id_ + ".jpg")):
+            return first
+        for other in ("train_aug", "val"):  # an id listed under the other split's folder
+            if other != first and os.path.isfile(os.path.join(self.root, other, "image", id_ + ".jpg")):
+                return other
+        return first
+
+    def image(self, split, id_):
+        return os.path.join(self.root, self._folder(split, id_), "image", id_ + ".jpg")
+
+    def label(self, split, id_):
+        return os.path.join(self.root, self._folder(split, id_), "label", id_ + ".png")
+
+    def default_list(self, split):
+        return os.path.join(self.root, f"{self.FOLDER.get(split, split)}.txt")
+
+
+class _CityscapesOfficial(_Layout):
+    name = "cityscapes-official"
+    describe = ("the official Cityscapes folders (leftImg8bit/<split>/<city>/*_leftImg8bit.png, "
+                "gtFine/<split>/<city>/*_gtFine_labelTrainIds.png or *_gtFine_labelIds.png)")
+
+    @classmethod
+    def matches(cls, root):
+        return os.path.isdir(os.path.join(root, "leftImg8bit"))
+
+    def image(self, split, id_):
+        return os.path.join(self.root, "leftImg8bit", split, id_.split("_")[0], id_ + "_leftImg8bit.png")
+
+    def label(self, split, id_):
+        gt = os.path.join(self.root, "gtFine", split, id_.split("_")[0], id_)
+        lab = gt + "_gtFine_labelTrainIds.png"
+        if not os.path.isfile(lab) and os.path.isfile(gt + "_gtFine_labelIds.png"):
+            lab = gt + "_gtFine_labelIds.png"
+        return lab
+
+    def ids(self, split):
+        img_dir = os.path.join(self.root, "leftImg8bit", split)
+        if not os.path.isdir(img_dir):
+            raise DataError(f"Cityscapes root {self.root} has no folder leftImg8bit/{split}/ (looked for {img_dir})")
+        files = sorted(glob.glob(os.path.join(img_dir, "*", "*_leftImg8bit.png")))
+        if not files:
+            raise DataError(f"Cityscapes folder {img_dir} has no <city>/*_leftImg8bit.png images")
+        return [os.path.basename(f)[: -len("_leftImg8bit.png")] for f in files]
+
+
+class _CityscapesReference(_Layout):
+    """TorchSemiSeg's prepared ``DATA/city`` (what ``cps-fast prepare cityscapes`` writes)."""
+
+    name = "cityscapes-torchsemiseg"
+    describe = ("TorchSemiSeg's prepared city (images/<split>/<name>.png, segmentation/<split>/<name>_gtFine.png "
+                "in train ids, lists config_new/<split>.txt)")
+
+    @classmethod
+    def matches(cls, root):
+        return os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "segmentation"))
+
+    def image(self, split, id_):
+        return os.path.join(self.root, "images", split, id_ + ".png")
+
+    def label(self, split, id_):
+        return os.path.join(self.root, "segmentation", split, id_ + "_gtFine.png")
+
+    def default_list(self, split):
+        path = os.path.join(self.root, "config_new", f"{split}.txt")
+        return path if os.path.isfile(path) else None
+
+    def ids(self, split):
+        img_dir = os.path.join(self.root, "images", split)
+        files = sorted(glob.glob(os.path.join(img_dir, "*.png")))
+        if not files:
+            raise DataError(f"Cityscapes folder {img_dir} has no *.png images")
+        return [os.path.splitext(os.path.basename(f))[0] for f in files]
+
+
+def _entries(layout: _Layout, split: str, list_file: str, labeled: bool, suffixes=()) -> list:
+    """(name, image, label) of every line of ``list_file``: an id resolves through the layout;
+    a pair of paths is taken as it is when the image exists under the root, else its id (and
+    split) is read off the path and resolved through the layout, so the reference's lists load
+    on the official folders and the other way round."""
+    out = []
+    for e in read_list(list_file):
+        if e.label is None and e.image_is_id:
+            id_ = e.image.rsplit("/", 1)[-1]
+            out.append((id_, layout.image(split, id_), layout.label(split, id_) if labeled else None))
+            continue
+        img = os.path.join(layout.root, e.image)
+        lab = os.path.join(layout.root, e.label) if e.label is not None else None
+        sp, id_ = _split_and_stem(e.image, split, suffixes)
+        if not os.path.isfile(img):
+            img, lab = layout.image(sp, id_), layout.label(sp, id_)
+        elif lab is None and labeled:
+            raise DataError(f"list {list_file} has no label path for image {img}")
+        out.append((id_, img, lab if labeled else None))
+    return out
+
+
+class VOCDataset(SegDataset):
+    """PASCAL VOC 2012 (optionally with the SBD "aug" labels), in either layout:
+
+    * VOCdevkit: ``root/JPEGImages/<id>.jpg`` and ``root/SegmentationClassAug/<id>.png``
+      (grayscale indices) or ``root/SegmentationClass/<id>.png`` (palette indices); without
+      ``list_file`` the ids come from ``root/ImageSets/Segmentation/<split>.txt``;
+    * TorchSemiSeg's prepared folder (``cps-fast prepare voc`` writes it):
+      ``root/{train_aug,val}/{image,label}/<id>.{jpg,png}``, lists ``train_aug.txt`` and ``val.txt``.
     """
 
     num_classes = 21
     class_names = VOC_CLASSES
     palette = VOC_PALETTE
+    LAYOUTS = (_VOCDevkit, _VOCReference)
 
     def __init__(self, root: str, split: str = "train", list_file: Optional[str] = None,
                  labeled: bool = True):
-        img_dir = _require_dir(root, "JPEGImages", "VOC")
-        label_dir = None
-        for sub in ("SegmentationClassAug", "SegmentationClass"):
-            if os.path.isdir(os.path.join(root, sub)):
-                label_dir = os.path.join(root, sub)
-                break
-        if label_dir is None and labeled:
+        root = _check_root(root, "VOC", self.LAYOUTS)
+        layout = _detect(root, self.LAYOUTS, "VOC",
+                         "`cps-fast prepare voc --voc VOCtrainval_11-May-2012.tar --sbd benchmark.tgz --out DIR` "
+                         "writes the second from the official archives")
+        if labeled and isinstance(layout, _VOCDevkit) and layout.label_dir is None:
             raise DataError(
                 f"VOC root {root} has neither SegmentationClassAug/ nor SegmentationClass/ "
                 f"(looked for {os.path.join(root, 'SegmentationClassAug')} and "
                 f"{os.path.join(root, 'SegmentationClass')})")
         if list_file is None:
-            list_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
-        entries = []
-        for e in read_list(list_file):
-            entries.append(self._resolve(root, img_dir, label_dir, e))
+            list_file = layout.default_list(split)
+        entries = _entries(layout, split, list_file, labeled)
         fmt = "gray"
         if labeled:
             first = next((lab for _, _, lab in entries if lab and os.path.isfile(lab)), None)
             fmt = _label_format_of(first) if first else "gray"
-            for _, img, lab in entries:
-                if lab is None:
-                    raise DataError(f"list {list_file} has no label path for image {img}")
         super().__init__(root, entries, fmt, labeled)
         self.list_file = list_file
-
-    @staticmethod
-    def _resolve(root, img_dir, label_dir, e: ListEntry):
-        if e.label is None and e.image_is_id:
-            img = os.path.join(img_dir, e.image + ".jpg")
-            lab = os.path.join(label_dir, e.image + ".png") if label_dir else None
-            return e.image, img, lab
-        img = os.path.join(root, e.image)
-        lab = os.path.join(root, e.label) if e.label is not None else None
-        name = os.path.splitext(os.path.basename(e.image))[0]
-        return name, img, lab
+        self.layout = layout.name
 
 
 class CityscapesDataset(SegDataset):
-    """Cityscapes fine annotations.
+    """Cityscapes fine annotations, in either layout:
 
-    Layout: ``root/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` and
-    ``root/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png`` (used as is) or
-    ``..._gtFine_labelIds.png`` (mapped to the 19 train ids, everything else 255).
-    Without ``list_file`` every image of the split is used (sorted).
-    A list line may be a stem (``aachen_000000_000019`` or ``aachen/aachen_000000_000019``)
-    or two paths relative to the root.
+    * official: ``root/leftImg8bit/<split>/<city>/<id>_leftImg8bit.png`` and
+      ``root/gtFine/<split>/<city>/<id>_gtFine_labelTrainIds.png`` (used as is) or
+      ``..._gtFine_labelIds.png`` (mapped to the 19 train ids, everything else 255);
+      without ``list_file`` every image of the split (sorted);
+    * TorchSemiSeg's prepared folder (``cps-fast prepare cityscapes`` writes it):
+      ``root/images/<split>/<id>.png``, ``root/segmentation/<split>/<id>_gtFine.png`` (train ids),
+      lists ``config_new/<split>.txt``.
+
+    A list line is an id (``aachen_000000_000019``, also ``aachen/aachen_000000_000019``) or two
+    paths relative to the root, in either layout's naming: the reference's lists
+    (``/images/train/X.png<TAB>/segmentation/train/X_gtFine.png``) load on the official folders.
     """
 
     num_classes = 19
     class_names = CITYSCAPES_CLASSES
     palette = CITYSCAPES_PALETTE
+    LAYOUTS = (_CityscapesOfficial, _CityscapesReference)
 
     def __init__(self, root: str, split: str = "train", list_file: Optional[str] = None,
                  labeled: bool = True):
+        root = _check_root(root, "Cityscapes", self.LAYOUTS)
+        layout = _detect(root, self.LAYOUTS, "Cityscapes",
+                         "`cps-fast prepare cityscapes --root FOLDER_OR_ZIPS --out DIR` writes the second "
+                         "from the official zips")
         if list_file is None:
-            img_dir = _require_dir(root, os.path.join("leftImg8bit", split), "Cityscapes")
-            if labeled:
-                _require_dir(root, os.path.join("gtFine", split), "Cityscapes")
-            files = sorted(glob.glob(os.path.join(img_dir, "*", "*_leftImg8bit.png")))
-            if not files:
-                raise DataError(f"Cityscapes folder {img_dir} has no <city>/*_leftImg8bit.png images")
-            stems = [os.path.join(os.path.basename(os.path.dirname(f)),
-                                  os.path.basename(f)[: -len("_leftImg8bit.png")]) for f in files]
-            entries = [self._from_stem(root, split, s, labeled) for s in stems]
+            list_file = layout.default_list(split)
+        if list_file is None:
+            entries = [(i, layout.image(split, i), layout.label(split, i) if labeled else None)
+                       for i in layout.ids(split)]
+            if labeled and isinstance(layout, _CityscapesOfficial):
+                gt = os.path.join(root, "gtFine", split)
+                if not os.path.isdir(gt):
+                    raise DataError(f"Cityscapes root {root} has no folder gtFine/{split}/ (looked for {gt})")
         else:
-            if not os.path.isdir(root or ""):
-                raise DataError(f"Cityscapes root {root!r} is not a directory")
-            entries = []
-            for e in read_list(list_file):
-                if e.label is None and e.image_is_id:
-                    stem = e.image
-                    if "/" not in stem:
-                        stem = stem.split("_")[0] + "/" + stem
-                    entries.append(self._from_stem(root, split, stem, labeled))
-                else:
-                    img = os.path.join(root, e.image)
-                    lab = os.path.join(root, e.label) if e.label is not None else None
-                    if labeled and lab is None:
-                        raise DataError(f"list {list_file} has no label path for image {img}")
-                    name = os.path.splitext(os.path.basename(e.image))[0].replace("_leftImg8bit", "")
-                    entries.append((name, img, lab))
-        fmt = "train_ids"
+            entries = _entries(layout, split, list_file, labeled, suffixes=("_leftImg8bit",))
+        fmt = "gray"
         if labeled:
             labs = [lab for _, _, lab in entries]
             if all(lab.endswith("_labelIds.png") for lab in labs):
                 fmt = "cityscapes_ids"
             elif any(lab.endswith("_labelIds.png") for lab in labs):
                 raise DataError(
-                    "Cityscapes labels mix *_labelIds.png and train-id files; convert them to one kind")
-        super().__init__(root, entries, "cityscapes_ids" if fmt == "cityscapes_ids" else "gray", labeled)
+                    "Cityscapes labels mix *_labelIds.png and train-id files; convert them to one kind "
+                    "(`cps-fast prepare cityscapes` writes train ids)")
+        super().__init__(root, entries, fmt, labeled)
         self.list_file = list_file
-
-    @staticmethod
-    def _from_stem(root, split, stem, labeled):
-        city, base = stem.split("/", 1)
-        img = os.path.join(root, "leftImg8bit", split, city, base + "_leftImg8bit.png")
-        lab = None
-        if labeled:
-            gt = os.path.join(root, "gtFine", split, city, base)
-            lab = gt + "_gtFine_labelTrainIds.png"
-            if not os.path.isfile(lab) and os.path.isfile(gt + "_gtFine_labelIds.png"):
-                lab = gt + "_gtFine_labelIds.png"
-        return base, img, lab
+        self.layout = layout.name
 
 
 def open_dataset(name: str, root=None, split: str = "train", list_file: Optional[str] = None,

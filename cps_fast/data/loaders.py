@@ -8,13 +8,28 @@ import torch
 
 from .splits import SampleSchedule
 
-__all__ = ["labeled_loader", "unlabeled_loader", "resolve_backend", "BACKENDS"]
+__all__ = ["labeled_loader", "unlabeled_loader", "resolve_backend", "check_mean_std", "BACKENDS"]
 
 log = logging.getLogger("cps_fast.data")
 
 BACKENDS = ("auto", "dali-gpu", "dali-cpu", "pytorch")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_mean_std(mean: Sequence[float], std: Sequence[float], where: str = "normalisation") -> None:
+    """Refuse a mean/std that is not three values of ``image / 255``: the 0-255 convention of
+    mmsegmentation and DALI, (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375), would give
+    nearly constant images without a word."""
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{where}: mean and std need 3 values (R, G, B), got mean={mean} and std={std}")
+    if not all(0.0 <= m <= 1.0 for m in mean) or not all(0.0 < s <= 1.0 for s in std):
+        raise ValueError(
+            f"{where}: mean={mean}, std={std} are not statistics of image / 255 (mean in [0, 1], std in (0, 1]); "
+            "cps-fast normalises (image / 255 - mean) / std, e.g. mean=(0.485, 0.456, 0.406), "
+            "std=(0.229, 0.224, 0.225). Values such as (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375) are "
+            "the 0-255 convention of mmsegmentation and DALI: divide them by 255")
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -51,6 +66,7 @@ def _make(dataset, with_label, *, batch_size, crop_size, scales, flip, backend, 
           device_id, prefetch_queue_depth, num_threads, start_iter=0, check_labels=None):
     if len(dataset) == 0:
         raise ValueError(f"dataset {dataset!r} is empty")
+    check_mean_std(mean, std, "labeled_loader" if with_label else "unlabeled_loader")
     schedule = SampleSchedule(len(dataset), batch_size, length=epoch_length, seed=seed,
                               stream=stream, rank=rank, world_size=world_size,
                               scales=scales, flip=flip)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.loaders import check_mean_std
 from .metrics import ConfusionMatrix, SegMetrics
 
 __all__ = ["sliding_window_inference", "evaluate", "predict", "DEFAULT_MEAN", "DEFAULT_STD"]
@@ -294,8 +295,7 @@ def evaluate(
     if not 0 < stride_rate <= 1:
         raise ValueError(f"evaluate: stride_rate must be in (0, 1], got {stride_rate}")
     stride = (int(math.ceil(crop_h * stride_rate)), int(math.ceil(crop_w * stride_rate)))
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"evaluate: mean and std need 3 values, got {list(mean)} and {list(std)}")
+    check_mean_std(mean, std, "evaluate")
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
 
@@ -395,6 +395,7 @@ def predict(
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     img = _to_image_tensor(image, "image")
+    check_mean_std(mean, std, "predict")
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
     x = _normalise(img, device, mean_t, std_t)

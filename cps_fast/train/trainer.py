@@ -84,17 +84,65 @@ class Subset:
         return getattr(self.dataset, key)
 
 
+LIST_KEYS = ("train_labeled", "train_unlabeled", "val_list")
+
+
+def resolve_data_lists(cfg: Config) -> tuple[Config, list[str]]:
+    """The config with its list files resolved, and one log line per list saying where it is read.
+
+    A list the data root lacks is replaced by the package's copy of the CPS paper's partition
+    (``paper:...``, see :mod:`cps_fast.data.paper_lists`); a ``val_list`` that neither has falls
+    back to the dataset's own validation list (None) when the dataset has one (a plain VOCdevkit's
+    ``ImageSets/Segmentation/val.txt``: the same 1449 images). The returned config is the one a
+    run saves in ``config.json``, so it records exactly which lists were used.
+    """
+    if cfg.dataset == "synthetic":
+        return cfg, []
+    changes, notes = {}, []
+    for key in LIST_KEYS:
+        ref = getattr(cfg, key)
+        try:
+            value, source = cdata.resolve_list(cfg.dataset, cfg.data_root, ref, what=key)
+        except cdata.DataError:
+            if key != "val_list" or not _has_default_val(cfg):
+                raise
+            value, source = None, (f"the dataset's own validation list (the data root has no {ref}, "
+                                   "and cps-fast ships none)")
+        if value != ref:
+            changes[key] = value
+        if ref is not None or value is not None:
+            notes.append(f"{key}: {source}")
+    if cfg.train_labeled is None and cfg.partition is not None and cfg.method == "cps":
+        notes.append(f"train_labeled/train_unlabeled: seeded partition {cfg.partition} of the train split "
+                     f"(seed {cfg.seed})")
+    return (cfg.replace(**changes) if changes else cfg), notes
+
+
+def _has_default_val(cfg: Config) -> bool:
+    try:
+        cdata.open_dataset(cfg.dataset, cfg.data_root, "val")
+    except cdata.DataError:
+        return False
+    return True
+
+
+def _open_list(cfg: Config, key: str, split: str, labeled: bool = True):
+    path = cfg.data_path(getattr(cfg, key))
+    ds = cdata.open_dataset(cfg.dataset, cfg.data_root, split, path, labeled=labeled)
+    cdata.check_paper_counts(cfg.dataset, path, len(ds))
+    return ds
+
+
 def open_training_sets(cfg: Config):
     """(labeled set, unlabeled set or None) for a config: its list files, or a seeded partition."""
     if cfg.train_labeled is not None:
-        lab = cdata.open_dataset(cfg.dataset, cfg.data_root, "train", cfg.data_path(cfg.train_labeled))
+        lab = _open_list(cfg, "train_labeled", "train")
         unl = None
         if cfg.method == "cps":
             if cfg.train_unlabeled is None:
-                raise ValueError(f"config {cfg.name}: train_labeled is set but train_unlabeled is not; "
-                                 "CPS needs both list files (or neither, with a partition)")
-            unl = cdata.open_dataset(cfg.dataset, cfg.data_root, "train", cfg.data_path(cfg.train_unlabeled),
-                                     labeled=False)
+                raise ConfigError(f"config {cfg.name}: train_labeled is set but train_unlabeled is not; "
+                                  "CPS needs both list files (or neither, with a partition)")
+            unl = _open_list(cfg, "train_unlabeled", "train", labeled=False)
         return lab, unl
     full = cdata.open_dataset(cfg.dataset, cfg.data_root, "train")
     if cfg.partition is None:
@@ -137,6 +185,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed crop sizes (the reference sets it too)
 
         self._seed_everything(cfg.seed + self.rank)
+        cfg, self.list_notes = resolve_data_lists(cfg)
+        self.cfg = cfg
         self.labeled_set, self.unlabeled_set = open_training_sets(cfg)
         n_l = len(self.labeled_set)
         n_u = len(self.unlabeled_set) if self.unlabeled_set is not None else 0
@@ -321,6 +371,8 @@ class Trainer:
         if self.is_main:
             save_config(cfg, self.out / "config.json")
             self.print(format_config(cfg))
+            for note in self.list_notes:
+                self.print(note)
             self.print(f"device {self.device} x {self.world}; {len(self.labeled_set)} labeled, "
                        f"{len(self.unlabeled_set) if self.unlabeled_set is not None else 0} unlabeled images; "
                        f"{self.iters_per_epoch} iterations/epoch, schedule {self.total_iters} iterations, "
