@@ -8,6 +8,10 @@ a given (seed, stream, epoch, rank, world size); ranks shard the global batch
 exactly as DALI readers with ``shard_id``/``num_shards`` would, but with the
 reference's "labeled list repeated to the unlabeled length" epochs.
 
+The augmentation is :func:`cps_fast.data.transforms.augment`'s, the reference's: mirror, scale
+(label nearest as OpenCV's ``floor(x * in / out)``), crop; see :func:`_window` for how DALI's
+region-of-interest resize, crop and mirror compute exactly that.
+
 Labels are passed as file bytes and decoded by DALI as GRAY when the PNGs are
 8-bit grayscale; palette PNGs are decoded on the host to their indices (DALI's
 decoders expand palettes to colours, which would lose the class ids), and so
@@ -19,7 +23,8 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Optional, Sequence
+import math
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,28 +65,60 @@ def _rel_pos(anchor: int, size: int, crop: int) -> float:
     return 0.0 if size == crop else anchor / (size - crop)
 
 
-def _window(in_len: int, scaled_len: int, crop: int, u: float) -> tuple[float, float, int, float]:
-    """One axis of "resize ``in_len -> scaled_len``, then crop ``crop`` at :func:`crop_anchor`",
-    computed without the scaled image: ``(roi_start, roi_end, piece, pos)``.
+class _Axis(NamedTuple):
+    """One axis of a sample's crop window, as DALI's operators take it (see :func:`_window`)."""
+
+    roi: tuple[float, float]        # image: input region resized to ``piece`` pixels
+    label_roi: tuple[float, float]  # label: the same, shifted for floor-nearest
+    rows: tuple[int, int]           # label: the input pixels ``[first, stop)`` it reads
+    piece: int                      # pixels of the crop window inside the scaled image
+    pos: float                      # where the piece sits in the padded crop (crop_pos_*)
+
+
+def _window(in_len: int, scaled_len: int, crop: int, u: float, flip: bool = False) -> _Axis:
+    """One axis of the reference's "mirror (if ``flip``), resize ``in_len -> scaled_len``, crop
+    ``crop`` at :func:`crop_anchor`", computed without the scaled image, for DALI's "resize a
+    region of interest, then crop (and mirror)".
 
     Only the part of the crop window inside the scaled image, ``piece`` pixels, is resampled:
     DALI's resize of the input region ``[roi_start, roi_end)`` (input pixels) to ``piece``
-    pixels puts each output pixel's centre where the full resize would (the same scale
-    ``in_len / scaled_len``, the same origin), and samples outside the region from the image
-    as the full resize does. ``pos`` then places the piece in the padded crop.
+    pixels samples output pixel ``i`` at ``roi_start + (i + 0.5) * in_len / scaled_len``, where
+    the full resize would (half-pixel centres), and outside the region from the image as the
+    full resize does. ``pos`` places the piece in the padded crop. With ``flip`` the window is
+    placed in the mirrored image, as the reference does; the region is its unmirrored
+    counterpart and the crop's mirror runs last (bilinear commutes with the mirror).
+
+    The label's region is the image's shifted by ``(in_len - g) / (2 * scaled_len)`` pixels
+    (``g = gcd(in_len, scaled_len)``): DALI's nearest (``floor`` of the half-pixel centre) then
+    samples at ``x * in / out + g / (2 * out)``, i.e. ``floor(x * in / out)`` as OpenCV's
+    ``INTER_NEAREST`` and :func:`cps_fast.data.transforms.augment` compute it; flipped, at
+    ``(x + 1) * in / out - g / (2 * out)`` in unmirrored coordinates, which is that index taken in
+    the mirrored image. ``x * in / out`` is a multiple of ``g / out``, so the sampling points sit
+    midway between those multiples, ``g / (2 * out)`` from any integer: exact despite DALI's
+    float32 coordinates while their error stays below that margin (at least 1/14 pixel at
+    Cityscapes' size and 1/1746 at VOC's, sides up to 500, at the paper's six scales).
     """
     a = crop_anchor(scaled_len, crop, u)
     lo, hi = max(a, 0), min(a + crop, scaled_len)
-    ratio = in_len / scaled_len
-    return lo * ratio, hi * ratio, hi - lo, _rel_pos(a - lo, hi - lo, crop)
+    first, last = lo * in_len // scaled_len, (hi - 1) * in_len // scaled_len  # label indices
+    if flip:  # [lo, hi) of the mirrored image is [scaled - hi, scaled - lo) of the unmirrored one
+        lo, hi, start = scaled_len - hi, scaled_len - lo, hi - a - crop
+        first, last = in_len - 1 - last, in_len - 1 - first
+    else:
+        start = a - lo
+    shift = (in_len - math.gcd(in_len, scaled_len)) / (2 * scaled_len) * (1 if flip else -1)
+    r0, r1 = lo * in_len / scaled_len, hi * in_len / scaled_len
+    return _Axis((r0, r1), (r0 + shift, r1 + shift), (first, last + 1), hi - lo,
+                 _rel_pos(start, hi - lo, crop))
 
 
 class _Source:
     """Batch callback for ``fn.external_source``: one call per iteration, in order."""
 
     def __init__(self, dataset, schedule: SampleSchedule, crop_size, with_label: bool,
-                 image_mode: str, label_mode: Optional[str], start_epoch: int, start_batch: int = 0):
-        self.dataset, self.schedule = dataset, schedule
+                 image_mode: str, label_mode: Optional[str], start_epoch: int, start_batch: int = 0,
+                 two_pass: bool = False):
+        self.dataset, self.schedule, self.two_pass = dataset, schedule, two_pass
         self.ch, self.cw = crop_size
         self.with_label, self.image_mode, self.label_mode = with_label, image_mode, label_mode
         self.num_classes = getattr(dataset, "num_classes", 256)
@@ -103,7 +140,8 @@ class _Source:
 
     def __call__(self):
         specs = next(self._batches)
-        images, labels, roi_start, roi_end, piece, py, px, mirror, names = ([] for _ in range(9))
+        images, labels, names, piece, py, px, mirror = ([] for _ in range(7))
+        roi_start, roi_end, label_args = [], [], []
         for sp in specs:
             i = sp.index
             if self.image_mode == "bytes":
@@ -135,19 +173,26 @@ class _Source:
                     check_label(item["label"], self.num_classes, names[-1])
                     labels.append(np.ascontiguousarray(item["label"])[:, :, None])
             sh, sw = scaled_size(h, w, sp.scale)
-            y0, y1, ph, pos_y = _window(h, sh, self.ch, sp.uy)
-            x0, x1, pw, pos_x = _window(w, sw, self.cw, sp.ux)
-            roi_start.append(np.array([y0, x0], np.float32))
-            roi_end.append(np.array([y1, x1], np.float32))
-            piece.append(np.array([ph, pw], np.float32))
-            py.append(np.float32(pos_y))
-            px.append(np.float32(pos_x))
+            ay, ax = _window(h, sh, self.ch, sp.uy), _window(w, sw, self.cw, sp.ux, sp.flip)
+            roi_start.append(np.array([ay.roi[0], ax.roi[0]], np.float32))
+            roi_end.append(np.array([ay.roi[1], ax.roi[1]], np.float32))
+            piece.append(np.array([ay.piece, ax.piece], np.float32))
+            py.append(np.float32(ay.pos))
+            px.append(np.float32(ax.pos))
             mirror.append(np.int32(sp.flip))
+            if self.with_label:
+                (ly0, ly1), (lx0, lx1) = ay.label_roi, ax.label_roi
+                if self.two_pass:  # _build_pipeline: the columns over the rows read, then the rows
+                    f, e = ay.rows
+                    label_args.append(([f, lx0], [e, lx1], [e - f, ax.piece],
+                                       [0, ly0 - f], [ax.piece, ly1 - f], [ax.piece, ay.piece]))
+                else:
+                    label_args.append(([ly0, lx0], [ly1, lx1]))
         self.recent.append(names)
-        out = [images]
+        out = [images, roi_start, roi_end, piece, py, px, mirror]
         if self.with_label:
             out.append(labels)
-        out += [roi_start, roi_end, piece, py, px, mirror]
+            out += [[np.array(a[j], np.float32) for a in label_args] for j in range(len(label_args[0]))]
         return tuple(out)
 
 
@@ -163,11 +208,9 @@ def _build_pipeline(source: _Source, *, batch_size, crop_size, mean, std, with_l
                   device_id=device_id if gpu else None,
                   prefetch_queue_depth=prefetch_queue_depth, seed=seed)
     def pipe():
-        n_out = 8 if with_label else 7
-        outs = fn.external_source(source=source, num_outputs=n_out, batch=True)
-        images = outs[0]
-        labels = outs[1] if with_label else None
-        roi_start, roi_end, piece, py, px, mirror = outs[-6:]
+        n_label = (7 if source.two_pass else 3) if with_label else 0  # _Source.__call__
+        outs = fn.external_source(source=source, num_outputs=7 + n_label, batch=True)
+        images, roi_start, roi_end, piece, py, px, mirror = outs[:7]
         if image_mode == "bytes":
             # the nvJPEG (mixed) decoder's default chroma upsampling is nearest-neighbour; fancy
             # upsampling is libjpeg-turbo's (dali-cpu) and PIL's (pytorch), so the backends decode
@@ -177,8 +220,9 @@ def _build_pipeline(source: _Source, *, batch_size, crop_size, mean, std, with_l
                                        jpeg_fancy_upsampling=True, adjust_orientation=False)
         elif gpu:
             images = images.gpu()
-        # random scale then crop, resampling only the crop window's pixels (_window): at
-        # Cityscapes' 2048x1024 and scale 2, 0.64 Mpx per image instead of 8.4 Mpx
+        # random mirror, scale and crop, resampling only the crop window's pixels (_window): at
+        # Cityscapes' 2048x1024 and scale 2, 0.64 Mpx per image instead of 8.4 Mpx. The window
+        # is placed in the mirrored image; its unmirrored region is resized, cropped, mirrored.
         images = fn.resize(images, size=piece, roi_start=roi_start, roi_end=roi_end,
                            interp_type=types.INTERP_LINEAR, antialias=False)
         images = fn.crop_mirror_normalize(
@@ -187,13 +231,27 @@ def _build_pipeline(source: _Source, *, batch_size, crop_size, mean, std, with_l
             dtype=types.FLOAT, output_layout="HWC", out_of_bounds_policy="pad", fill_values=0.0)
         if not with_label:
             return images
+        labels, lab_start, lab_end = outs[7:10]
         if label_mode == "bytes":
             # grayscale PNGs keep their values with GRAY (palette PNGs go the "array" way)
             labels = fn.decoders.image(labels, device="cpu", output_type=types.GRAY)
-        if gpu:
-            labels = labels.gpu()
-        labels = fn.resize(labels, size=piece, roi_start=roi_start, roi_end=roi_end,
-                           interp_type=types.INTERP_NN, antialias=False)
+        # The label's region is shifted so that DALI's half-pixel nearest is OpenCV's
+        # floor(x * in / out), taken in the mirrored image when flipped (_window).
+        if not source.two_pass:
+            labels = fn.resize(labels.gpu() if gpu else labels, size=piece, roi_start=lab_start,
+                               roi_end=lab_end, interp_type=types.INTERP_NN, antialias=False)
+        else:
+            # DALI's CPU nearest computes each column's source directly but steps the row
+            # coordinate (one float32 rounding per row, drifting by a source row after a few
+            # hundred rows at VOC sizes), so the rows are resampled as columns: columns first
+            # over the band of rows read (row step exactly 1), then the transposed band.
+            lab_size, lab_start2, lab_end2, lab_size2 = outs[10:]
+            labels = fn.resize(labels, size=lab_size, roi_start=lab_start, roi_end=lab_end,
+                               interp_type=types.INTERP_NN, antialias=False)
+            labels = fn.transpose(labels, perm=[1, 0, 2], transpose_layout=False)
+            labels = fn.resize(labels, size=lab_size2, roi_start=lab_start2, roi_end=lab_end2,
+                               interp_type=types.INTERP_NN, antialias=False)
+            labels = fn.transpose(labels, perm=[1, 0, 2], transpose_layout=False)
         labels = fn.crop(labels, crop_h=ch, crop_w=cw, crop_pos_x=px, crop_pos_y=py,
                          out_of_bounds_policy="pad", fill_values=255)
         labels = fn.flip(labels, horizontal=mirror)
@@ -245,7 +303,7 @@ class DaliLoader:
         # per batch) unless check_labels=True.
         self.check_labels = (device == "cpu") if check_labels is None else bool(check_labels)
         self._source = _Source(dataset, schedule, self.crop_size, with_label, image_mode,
-                               label_mode, start_epoch, start_batch)
+                               label_mode, start_epoch, start_batch, two_pass=device == "cpu")
         self.num_classes = getattr(dataset, "num_classes", 256)
         self._pipe = _build_pipeline(
             self._source, batch_size=schedule.batch_size, crop_size=self.crop_size, mean=mean,
@@ -291,7 +349,8 @@ class DaliLoader:
             batch = {"image": images.permute(0, 3, 1, 2)}     # channels_last NCHW view
             if self.with_label:
                 labels = self._to_torch(outs[1], torch.uint8)[..., 0]
-                if self.check_labels:
+                # (with 255 classes or more every uint8 value is valid; `>= 256` would wrap to 0)
+                if self.check_labels and self.num_classes < 255:
                     bad = (labels >= self.num_classes) & (labels != 255)
                     if bool(bad.any()):
                         names = [n for b in self._source.recent for n in b]

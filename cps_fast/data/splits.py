@@ -190,8 +190,14 @@ def repeat_to_length(n: int, length: int, rng: np.random.Generator) -> np.ndarra
 class SampleSpec:
     """One sample of a batch: dataset index and its augmentation draws.
 
-    ``uy``/``ux`` in [0, 1) place the crop: anchor = round(u * (H - crop)) when the
-    scaled image is at least the crop, else the image is centred in the padding.
+    Applied in the reference's order: mirror if ``flip``, scale, crop. ``uy``/``ux`` in
+    [0, 1) place the crop window in the scaled image *after* the mirror (``ux`` counts
+    columns of the mirrored image), as the reference's ``generate_random_crop_pos`` does:
+    anchor ``min(floor(u * (S - crop + 2)), S - crop + 1)``, a uniform integer in
+    ``0 .. S - crop + 1`` (the last runs one pixel past the end, padded) when the scaled
+    side ``S`` exceeds the crop, 0 when equal, and the image centred in the padding
+    (``(crop - S) // 2`` before) when smaller. So the window's distribution and geometry
+    are the reference's for either flip (``transforms.crop_anchor``).
     """
 
     index: int

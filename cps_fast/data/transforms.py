@@ -1,11 +1,14 @@
 """Training augmentation on the host (the PyTorch backend's transform).
 
-The recipe of the reference CPS code: random scale from a set (image bilinear
-without antialiasing, label nearest), horizontal flip, random crop padded with
-0 after normalisation (image) and 255 (label), normalisation with ImageNet
-mean/std. Only the crop window is ever computed: the bilinear/nearest resize is
-evaluated directly at the output pixels (half-pixel centres, as DALI's and
-OpenCV's resize), so cost is proportional to the crop, not the scaled image.
+The recipe of the reference CPS code (TorchSemiSeg ``TrainPre`` with ``furnace/utils/img_utils.py``),
+step for step: horizontal mirror (p 0.5), random scale to ``int(h * s), int(w * s)`` (image
+bilinear with half-pixel centres and no antialiasing, as ``cv2.INTER_LINEAR``; label nearest as
+``cv2.INTER_NEAREST``: source index ``floor(x * in / out)``), normalisation with ImageNet
+mean/std, and a random crop padded with 0 (image, after normalisation) and 255 (label).
+
+Only the crop window is ever computed: both resizes are evaluated directly at the output
+pixels, so the cost is proportional to the crop, not to the scaled image. The mirror is folded
+into the column indices: the crop is placed in the mirrored scaled image, as the reference does.
 """
 from __future__ import annotations
 
@@ -22,26 +25,41 @@ def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
 
 
 def crop_anchor(size: int, crop: int, u: float) -> int:
-    """Top/left of the crop window in the scaled image.
+    """Top/left of the crop window in the (mirrored, if flipped) scaled image, from ``u`` in [0, 1).
 
-    ``round(u * (size - crop))`` when the image is at least the crop; otherwise
-    negative, centring the image in the padding (the reference pads
-    ``(crop - size) // 2`` before and the rest after).
+    The reference's ``generate_random_crop_pos``: when the image is larger than the crop, a
+    uniform integer in ``[0, size - crop + 1]`` (``random.randint`` includes both ends, so the
+    window may run one pixel past the end, which is padded), here ``floor(u * (size - crop + 2))``;
+    0 when it equals the crop; when it is smaller, negative, centring the image in the padding
+    (``pad_image_to_shape``: ``(crop - size) // 2`` before, the rest after). A 1-pixel crop never
+    runs past the end (the reference asserts there instead).
     """
-    if size >= crop:
-        return int(round(u * (size - crop)))
+    if size > crop:
+        last = size - crop + (crop > 1)
+        return min(int(u * (last + 1)), last)
+    if size == crop:
+        return 0
     return -((crop - size) // 2)
 
 
-def _axis(out_len: int, anchor: int, in_len: int, scaled_len: int):
-    """Source coordinates for output positions ``anchor .. anchor + out_len`` of a resize
-    ``in_len -> scaled_len``: (valid mask, nearest index, linear i0, i1, weight)."""
+def _axis(out_len: int, anchor: int, in_len: int, scaled_len: int, flip: bool = False):
+    """Source coordinates of output positions ``anchor .. anchor + out_len`` of the scaled image
+    (a resize ``in_len -> scaled_len``), mirrored first if ``flip``, as the reference orders it:
+    (valid mask, nearest index, linear i0, i1, weight), indices into the unmirrored input.
+
+    Nearest is OpenCV's ``INTER_NEAREST``: ``floor(x * in / out)``, computed exactly in integers,
+    in the mirrored frame (it does not commute with the mirror: unmirrored it would pick the
+    other pixel of each pair at scale 0.5). Bilinear with half-pixel centres does commute: the
+    mirrored image's column ``x`` is the unmirrored one's ``scaled_len - 1 - x``.
+    """
     pos = np.arange(anchor, anchor + out_len)
     valid = (pos >= 0) & (pos < scaled_len)
-    ratio = in_len / scaled_len
-    centre = (pos + 0.5) * ratio
-    nearest = np.clip(np.floor(centre).astype(np.int64), 0, in_len - 1)
-    src = np.clip(centre - 0.5, 0.0, in_len - 1)
+    p = np.clip(pos, 0, scaled_len - 1)
+    nearest = p * in_len // scaled_len  # < in_len: no clamp needed
+    if flip:
+        nearest = in_len - 1 - nearest
+        p = scaled_len - 1 - p
+    src = np.clip((p + 0.5) * (in_len / scaled_len) - 0.5, 0.0, in_len - 1)
     i0 = np.floor(src).astype(np.int64)
     i1 = np.minimum(i0 + 1, in_len - 1)
     wgt = (src - i0).astype(np.float32)
@@ -51,8 +69,9 @@ def _axis(out_len: int, anchor: int, in_len: int, scaled_len: int):
 def augment(image: np.ndarray, label: Optional[np.ndarray], *, scale: float, flip: bool,
             uy: float, ux: float, crop_size: Sequence[int], mean: Sequence[float],
             std: Sequence[float]) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Scale, crop (with padding), flip and normalise one sample.
+    """Mirror (if ``flip``), scale, normalise and crop (with padding) one sample, as the reference.
 
+    ``uy``/``ux`` in [0, 1) place the crop (:func:`crop_anchor`; ``ux`` in the mirrored image).
     Returns ``(crop_h x crop_w x 3 float32 image, crop_h x crop_w uint8 label or None)``;
     padded pixels are 0 in the (normalised) image and 255 in the label.
     """
@@ -61,16 +80,14 @@ def augment(image: np.ndarray, label: Optional[np.ndarray], *, scale: float, fli
     sh, sw = scaled_size(h, w, scale)
     ay, ax = crop_anchor(sh, ch, uy), crop_anchor(sw, cw, ux)
     vy, ny, y0, y1, wy = _axis(ch, ay, h, sh)
-    vx, nx, x0, x1, wx = _axis(cw, ax, w, sw)
+    vx, nx, x0, x1, wx = _axis(cw, ax, w, sw, flip)
     ry, rx = np.flatnonzero(vy), np.flatnonzero(vx)
     ys, ye, xs, xe = ry[0], ry[-1] + 1, rx[0], rx[-1] + 1
 
     # separable bilinear: rows first (only the needed ones), then columns
-    img = image.astype(np.float32, copy=False) if image.dtype == np.float32 else image
-    top = img[y0[ys:ye]].astype(np.float32)
-    bot = img[y1[ys:ye]].astype(np.float32)
-    wyc = wy[ys:ye, None, None]
-    rows = top + (bot - top) * wyc
+    top = image[y0[ys:ye]].astype(np.float32)
+    bot = image[y1[ys:ye]].astype(np.float32)
+    rows = top + (bot - top) * wy[ys:ye, None, None]
     left = rows[:, x0[xs:xe]]
     right = rows[:, x1[xs:xe]]
     inner = left + (right - left) * wx[None, xs:xe, None]
@@ -85,11 +102,4 @@ def augment(image: np.ndarray, label: Optional[np.ndarray], *, scale: float, fli
     if label is not None:
         lab = np.full((ch, cw), 255, np.uint8)
         lab[ys:ye, xs:xe] = label[np.ix_(ny[ys:ye], nx[xs:xe])]
-    if flip:
-        out = out[:, ::-1]
-        if lab is not None:
-            lab = lab[:, ::-1]
-    out = np.ascontiguousarray(out)
-    if lab is not None:
-        lab = np.ascontiguousarray(lab)
     return out, lab
