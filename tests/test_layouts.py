@@ -12,6 +12,7 @@ import cps_fast.data as D
 from cps_fast.cli import main as cli_main
 from cps_fast.config import load_preset
 from cps_fast.data import DataError
+from cps_fast.data.dali import dali_available
 from cps_fast.data.datasets import CITYSCAPES_ID_TO_TRAINID
 from cps_fast.data.paper_lists import PAPER_COUNTS, PAPER_DIR, check_paper_counts, paper_list_path, resolve_list
 from cps_fast.train.trainer import resolve_data_lists
@@ -86,10 +87,12 @@ def test_voc_reference_layout_loads_as_it_is(tmp_path):
     assert [dv.name(i) for i in range(len(dv))] == val
     assert dv.paths(0) == (os.path.join(root, "val", "image", val[0] + ".jpg"),
                            os.path.join(root, "val", "label", val[0] + ".png"))
-    # an id list naming images of the other folder finds them there
+    # an id of the val folder in a train list is not looked up there: training never reads val images
     (tmp_path / "mixed.txt").write_text(f"{train[0]}\n{val[1]}\n")
     dm = D.open_dataset("voc", root, "train", str(tmp_path / "mixed.txt"))
-    np.testing.assert_array_equal(dm[1]["label"], labels[val[1]])
+    with pytest.raises(DataError, match=rf"1 of the 2 images listed in .*mixed.txt lack their files.*train_aug.*{val[1]}"):
+        dm.check_files()
+    D.open_dataset("voc", root, "train").check_files()
     # DeepLab-style pairs of VOCdevkit paths resolve by id in this layout
     (tmp_path / "pairs.txt").write_text(f"JPEGImages/{train[2]}.jpg SegmentationClassAug/{train[2]}.png\n")
     dp = D.open_dataset("voc", root, "train", str(tmp_path / "pairs.txt"))
@@ -123,6 +126,45 @@ def test_cityscapes_reference_layout_and_its_lists_on_the_official_folders(tmp_p
     # without a config_new list, every image of the split
     os.remove(os.path.join(ref, "config_new", "train.txt"))
     assert sorted(D.open_dataset("cityscapes", ref, "train").name(i) for i in range(3)) == sorted(stems)
+
+
+def test_cityscapes_city_comes_from_the_folder(tmp_path):
+    """City names are folder names (the official ones have no underscore, a user's may)."""
+    root = tmp_path / "official"
+    for d, suffix in (("leftImg8bit", "_leftImg8bit.png"), ("gtFine", "_gtFine_labelTrainIds.png")):
+        (root / d / "train" / "new_york").mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 6, 3) if d == "leftImg8bit" else (4, 6), np.uint8)).save(
+            root / d / "train" / "new_york" / f"new_york_000001_000019{suffix}")
+    ds = D.open_dataset("cityscapes", str(root), "train")
+    assert ds.name(0) == "new_york_000001_000019" and ds[0]["label"].shape == (4, 6)
+    (tmp_path / "ids.txt").write_text("new_york/new_york_000001_000019\n")
+    D.open_dataset("cityscapes", str(root), "train", str(tmp_path / "ids.txt")).check_files()
+
+
+def test_a_folder_in_two_layouts_is_refused(tmp_path):
+    write_voc_reference(str(tmp_path), ["2007_000032"], ["2007_000033"])
+    (tmp_path / "JPEGImages").mkdir()
+    with pytest.raises(DataError, match=r"two layouts at once.*VOCdevkit.*TorchSemiSeg"):
+        D.open_dataset("voc", str(tmp_path))
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali does not import")
+def test_dali_refuses_a_palette_label_among_grayscale_ones(tmp_path):
+    """DALI decodes labels as grayscale when the first one is: a palette PNG later on would give
+    luminance instead of class indices, silently."""
+    from cps_fast.data.datasets import VOC_PALETTE, _voc_colormap
+
+    root = str(tmp_path)
+    write_voc_reference(root, ["a0", "a1"], ["v0"], size=(16, 16))
+    lab = np.full((16, 16), 3, np.uint8)
+    im = Image.fromarray(lab, mode="P")
+    im.putpalette(_voc_colormap(256).reshape(-1).tolist())
+    im.save(os.path.join(root, "train_aug", "label", "a1.png"))
+    ds = D.open_dataset("voc", root, "train")
+    assert ds.label_format == "gray" and len(VOC_PALETTE) == 21
+    loader = D.labeled_loader(ds, batch_size=2, crop_size=16, scales=(1.0,), backend="dali-cpu", num_threads=1)
+    with pytest.raises(DataError, match=r"a1.png is a palette PNG but the dataset's first label is grayscale"):
+        next(iter(loader))
 
 
 def test_a_folder_in_no_known_layout_lists_the_layouts(tmp_path):
@@ -175,6 +217,10 @@ def test_resolve_list_prefers_the_data_root_then_the_package(tmp_path):
         resolve_list("voc", str(tmp_path), "nope.txt", what="val_list")
     with pytest.raises(DataError, match="the package has no such list.*paper:city/config_new/val.txt"):
         paper_list_path("paper:pascal_voc/../../etc.txt")
+    # a path that only looks like the preset's is not replaced by the packaged list
+    for near in ("../" + rel, ".subset_train_aug/train_aug_labeled_1-8.txt"):
+        with pytest.raises(DataError, match="does not exist"):
+            resolve_list("voc", str(tmp_path / "elsewhere"), near, what="train_labeled")
 
 
 def test_preset_lists_resolve_and_are_recorded(tmp_path):
@@ -194,6 +240,30 @@ def test_preset_lists_resolve_and_are_recorded(tmp_path):
     assert city.data_path(city.val_list) == str(PAPER_DIR / "city" / "config_new" / "val.txt")
     with pytest.raises(DataError, match="val_list"):  # no val list anywhere
         resolve_data_lists(load_preset("voc_r50_1-4").replace(data_root=str(tmp_path)))
+    with pytest.raises(DataError, match=r"'val_list'.*my_val.txt does not exist"):  # a user's typo never falls back
+        resolve_data_lists(load_preset("voc_r50_1-4").replace(data_root=str(root), val_list="my_val.txt"))
+    # one list of a partition at the root and the other not: never one from each place
+    (root / "subset_train_aug").mkdir()
+    (root / "subset_train_aug" / "train_aug_labeled_1-4.txt").write_text("2007_000032\n")
+    with pytest.raises(DataError, match=r"has the list subset_train_aug/train_aug_labeled_1-4.txt \(train_labeled\) "
+                                        r"but not subset_train_aug/train_aug_unlabeled_1-4.txt"):
+        resolve_data_lists(load_preset("voc_r50_1-4").replace(data_root=str(root)))
+
+
+def test_missing_files_are_found_before_training(tmp_path):
+    """A devkit with VOC's own labels only (no SegmentationClassAug): the packaged lists name ids it
+    lacks, and the trainer says so, with the list and the way out, before any step."""
+    from cps_fast.train import Trainer
+
+    root = tmp_path / "VOC2012"
+    write_voc_reference(str(tmp_path / "ref"), ["2007_000032"], ["2007_000033"])
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n")
+    cfg = load_preset("voc_r50_1-8").replace(data_root=str(root), backbone="resnet18", pretrained=None)
+    with pytest.raises(DataError, match=r"1323 of the 1323 images listed in .*train_aug_labeled_1-8.txt lack their files"
+                                        r".*cps-fast prepare voc"):
+        Trainer(cfg, tmp_path / "run", device="cpu", print_fn=lambda *a: None)
 
 
 def test_a_preset_trains_on_the_reference_folder_without_its_lists(tmp_path, capsys):
@@ -214,7 +284,7 @@ def test_a_preset_trains_on_the_reference_folder_without_its_lists(tmp_path, cap
     sets = ["backbone=resnet18", "pretrained=None", "head_channels=16", "crop_size=32", "eval_crop_size=32",
             "batch_size_labeled=2", "batch_size_unlabeled=2", "num_workers=0", "eval_max_items=2", "log_every=1",
             "deep_stem=false"]
-    cli_main(["train", "voc_r50_1-8", "--out", str(out), "--data-root", str(root), "--iters", "2",
+    cli_main(["train", "voc_r50_1-8", "--out", str(out), "--data-root", str(root), "--iters", "1",
               "--device", "cpu", "--data-backend", "pytorch", "--no-cuda-graph"]
              + [a for s in sets for a in ("--set", s)])
     printed = capsys.readouterr().out
@@ -225,6 +295,17 @@ def test_a_preset_trains_on_the_reference_folder_without_its_lists(tmp_path, cap
     assert saved["train_unlabeled"] == "paper:pascal_voc/subset_train_aug/train_aug_unlabeled_1-8.txt"
     assert saved["val_list"] == "val.txt"
     assert "1323 labeled, 9259 unlabeled images" in printed and f"schedule {34 * (9259 // 2)} iterations" in printed
+    # the checkpoint evaluated on a plain VOCdevkit: its val.txt is not there, the devkit's own list is
+    devkit = tmp_path / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (devkit / d).mkdir(parents=True)
+    for i in ("2007_000033", "2007_000042"):
+        os.link(root / "val" / "image" / f"{i}.jpg", devkit / "JPEGImages" / f"{i}.jpg")
+        os.link(root / "val" / "label" / f"{i}.png", devkit / "SegmentationClass" / f"{i}.png")
+    (devkit / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n2007_000042\n")
+    cli_main(["eval", str(out / "last.pt"), "--data-root", str(devkit), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "val_list: the dataset's own validation list" in printed and "on 2 images of voc val" in printed
 
 
 # --------------------------------------------------------------------------- normalisation, presets

@@ -17,14 +17,14 @@ from .datasets import (
     read_image,
     read_label,
 )
-from .paper_lists import PAPER_COUNTS, check_paper_counts, paper_list_path, resolve_list
+from .paper_lists import PAPER_COUNTS, PAPER_PREFIX, check_paper_counts, paper_list_path, resolve_list
 from .loaders import BACKENDS, labeled_loader, resolve_backend, unlabeled_loader
 from .splits import SampleSchedule, partition, read_list, read_partition, repeat_to_length, write_splits
 from .splits import main as splits_main
 from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_TO_CITYSCAPES_ID, SyntheticDataset, write_cityscapes, write_voc
 
 __all__ = [
-    "BACKENDS", "PAPER_COUNTS", "check_paper_counts", "paper_list_path", "resolve_list", "CITYSCAPES_CLASSES", "CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_PALETTE",
+    "BACKENDS", "PAPER_COUNTS", "PAPER_PREFIX", "check_paper_counts", "paper_list_path", "resolve_list", "CITYSCAPES_CLASSES", "CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_PALETTE",
     "CityscapesDataset", "DataError", "SYNTHETIC_CLASSES", "SYNTHETIC_TO_CITYSCAPES_ID", "SampleSchedule",
     "SyntheticDataset",
     "VOC_CLASSES", "VOC_PALETTE", "VOCDataset", "box_masks", "labeled_loader", "open_dataset",

@@ -52,6 +52,13 @@ def _png_bit_depth(data: np.ndarray) -> Optional[int]:
     return None
 
 
+def _png_colour_type(data: np.ndarray) -> Optional[int]:
+    """The colour type in a PNG's IHDR chunk (0 gray, 2 RGB, 3 palette, ...), or None if it is no PNG."""
+    if data.size >= 26 and bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
+        return int(data[25])
+    return None
+
+
 def _file_bit_depth(path: str) -> Optional[int]:
     """:func:`_png_bit_depth` of the file at ``path`` (None if it cannot be read: reading it later says why)."""
     try:
@@ -160,6 +167,11 @@ class _Source:
                             raise DataError(
                                 f"label file {lab_path} is a 16-bit PNG but the dataset's first label is 8-bit; "
                                 "DALI would rescale its values to 8 bits. Store all labels with one bit depth")
+                        if _png_colour_type(data) == 3:
+                            raise DataError(
+                                f"label file {lab_path} is a palette PNG but the dataset's first label is "
+                                "grayscale; DALI's grayscale decoder would turn its colours into luminance, not "
+                                "class indices. Store all labels one way (`cps-fast prepare` writes grayscale)")
                         labels.append(data)
             else:
                 item = self.dataset[i]

@@ -11,6 +11,7 @@ subset_train_aug/train_aug_labeled_1-8.txt``); a run's ``config.json`` records l
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Optional
@@ -54,7 +55,9 @@ def _packaged_for(dataset: str, rel: str) -> Optional[str]:
     if dataset not in PAPER_COUNTS or os.path.isabs(rel):
         return None
     folder = PAPER_COUNTS[dataset][0]
-    rel = rel.replace("\\", "/").lstrip("./")
+    rel = posixpath.normpath(rel.replace("\\", "/"))
+    if rel.startswith("../") or rel == "..":
+        return None
     if (PAPER_DIR / folder / rel).is_file():
         return f"{PAPER_PREFIX}{folder}/{rel}"
     return None

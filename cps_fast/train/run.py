@@ -12,7 +12,7 @@ from PIL import Image
 from ..config import Config, apply_overrides, load_preset
 from ..models import CPSModel
 from .checkpoint import load_checkpoint
-from .trainer import AMP_DTYPES, Trainer
+from .trainer import AMP_DTYPES, Trainer, resolve_eval_list
 
 
 def config_from_args(args) -> Config:
@@ -64,6 +64,10 @@ def eval_main(args) -> dict:
     scales = tuple(float(s) for s in args.scales.split(",")) if args.scales else cfg.eval_scales
     from ..data import open_dataset
 
+    if args.split == "val":
+        cfg, note = resolve_eval_list(cfg)
+        if note:
+            print(note)
     val = open_dataset(cfg.dataset, cfg.data_root, args.split,
                        cfg.data_path(cfg.val_list) if args.split == "val" else None)
     with torch.no_grad():

@@ -90,32 +90,55 @@ LIST_KEYS = ("train_labeled", "train_unlabeled", "val_list")
 def resolve_data_lists(cfg: Config) -> tuple[Config, list[str]]:
     """The config with its list files resolved, and one log line per list saying where it is read.
 
-    A list the data root lacks is replaced by the package's copy of the CPS paper's partition
-    (``paper:...``, see :mod:`cps_fast.data.paper_lists`); a ``val_list`` that neither has falls
-    back to the dataset's own validation list (None) when the dataset has one (a plain VOCdevkit's
-    ``ImageSets/Segmentation/val.txt``: the same 1449 images). The returned config is the one a
-    run saves in ``config.json``, so it records exactly which lists were used.
+    Lists the data root lacks are replaced by the package's copy of the CPS paper's partition
+    (``paper:...``, see :mod:`cps_fast.data.paper_lists`); the labeled and unlabeled lists of a
+    partition come from the same place, never one from each. A VOC ``val_list`` of ``val.txt``
+    (the presets', the reference's name) that the root lacks falls back to the dataset's own
+    validation list (a plain VOCdevkit's ``ImageSets/Segmentation/val.txt``: the same 1449
+    images). The returned config is the one a run saves in ``config.json``, so it records
+    exactly which lists were used.
     """
     if cfg.dataset == "synthetic":
         return cfg, []
-    changes, notes = {}, []
+    changes, notes, where = {}, [], {}
     for key in LIST_KEYS:
         ref = getattr(cfg, key)
-        try:
-            value, source = cdata.resolve_list(cfg.dataset, cfg.data_root, ref, what=key)
-        except cdata.DataError:
-            if key != "val_list" or not _has_default_val(cfg):
-                raise
-            value, source = None, (f"the dataset's own validation list (the data root has no {ref}, "
-                                   "and cps-fast ships none)")
+        value, source = _resolve_key(cfg, key)
         if value != ref:
             changes[key] = value
         if ref is not None or value is not None:
             notes.append(f"{key}: {source}")
+        where[key] = "packaged" if (value or "").startswith(cdata.PAPER_PREFIX) and value != ref else "given"
+    if cfg.train_labeled is not None and cfg.train_unlabeled is not None and \
+            where["train_labeled"] != where["train_unlabeled"]:
+        mine = "train_labeled" if where["train_labeled"] == "given" else "train_unlabeled"
+        other = "train_unlabeled" if mine == "train_labeled" else "train_labeled"
+        raise cdata.DataError(
+            f"the data root {cfg.data_root} has the list {getattr(cfg, mine)} ({mine}) but not "
+            f"{getattr(cfg, other)} ({other}); a partition's two lists must come from one place: add the "
+            f"other list, remove this one to use the paper's packaged pair, or set both with --set")
     if cfg.train_labeled is None and cfg.partition is not None and cfg.method == "cps":
         notes.append(f"train_labeled/train_unlabeled: seeded partition {cfg.partition} of the train split "
                      f"(seed {cfg.seed})")
     return (cfg.replace(**changes) if changes else cfg), notes
+
+
+def _resolve_key(cfg: Config, key: str) -> tuple:
+    ref = getattr(cfg, key)
+    try:
+        return cdata.resolve_list(cfg.dataset, cfg.data_root, ref, what=key)
+    except cdata.DataError:
+        if not (key == "val_list" and cfg.dataset == "voc" and ref == "val.txt" and _has_default_val(cfg)):
+            raise
+        return None, "the dataset's own validation list (the data root has no val.txt, and cps-fast ships none)"
+
+
+def resolve_eval_list(cfg: Config) -> tuple[Config, str]:
+    """:func:`resolve_data_lists` for ``val_list`` alone (``cps-fast eval`` on another data root)."""
+    if cfg.dataset == "synthetic":
+        return cfg, ""
+    value, source = _resolve_key(cfg, "val_list")
+    return (cfg.replace(val_list=value) if value != cfg.val_list else cfg), f"val_list: {source}"
 
 
 def _has_default_val(cfg: Config) -> bool:
@@ -126,11 +149,32 @@ def _has_default_val(cfg: Config) -> bool:
     return True
 
 
+_MISSING_HINT = {
+    "voc": "the VOC ids of the paper's lists need SBD's labels too: `cps-fast prepare voc --voc "
+           "VOCtrainval_11-May-2012.tar --sbd benchmark.tgz --out DIR` writes every one of them",
+    "cityscapes": "`cps-fast prepare cityscapes --root leftImg8bit_trainvaltest.zip gtFine_trainvaltest.zip "
+                  "--out DIR` writes the train and val folders",
+}
+
+
 def _open_list(cfg: Config, key: str, split: str, labeled: bool = True):
     path = cfg.data_path(getattr(cfg, key))
     ds = cdata.open_dataset(cfg.dataset, cfg.data_root, split, path, labeled=labeled)
     cdata.check_paper_counts(cfg.dataset, path, len(ds))
+    if hasattr(ds, "check_files"):
+        ds.check_files(_MISSING_HINT.get(cfg.dataset, ""))
     return ds
+
+
+def _overlap_note(lab, unl) -> list[str]:
+    """A warning line when labeled and unlabeled lists share images (the paper's never do)."""
+    if not (hasattr(lab, "paths") and hasattr(unl, "paths")):
+        return []
+    shared = {lab.paths(i)[0] for i in range(len(lab))} & {unl.paths(i)[0] for i in range(len(unl))}
+    if not shared:
+        return []
+    return [f"warning: {len(shared)} images are in both the labeled and the unlabeled list "
+            f"(e.g. {sorted(shared)[0]}); their labels also supervise them as unlabeled images"]
 
 
 def open_training_sets(cfg: Config):
@@ -143,6 +187,8 @@ def open_training_sets(cfg: Config):
                 raise ConfigError(f"config {cfg.name}: train_labeled is set but train_unlabeled is not; "
                                   "CPS needs both list files (or neither, with a partition)")
             unl = _open_list(cfg, "train_unlabeled", "train", labeled=False)
+            for line in _overlap_note(lab, unl):
+                log.warning(line)
         return lab, unl
     full = cdata.open_dataset(cfg.dataset, cfg.data_root, "train")
     if cfg.partition is None:
