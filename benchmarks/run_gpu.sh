@@ -1,128 +1,269 @@
 #!/usr/bin/env bash
-# The GPU proof on a lent H100/H200 (issue 6; ../shared/GPU.md; benchmarks/NOTES.md), in one call:
-# build the extension for sm_90a, install DALI from the carried wheels (.dali/part-*), run the
-# whole test suite (GPU-marked tests included, in parallel processes), then every benchmark with
-# the same-run ceilings, and print issue 6's targets (benchmarks/targets.py) last.
+# The GPU proof on a lent H100/H200 in two device calls, inside 14 of a task's 15 device-minutes
+# with the machine's start (issue 19; ../shared/GPU.md; benchmarks/NOTES.md "The GPU session").
+# The plan (every step's minimum and maximum seconds, the calls' deadlines, the session's
+# arithmetic) is benchmarks/gpu/plan.tsv, which tests/test_gpu_plan.py checks.
 #
-#   bash benchmarks/run_gpu.sh                       # everything, inside BUDGET seconds (default 560)
-#   STEPS="loss step" bash benchmarks/run_gpu.sh     # some steps (a second call, or a re-measure)
+#   PLAN=1 bash benchmarks/run_gpu.sh             # the plan: both calls' steps and budgets, the session's
+#                                                 # total (any machine: no torch, no GPU; CALL=1|2 for one)
+#   bash benchmarks/run_gpu.sh                    # call 1: env, install, -m gpu tests, loss, step, targets
+#   CALL=2 bash benchmarks/run_gpu.sh             # call 2 (warm machine): tiles, upsample, ncps, targets
+#   STEPS="loss model" bash benchmarks/run_gpu.sh # chosen steps, deadline BUDGET (default: 40 s under the limit)
 #
-# Steps, in this order: build tests loss step tiles upsample ncps model data. A step that cannot get
-# its minimum time before the deadline is skipped and named at the end, so one device call
-# (10 minutes at most) always returns; run the skipped ones with STEPS in the next call (a warm
-# machine keeps the build, DALI, Triton's cache and the earlier steps' results, which the merged
-# file includes). Files that come back from $OUT (the device tool returns at most 8):
-# run_gpu.log (everything printed) and <date>-<gpu>.json (every benchmark's rows, the steps'
-# outcomes, the test summary and the targets). Without $OUT they go to
-# benchmarks/results/<date>-<gpu>/.
+# On the device (the README's "On a GPU"): run(command="bash benchmarks/run_gpu.sh",
+# carry=[".prebuilt"], timeout_s=600); as soon as it returns run(command="CALL=2 bash
+# benchmarks/run_gpu.sh", carry=[".prebuilt"], timeout_s=600); then give_back.
+#
+# Steps, in this order: env install tests loss step | env tiles upsample ncps | model data (STEPS
+# only; data is DALI's, issue 20). A step starts only while its minimum is left before the call's
+# deadline (less the finish), and runs at most its maximum; one that cannot start is skipped and
+# named for STEPS. Two repairs run outside the plan, only when needed: install in call 2 when the
+# machine is not the warm one, and build (compiling on the device) when the prebuilt extension
+# cannot stand in. Each call ends with the targets (benchmarks/targets.py) over every benchmark's
+# rows so far (a warm machine keeps the earlier call's in $work). Files for $OUT: run_gpu-callN.log
+# (every call's, printed output) and <date>-<gpu>.json (the rows, the steps' outcomes, the test
+# summary, the targets); without $OUT they go to benchmarks/results/<date>-<gpu>/.
+#
+# PLAN=1 walks the same steps without running them, each taking its whole maximum (the worst
+# case); ELAPSED=N starts that walk N seconds into the call, to show what a late start skips.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-START=$(date +%s)
-BUDGET=${BUDGET:-560}
+PLANFILE=${PLANFILE:-benchmarks/gpu/plan.tsv}  # another file: tests/test_gpu_plan.py
+PLAN=${PLAN:-0}
 PY=${PY:-python3}
-STEPS=${STEPS:-"build tests loss step tiles upsample ncps model data"}
-export CPS_FAST_CUDA_ARCHS=${CPS_FAST_CUDA_ARCHS:-90a}
-export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))") || { echo "no CUDA device"; exit 1; }
-day=$(date +%Y-%m-%d)
-dir=${OUT:-benchmarks/results/$day-$gpu}
-work=/tmp/cps_fast_gpu_run  # each benchmark's JSON and the steps' outcomes; kept across calls on a warm machine
-mkdir -p "$dir" "$work"
-exec > >(tee -a "$dir/run_gpu.log") 2>&1
-TEE=$!
+# each benchmark's JSON, the steps' outcomes, the logs: kept across the calls of a warm machine
+export work=/tmp/cps_fast_gpu_run WORK=/tmp/cps_fast_gpu_run
 
-log() { echo "== $(date +%T) [$(( $(date +%s) - START ))s] $*"; }
+# ---------------------------------------------------------------- the plan
+declare -A SESSION=() DEADLINE=() COMMAND=() MIN=() MAX=() NOTE=() RMIN=() RMAX=() RNOTE=()
+declare -a ORDER=() REPAIRS=()
+bad_row() { echo "run_gpu: $PLANFILE line $1: $2" >&2; exit 2; }
+n=0
+while read -r kind a b c d rest; do
+  n=$(( n + 1 ))
+  case $kind in
+    '' | '#'*) ;;
+    session) [[ $b =~ ^[0-9]+$ ]] || bad_row $n "session $a: '$b' is not a number of seconds"
+             SESSION[$a]=$b ;;
+    call)    [[ $a =~ ^[12]$ && $b =~ ^[0-9]+$ ]] || bad_row $n "expected: call 1|2 DEADLINE COMMAND"
+             DEADLINE[$a]=$b; COMMAND[$a]="$c${d:+ $d}${rest:+ $rest}" ;;
+    step)    [[ $a =~ ^([12]|-)$ && $c =~ ^[0-9]+$ && $d =~ ^[0-9]+$ ]] || bad_row $n "expected: step 1|2|- NAME MIN MAX NOTE"
+             MIN[$a:$b]=$c; MAX[$a:$b]=$d; NOTE[$a:$b]=$rest; ORDER+=("$a:$b") ;;
+    repair)  [[ $b =~ ^[0-9]+$ && $c =~ ^[0-9]+$ ]] || bad_row $n "expected: repair NAME MIN MAX NOTE"
+             RMIN[$a]=$b; RMAX[$a]=$c; RNOTE[$a]="$d $rest"; REPAIRS+=("$a") ;;
+    *)       bad_row $n "unknown row kind '$kind'" ;;
+  esac
+done < "$PLANFILE"
+for key in device start limit transfer between release finish; do
+  [[ -n ${SESSION[$key]:-} ]] || bad_row "-" "no 'session $key' row"
+done
+FINISH=${SESSION[finish]}
+steps_of() { local k out=(); for k in "${ORDER[@]}"; do [[ ${k%%:*} == "$1" ]] && out+=("${k#*:}"); done; echo "${out[*]}"; }
+# MIN and MAX of a step: this call's row, else the first row of that name, else its repair row
+budget() {
+  local k
+  if [[ -n ${MIN[$CALL:$1]:-} ]]; then echo "${MIN[$CALL:$1]} ${MAX[$CALL:$1]}"; return; fi
+  for k in "${ORDER[@]}"; do [[ ${k#*:} == "$1" ]] && { echo "${MIN[$k]} ${MAX[$k]}"; return; }; done
+  [[ -n ${RMIN[$1]:-} ]] && { echo "${RMIN[$1]} ${RMAX[$1]}"; return; }
+  return 1
+}
+
+# ---------------------------------------------------------------- steps under one deadline
+CLOCK=0  # PLAN=1: seconds the walk has spent
+now() { if (( PLAN )); then echo $(( START + CLOCK )); else date +%s; fi; }
+left() { echo $(( START + BUDGET - FINISH - $(now) )); }
+log() { if (( PLAN )); then echo "  == [$(( $(now) - START ))s] $*"; else echo "== $(date +%T) [$(( $(now) - START ))s] $*"; fi; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-left() { echo $(( START + BUDGET - $(date +%s) )); }
-# step NAME MIN MAX CMD...: run CMD under a timeout of at most MAX seconds, if MIN are left;
-# the outcome is appended to $work/steps.tsv (a step's last line wins when results are merged)
-step() {
-  local name=$1 min=$2 max=$3 l t rc outcome
-  shift 3
-  has "$name" || return 0
+record() { (( PLAN )) || printf '%s\t%s\t%s\n' "$1" "$2" "$(date +%FT%T)" >> "$work/steps.tsv"; }
+# step NAME CMD...: run CMD (a command or one of this file's functions) for at most MAX seconds,
+# if MIN are left; STEP_T holds the seconds granted. The outcome goes to $work/steps.tsv.
+step() { has "$1" || return 0; run_step step "$@"; }
+repair() { run_step repair "$@"; }
+run_step() {
+  local kind=$1 name=$2 min max l rc outcome
+  shift 2
+  read -r min max <<< "$(if [[ $kind == repair ]]; then echo "${RMIN[$name]:-} ${RMAX[$name]:-}"; else budget "$name"; fi)"
+  [[ $min =~ ^[0-9]+$ ]] || { echo "run_gpu: the $kind '$name' has no row in $PLANFILE" >&2; exit 2; }
   l=$(left)
   if (( l < min )); then
-    log "skip $name: ${l}s of the budget left, it needs ${min}s (run it with STEPS=\"$name\")"
-    printf '%s\tskipped: %ss of the budget left\t%s\n' "$name" "$l" "$(date +%FT%T)" >> "$work/steps.tsv"
+    log "skip $name: ${l}s left before the deadline, it needs ${min}s (run it with STEPS=\"$name\")"
+    record "$name" "skipped: ${l}s left, needs ${min}s"
     return 1
   fi
-  t=$(( l - 10 < max ? l - 10 : max ))
-  log "$name (at most ${t}s)"
+  export STEP_T=$(( l < max ? l : max ))
+  if (( PLAN )); then
+    printf '  %-8s %-6s %4s %4s %5s  %s\n' "$name" "$kind" "$min" "$max" "$STEP_T" \
+      "$(if [[ $kind == repair ]]; then echo "${RNOTE[$name]}"; else echo "${NOTE[$CALL:$name]:-}"; fi)"
+    CLOCK=$(( CLOCK + STEP_T ))
+    return 0
+  fi
+  log "$name (at most ${STEP_T}s)"
   SECONDS=0
-  timeout "$t" "$@"
+  if declare -F "$1" > /dev/null; then
+    timeout -k 5 "$STEP_T" bash -c "$(declare -f "$1"); $(printf '%q ' "$@")"
+  else
+    timeout -k 5 "$STEP_T" "$@"
+  fi
   rc=$?
-  case $rc in 0) outcome=ok ;; 124) outcome="timed out after ${t}s" ;; *) outcome="exit $rc" ;; esac
+  case $rc in 0) outcome=ok ;; 124 | 137) outcome="timed out after ${STEP_T}s" ;; *) outcome="exit $rc" ;; esac
   log "$name: $outcome in ${SECONDS}s"
-  printf '%s\t%s in %ss\t%s\n' "$name" "$outcome" "$SECONDS" "$(date +%FT%T)" >> "$work/steps.tsv"
+  record "$name" "$outcome in ${SECONDS}s"
   return $rc
 }
 
-built() { $PY -c "import cps_fast._C as c, sys; sys.exit(0 if c.has_cuda() else 1)" 2>/dev/null; }
-if has build || ! built; then
-  STEPS="$STEPS build" step build 60 300 bash -c "$PY -m pip install -q --no-build-isolation --no-deps -e . \
-    > $work/build.txt 2>&1 || { tail -40 $work/build.txt; exit 1; }"
-  built || { log "the extension has no CUDA kernels: stopping"; tail -20 "$work/build.txt"; exit 1; }
-fi
-if ! $PY -c "import nvidia.dali" 2>/dev/null; then
-  if ls .dali/part-* >/dev/null 2>&1; then
-    log "install DALI from .dali/"
-    cat .dali/part-* | tar x -C /tmp \
-      && $PY -m pip install -q --no-index --no-deps --target /tmp/site /tmp/dali-wheels/*.whl \
-      && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-  else
-    log "no DALI: .dali/part-* were not carried; DALI tests and variants are skipped"
-  fi
-fi
-$PY - > "$work/env.txt" <<'PYEOF'
+# ---------------------------------------------------------------- what the steps run
+B=benchmarks
+env_check() {  # the first seconds: is everything a step needs there? (fails when torch sees no GPU)
+  set -o pipefail
+  {
+    echo "which ninja gcc: $(which ninja gcc 2>/dev/null | tr '\n' ' ')(nvcc: $(command -v nvcc || echo missing))"
+    ldconfig -p | grep -E 'libcuda\.so|libgomp\.so' || echo "libcuda, libgomp: not in ldconfig -p"
+    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw \
+      --format=csv 2>&1
+    free -m | head -2
+    "$PY" - <<'PYEOF'
+import os, sys, sysconfig
+h = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+print("python", sys.version.split()[0], "Python.h:", h if os.path.exists(h) else f"MISSING ({h})")
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
 print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+free, total = torch.cuda.mem_get_info()
+print(f"gpu memory: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
 try:
-    import nvidia.dali as d; print("dali", d.__version__)
+    import nvidia.dali as d
+    print("dali", d.__version__)
 except ImportError:
     print("dali missing")
+root = os.getcwd()
+os.chdir("/")  # the installed package, not this folder's
+sys.path[:] = [p for p in sys.path if p not in ("", root)]
+try:
+    import cps_fast, cps_fast.kernels, cps_fast._C as c
+    state = "ready" if c.has_cuda() and cps_fast.__file__.startswith(root + os.sep) else "no CUDA kernels or not this tree"
+except Exception as exc:  # not installed yet (call 1), or broken: the install step decides
+    state = f"not installed ({type(exc).__name__}: {exc})"
+print("cps_fast._C:", state)
+open(os.path.join(os.environ["work"], "extension.txt"), "w").write(state + "\n")
 PYEOF
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
-  >> "$work/env.txt" 2>/dev/null
-cat "$work/env.txt"
+  } 2>&1 | tee "$work/env.txt"
+}
+gpu_tests() {  # the gpu-marked tests, in parallel pytest processes, interrupted 35 s before the cap
+  "$PY" benchmarks/run_tests.py --jobs 8 --deadline $(( STEP_T - 35 )) --junit "$work/tests.xml" -- -m gpu
+}
 
-B=benchmarks
-# the whole suite, one pytest per file, 8 at a time, sharing the GPU (correctness, not timing) and
-# Triton's cache; the GPU image has no pytest-xdist. Files still running at the deadline are
-# interrupted and keep what they finished; the merged JUnit report names what did not finish.
-# (the deadline leaves the step's timeout 35 s for the interrupted files' reports and the merge)
-tests_cap=240
-(( $(left) - 10 < tests_cap )) && tests_cap=$(( $(left) - 10 ))
-step tests 60 240 $PY $B/run_tests.py --jobs 8 --deadline $(( tests_cap - 35 )) --junit "$work/tests.xml"
-# the fused providers first: if torch.compile's builds run the step out of time, the last rows lost are its own
-step loss 60 160 $PY $B/bench_loss.py --providers triton,cuda,eager,compile \
-  --dtypes bf16 --modes fwd+bwd --json "$work/loss.json"
-# the last variant (everything on) is also profiled for 3 iterations: its kernel summary lands in the log and the JSON
-step step 90 220 $PY $B/bench_step.py --images 32 --warmup 13 --iters 20 --json "$work/step.json" \
-  --trace "$work/traces" --trace-variants +cuda_graph --trace-iters 3
-# the loss's tile configurations beside the heuristic (NOTES.md: NCHW's cross-warp reductions, the
-# flat channels_last kernel); 16:1, 32:1 and 64:4 keep NCHW's class reductions inside a warp or a few
-step tiles 30 150 $PY $B/bench_loss.py --providers triton --triton-configs 64:8,32:1,32:2,64:4,16:1,flat,flat:64:8,flat:32:4,flat:16:1 \
-  --dtypes bf16 --modes fwd+bwd --json "$work/loss-tiles.json"
-# beside the heuristic (4x8:16:1:0, classes in registers): the lanes-across-classes layout it replaced
-# (8x8:32:8:1), and pixel-per-thread blocks with fewer instructions but spills, or more halo (NOTES.md)
-step upsample 30 120 $PY $B/bench_upsample.py \
-  --providers "fused,unfused,reference,fused[8x8:32:8:1],fused[8x8:128:4:0],fused[4x4:16:1:0]" --json "$work/upsample.json"
-# triton[16x1]: one warp per 16-pixel tile, no cross-warp class reductions (0 barriers in NCHW, was 71-113)
-step ncps 30 100 $PY $B/bench_ncps.py --shapes voc --providers "eager,triton,triton[e2],triton[e4],triton[16x1]" \
-  --json "$work/ncps.json"
-step model 40 100 $PY $B/bench_model.py --json "$work/model.json"
-step data 30 80 $PY $B/bench_data.py --images 16 --json "$work/data.json"
+run_call() {
+  # the installed extension: the prebuilt one (call 1), again only if call 2 finds none; a
+  # compile only where the prebuilt cannot stand in
+  local rc=0
+  step env env_check || { log "the environment check failed: stopping"; return 1; }
+  if has install; then
+    step install bash $B/gpu/install.sh
+    rc=$?
+  elif (( ! PLAN )) && [[ " $STEPS " != " env " ]] && [[ $(cat "$work/extension.txt" 2>/dev/null) != ready ]]; then
+    repair install bash $B/gpu/install.sh
+    rc=$?
+  fi
+  if (( rc == 3 )); then
+    repair build bash $B/gpu/install.sh --compile
+    rc=$?
+  fi
+  if (( rc != 0 )); then
+    log "no cps_fast._C with CUDA kernels: stopping (the outcomes above say why)"
+    return 1
+  fi
+  if (( ! PLAN )) && has data && ! "$PY" -c "import nvidia.dali" 2> /dev/null && ls .dali/part-* > /dev/null 2>&1; then
+    log "install DALI from .dali/ (issue 20)"  # outside the plan, as the data step itself
+    cat .dali/part-* | tar x -C /tmp \
+      && "$PY" -m pip install -q --no-index --no-deps --target /tmp/site /tmp/dali-wheels/*.whl \
+      && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  fi
+
+  step tests gpu_tests
+  # the fused providers first: if torch.compile's builds run the step out of time, the last rows lost are its own
+  step loss $PY $B/bench_loss.py --providers triton,cuda,eager,compile \
+    --dtypes bf16 --modes fwd+bwd --json "$work/loss.json"
+  # no DALI (issue 20): +fused_upsample -> +cuda_graph on the PyTorch loader; the last variant is also
+  # profiled for 3 iterations (its kernel summary lands in the log and the JSON)
+  step step $PY $B/bench_step.py --variants reference,+channels_last,+bf16,+fused_loss,+fused_upsample,+cuda_graph \
+    --images 32 --warmup 13 --iters 20 --json "$work/step.json" \
+    --trace "$work/traces" --trace-variants +cuda_graph --trace-iters 3
+  # the loss's tile configurations beside the heuristic (NOTES.md: NCHW's cross-warp reductions, the
+  # flat channels_last kernel); 16:1, 32:1 and 64:4 keep NCHW's class reductions inside a warp or a few
+  step tiles $PY $B/bench_loss.py --providers triton --triton-configs 64:8,32:1,32:2,64:4,16:1,flat,flat:64:8,flat:32:4,flat:16:1 \
+    --dtypes bf16 --modes fwd+bwd --json "$work/loss-tiles.json"
+  # beside the heuristic (4x8:16:1:0, classes in registers): the lanes-across-classes layout it replaced
+  # (8x8:32:8:1), and pixel-per-thread blocks with fewer instructions but spills, or more halo (NOTES.md)
+  step upsample $PY $B/bench_upsample.py \
+    --providers "fused,unfused,reference,fused[8x8:32:8:1],fused[8x8:128:4:0],fused[4x4:16:1:0]" --json "$work/upsample.json"
+  # K = 3 (the n-CPS setting); triton[16x1]: one warp per 16-pixel tile, no cross-warp class reductions
+  step ncps $PY $B/bench_ncps.py --shapes voc --ks 3 --providers "eager,triton,triton[e2],triton[e4],triton[16x1]" \
+    --json "$work/ncps.json"
+  step model $PY $B/bench_model.py --json "$work/model.json"
+  step data $PY $B/bench_data.py --images 16 --json "$work/data.json"
+}
+
+# ---------------------------------------------------------------- PLAN=1: the walk and the arithmetic
+if (( PLAN )); then
+  calls=${CALL:-1 2} asked=${STEPS:-}
+  START=0
+  for CALL in $calls; do
+    [[ -n ${DEADLINE[$CALL]:-} ]] || { echo "run_gpu: CALL=$CALL: expected 1 or 2" >&2; exit 2; }
+    STEPS=${asked:-$(steps_of "$CALL")} BUDGET=${DEADLINE[$CALL]} CLOCK=${ELAPSED:-0}
+    echo "call $CALL: ${COMMAND[$CALL]}  (deadline ${BUDGET}s of the ${SESSION[limit]}s a command may run)"
+    printf '  %-8s %-6s %4s %4s %5s  %s\n' name kind min max gets what
+    run_call
+    printf '  %-8s %-6s %4s %4s %5s  %s\n' finish "" "" "" "$FINISH" "the targets, the steps' outcomes, the files for \$OUT"
+    echo "  worst case $(( CLOCK + FINISH ))s of the ${BUDGET}s deadline"
+  done
+  if [[ $calls == "1 2" ]]; then
+    c1=$(( DEADLINE[1] + SESSION[transfer] )) c2=$(( DEADLINE[2] + SESSION[transfer] ))
+    total=$(( SESSION[start] + c1 + SESSION[between] + c2 + SESSION[release] ))
+    echo "session: start ${SESSION[start]}s + call 1 ${c1}s (with transfers) + between ${SESSION[between]}s" \
+      "+ call 2 ${c2}s + until give_back ${SESSION[release]}s = ${total}s of ${SESSION[device]}s device time"
+    for r in "${REPAIRS[@]}"; do echo "  only when needed: $r ${RMIN[$r]}-${RMAX[$r]}s: ${RNOTE[$r]}"; done
+    echo "  with STEPS=\"...\" only: $(steps_of -)"
+    (( total <= SESSION[device] )) || { echo "run_gpu: the plan is ${total}s, over ${SESSION[device]}s" >&2; exit 1; }
+  fi
+  exit 0
+fi
+
+# ---------------------------------------------------------------- a device call
+START=$(date +%s)
+if [[ -n ${STEPS:-} ]]; then
+  CALL=${CALL:-steps}
+  BUDGET=${BUDGET:-$(( SESSION[limit] - 40 ))}
+else
+  CALL=${CALL:-1}
+  [[ -n ${DEADLINE[$CALL]:-} ]] || { echo "run_gpu: CALL=$CALL: expected 1 or 2" >&2; exit 2; }
+  STEPS=$(steps_of "$CALL")
+  BUDGET=${BUDGET:-${DEADLINE[$CALL]}}
+fi
+export CPS_FAST_CUDA_ARCHS=${CPS_FAST_CUDA_ARCHS:-90a} CPS_FAST_PORTABLE=${CPS_FAST_PORTABLE:-1}
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PY
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1 | tr ' ' '-')
+[[ -n $gpu ]] || { echo "run_gpu: no CUDA device (nvidia-smi lists none)"; exit 1; }
+day=$(date +%Y-%m-%d)
+dir=${OUT:-benchmarks/results/$day-$gpu}
+mkdir -p "$dir" "$work"
+exec > >(tee -a "$dir/run_gpu-call$CALL.log" "$work/run_gpu-call$CALL.log") 2>&1
+TEE=$!
+log "call $CALL on $gpu: steps $STEPS; deadline ${BUDGET}s"
+
+run_call
+status=$?
 
 # one JSON back: every benchmark's rows (this call's and a warm machine's earlier calls'), the
-# steps' outcomes, the test summary, and the targets
+# steps' outcomes, the test summary and the targets
 log "targets"
-$PY $B/targets.py "$work" --out "$dir/$day-$gpu.json" --info "steps_asked=$STEPS" --info "budget_s=$BUDGET" \
-  --info "seconds=$(( $(date +%s) - START ))"
-cut -f1,2 "$work/steps.tsv" | sed 's/^/  /'
+$PY $B/targets.py "$work" --out "$dir/$day-$gpu.json" --info "call=$CALL" --info "steps_asked=$STEPS" \
+  --info "deadline_s=$BUDGET" --info "seconds=$(( $(date +%s) - START ))"
+cut -f1,2 "$work/steps.tsv" 2> /dev/null | sed 's/^/  /'
+cp -n "$work"/run_gpu-call*.log "$dir"/ 2> /dev/null  # the earlier calls' logs too
 log "done in $(( $(date +%s) - START ))s: $dir"
 ls -la "$dir"
 exec 1>&- 2>&-
 wait "$TEE"
+exit $status

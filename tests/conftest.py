@@ -1,7 +1,12 @@
-"""Test setup: Triton runs in its interpreter on machines without CUDA.
+"""Test setup: Triton runs in its interpreter on machines without CUDA; GPU tests select themselves.
 
 TRITON_INTERPRET must be set before Triton is imported, so this happens at the
 top of the first conftest, before any test module imports cps_fast.
+
+Every test that runs CUDA tensors carries the ``gpu`` mark, so ``pytest -m gpu`` on a GPU
+machine runs exactly them (benchmarks/run_gpu.sh's tests step) and CI's CPU-only machines
+skip them: tests marked by hand, and every test with a device parameter set to ``cuda``
+(the loss suites' ``device`` column, which holds ``cuda`` only where a GPU is present).
 """
 import os
 import sys
@@ -38,6 +43,22 @@ def _shard(items):
     return [t for k, t in enumerate(items) if k % n == i], [t for k, t in enumerate(items) if k % n != i]
 
 
+def _is_cuda(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    return isinstance(value, str) and (value == "cuda" or value.startswith("cuda:"))
+
+
+def pytest_itemcollected(item):
+    """Marks ``gpu`` a test parametrised with a CUDA device (a parameter whose name contains
+    "device"), before ``-m`` selects: without the mark, ``-m gpu`` on a GPU machine would
+    leave out exactly the CUDA cases of the CPU-and-CUDA suites."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "gpu" not in item.keywords and any("device" in name and _is_cuda(v) for name, v in params.items()):
+        item.add_marker(pytest.mark.gpu)
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k deselect: shards split the tests that will run
 def pytest_collection_modifyitems(config, items):
     items[:], dropped = _shard(items)
     if dropped:

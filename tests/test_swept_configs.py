@@ -32,7 +32,7 @@ import test_ncps_loss  # noqa: E402
 import test_upsample_loss  # noqa: E402
 
 RUN_GPU = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton on a GPU, its interpreter here
 HAS_TRITON = "triton" in backends.available_backends(DEVICE)
 
 
@@ -94,21 +94,22 @@ def test_the_sweeps_were_found():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
+@pytest.mark.parametrize("device", [DEVICE])  # a parameter: its cuda case is marked gpu (conftest)
 @pytest.mark.parametrize("config", LOSS_CONFIGS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("C,dtype", [(21, torch.bfloat16), (19, torch.float32)])
-def test_swept_cps_loss_configuration(config, layout, C, dtype, monkeypatch):
+def test_swept_cps_loss_configuration(config, layout, C, dtype, device, monkeypatch):
     provider = bench_loss.config_provider(config)
     if provider.startswith("triton[flat") and layout != "channels_last":
         pytest.skip("bench_loss.py runs the flat kernel on channels_last only")
     from cps_fast.kernels import cps_loss as triton_ops
 
     launches = spy_on(monkeypatch, triton_ops, ["_cps_loss_tile_kernel", "_cps_loss_flat_kernel"])
-    fn = bench_loss.make_provider(provider, torch.device(DEVICE), dtype)
+    fn = bench_loss.make_provider(provider, torch.device(device), dtype)
     assert not isinstance(fn, str), f"{provider}: {fn}"
     N, H, W = 2, 23, 29  # 1334 pixels: every tile size here ends mid-image and mid-row
-    a, b = (make_logits(layout, N, C, H, W, dtype, DEVICE) for _ in range(2))
-    target = make_labels((N, H, W), C, 0.3, DEVICE)
+    a, b = (make_logits(layout, N, C, H, W, dtype, device) for _ in range(2))
+    target = make_labels((N, H, W), C, 0.3, device)
     loss, grads = run_provider(lambda ab: fn(*ab, target), (a, b))
     ref = test_loss.run(test_loss.cps_loss_reference, a.double(), b.double(), target, cps_weight=1.5)
     lowp = ref if dtype == torch.float32 else test_loss.run(test_loss.lowp_reference, a, b, target, cps_weight=1.5)
@@ -123,19 +124,20 @@ def test_swept_cps_loss_configuration(config, layout, C, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
+@pytest.mark.parametrize("device", [DEVICE])  # a parameter: its cuda case is marked gpu (conftest)
 @pytest.mark.parametrize("provider", NCPS_PROVIDERS)
 @pytest.mark.parametrize("K", [2, 3])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_swept_ncps_configuration(provider, K, layout, monkeypatch):
+def test_swept_ncps_configuration(provider, K, layout, device, monkeypatch):
     from cps_fast.kernels import ncps_loss as triton_ops
 
     launches = spy_on(monkeypatch, triton_ops, ["_ncps_tile_kernel"])
     dtype = torch.bfloat16
-    fn = bench_ncps.make_provider(provider, torch.device(DEVICE), dtype, False)
+    fn = bench_ncps.make_provider(provider, torch.device(device), dtype, False)
     assert not isinstance(fn, str), f"{provider}: {fn}"
     N, C, H, W = 2, 21, 23, 29  # 1334 pixels: tiles end mid-image and mid-row
-    xs = [make_logits(layout, N, C, H, W, dtype, DEVICE) for _ in range(K)]
-    target = make_labels((N, H, W), C, 0.3, DEVICE)
+    xs = [make_logits(layout, N, C, H, W, dtype, device) for _ in range(K)]
+    target = make_labels((N, H, W), C, 0.3, device)
     loss, grads = run_provider(lambda leaves: fn(leaves, target), xs)
     ref = test_ncps_loss.run(test_ncps_loss.ncps_loss_reference, [x.double() for x in xs], target, cps_weight=1.5)
     lowp = test_ncps_loss.run(test_ncps_loss.lowp_reference, xs, target, cps_weight=1.5)
@@ -152,10 +154,11 @@ def test_swept_ncps_configuration(provider, K, layout, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
+@pytest.mark.parametrize("device", [DEVICE])  # a parameter: its cuda case is marked gpu (conftest)
 @pytest.mark.parametrize("provider", UPSAMPLE_PROVIDERS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("C,dtype", [(21, torch.bfloat16), (19, torch.float32)])
-def test_swept_upsample_configuration(provider, layout, C, dtype, monkeypatch):
+def test_swept_upsample_configuration(provider, layout, C, dtype, device, monkeypatch):
     from cps_fast.kernels import cps_upsample as triton_ops
 
     launched = []
@@ -164,10 +167,10 @@ def test_swept_upsample_configuration(provider, layout, C, dtype, monkeypatch):
     real_config = triton_ops.block_config
     monkeypatch.setattr(triton_ops, "block_config", lambda *a, **k: blocks.append(real_config(*a, **k)) or blocks[-1])
     size = (27, 31)
-    fn = bench_upsample.make_provider(provider, torch.device(DEVICE), dtype, size, None)
+    fn = bench_upsample.make_provider(provider, torch.device(device), dtype, size, None)
     assert not isinstance(fn, str), f"{provider}: {fn}"
-    a, b = (test_upsample_loss.make_low(2, C, 7, 8, dtype, layout, DEVICE, size=size) for _ in range(2))
-    target = make_labels((2, *size), C, 0.3, DEVICE)
+    a, b = (test_upsample_loss.make_low(2, C, 7, 8, dtype, layout, device, size=size) for _ in range(2))
+    target = make_labels((2, *size), C, 0.3, device)
     leaves = [x.detach().clone().requires_grad_() for x in (a, b)]
     loss = fn(*leaves, target)
     loss.backward()

@@ -167,6 +167,27 @@ def test_run_tests_merges_files_and_names_what_did_not_finish(tmp_path, capsys):
     assert run_tests.summarise(junit)["failed"] == []
 
 
+def test_run_tests_takes_a_file_with_nothing_selected_for_nothing_to_run(tmp_path, capsys):
+    """run_gpu.sh passes ``-m gpu``: most files then select nothing (pytest's exit 5), which is
+    not a failure; a failing test next to them still is."""
+    import run_tests
+
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_gpu.py").write_text("def test_gpu_kernel():\n    pass\n")
+    (tests / "test_cpu.py").write_text("def test_cpu_only():\n    pass\n")
+    junit = tmp_path / "out" / "tests.xml"
+    assert run_tests.main(["--junit", str(junit), "--jobs", "2", "--tests", str(tests), "--", "-k", "gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "---- test_cpu.py: nothing selected (exit 5)" in out, out
+    s = run_tests.summarise(junit)
+    assert s["failed"] == [] and s["tests"] == 1, s
+    assert targets.collect_run(junit.parent)["tests"]["files"]["test_cpu.py"].startswith("nothing selected")
+    (tests / "test_gpu.py").write_text("def test_gpu_kernel():\n    assert False\n")
+    assert run_tests.main(["--junit", str(junit), "--jobs", "2", "--tests", str(tests), "--", "-k", "gpu"]) == 1
+    assert run_tests.summarise(junit)["failed"] == ["tests.test_gpu::test_gpu_kernel"]
+
+
 def test_run_tests_shards_the_longest_files(monkeypatch):
     import conftest
     import run_tests

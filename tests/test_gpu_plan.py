@@ -1,0 +1,330 @@
+"""The GPU session's plan (benchmarks/gpu/plan.tsv, run by benchmarks/run_gpu.sh) and the prebuilt
+extension that lets it skip compiling (setup.py's CPS_FAST_PREBUILT, benchmarks/gpu/).
+
+A lent task has 15 device-minutes in all and one command may run 10 (../shared/GPU.md). The plan
+must fit both with what the calls cost around them: the machine's start, the transfers, the
+idle time between the calls and before give_back. Its numbers live in plan.tsv only; this reads
+them, checks the arithmetic, and checks that run_gpu.sh walks exactly those steps and keeps to
+them (PLAN=1, which runs nothing and needs neither torch nor a GPU).
+"""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+import check_prebuilt  # noqa: E402
+
+PLAN = ROOT / "benchmarks" / "gpu" / "plan.tsv"
+RUN_GPU = ROOT / "benchmarks" / "run_gpu.sh"
+SESSION_LIMIT_S = 14 * 60  # of the task's 15 device-minutes: the 15th is margin
+CALL_MARGIN_S = 30  # a call's deadline under the command limit: the script's start, a killed step's 5 s grace
+# issue 19's caps for call 1's steps
+ISSUE_CAPS = {"tests": 150, "loss": 130, "step": 200}
+
+
+def load_plan(path=PLAN) -> dict:
+    """plan.tsv as ``{"session": {name: s}, "calls": {n: s}, "steps": [(call, name, min, max)], "repairs": {...}}``."""
+    plan = {"session": {}, "calls": {}, "steps": [], "repairs": {}}
+    for line in Path(path).read_text().splitlines():
+        cols = line.split()
+        if not cols or cols[0].startswith("#"):
+            continue
+        kind = cols[0]
+        if kind == "session":
+            plan["session"][cols[1]] = int(cols[2])
+        elif kind == "call":
+            plan["calls"][int(cols[1])] = int(cols[2])
+        elif kind == "step":
+            plan["steps"].append((cols[1], cols[2], int(cols[3]), int(cols[4])))
+        elif kind == "repair":
+            plan["repairs"][cols[1]] = (int(cols[2]), int(cols[3]))
+        else:
+            raise AssertionError(f"{path}: unknown row kind {kind!r} in {line!r}")
+    return plan
+
+
+def steps_of(plan, call) -> list[tuple[str, int, int]]:
+    return [(name, lo, hi) for c, name, lo, hi in plan["steps"] if c == str(call)]
+
+
+def walk(plan, call, elapsed=0) -> list[tuple[str, int | None]]:
+    """The call as run_gpu.sh runs it, every step taking its whole grant: ``(name, seconds granted
+    or None when skipped)``. An independent account of the script's rule: a step starts only
+    while its minimum is left before the deadline less the finish, and gets at most its maximum."""
+    clock, out = elapsed, []
+    end = plan["calls"][call] - plan["session"]["finish"]
+    for name, lo, hi in steps_of(plan, call):
+        left = end - clock
+        if left < lo:
+            out.append((name, None))
+            continue
+        out.append((name, min(hi, left)))
+        clock += min(hi, left)
+    return out
+
+
+def plan_mode(*, env=None, **kw):
+    """``PLAN=1 bash benchmarks/run_gpu.sh`` with ``PY`` pointing nowhere: the plan needs no Python."""
+    full = dict(os.environ, PLAN="1", PY="/nonexistent/python", **(env or {}))
+    for key in ("CALL", "STEPS", "ELAPSED", "PLANFILE"):
+        if key not in (env or {}):
+            full.pop(key, None)
+    return subprocess.run(["bash", str(RUN_GPU)], env=full, capture_output=True, text=True, timeout=60, **kw)
+
+
+# ----------------------------------------------------------------------------- the arithmetic
+
+
+def test_each_call_fits_one_command():
+    plan = load_plan()
+    s = plan["session"]
+    assert sorted(plan["calls"]) == [1, 2]
+    for call, deadline in plan["calls"].items():
+        steps = steps_of(plan, call)
+        assert steps, f"call {call} has no step"
+        worst = sum(hi for _, _, hi in steps) + s["finish"]
+        assert worst <= deadline, f"call {call}: its steps' maxima and the finish are {worst} s, over its {deadline} s deadline"
+        assert deadline + CALL_MARGIN_S <= s["limit"] <= 600, f"call {call}: {deadline} s leaves no margin under {s['limit']} s"
+
+
+def test_the_session_fits_14_device_minutes_with_the_start_and_transfers():
+    plan = load_plan()
+    s = plan["session"]
+    assert s["start"] >= 120 and s["transfer"] > 0 and s["between"] > 0 and s["release"] > 0
+    total = (s["start"] + sum(d + s["transfer"] for d in plan["calls"].values()) + s["between"] * (len(plan["calls"]) - 1)
+             + s["release"])
+    assert total <= s["device"] <= SESSION_LIMIT_S, f"the session needs {total} s of {s['device']} s"
+
+
+def test_the_steps_are_the_issues():
+    plan = load_plan()
+    for call, name, lo, hi in plan["steps"]:
+        assert 0 < lo <= hi, f"step {name} (call {call}): minimum {lo} s, maximum {hi} s"
+    for name, (lo, hi) in plan["repairs"].items():
+        assert 0 < lo <= hi, f"repair {name}: minimum {lo} s, maximum {hi} s"
+    call1 = [n for n, _, _ in steps_of(plan, 1)]
+    call2 = [n for n, _, _ in steps_of(plan, 2)]
+    assert call1 == ["env", "install", "tests", "loss", "step"], call1  # the environment check first
+    assert call2 == ["env", "tiles", "upsample", "ncps"], call2
+    for name, cap in ISSUE_CAPS.items():
+        assert dict((n, hi) for n, _, hi in steps_of(plan, 1))[name] <= cap, name
+    assert "data" not in call1 + call2  # DALI is issue 20's: not in these two calls
+    assert set(plan["repairs"]) == {"install", "build"}
+    # every step of each call starts in the worst case (each one before it taking its whole maximum)
+    for call in (1, 2):
+        assert all(t is not None for _, t in walk(plan, call)), walk(plan, call)
+
+
+# ----------------------------------------------------------------------------- the script keeps to it
+
+
+def test_run_gpu_sh_runs_the_planned_steps_in_order():
+    plan = load_plan()
+    script = RUN_GPU.read_text()
+    calls = re.findall(r"^\s*(step|repair) (\w+) ", script, flags=re.M)
+    ran = [name for kind, name in calls if kind == "step"]
+    planned = []
+    for _, name, _, _ in plan["steps"]:
+        if name not in planned:
+            planned.append(name)
+    assert ran == planned, f"run_gpu.sh runs {ran}, plan.tsv plans {planned}"
+    assert {name for kind, name in calls if kind == "repair"} == set(plan["repairs"])
+    assert "benchmarks/gpu/plan.tsv" in script and not re.search(r"^\s*step \w+ \d", script, flags=re.M)
+
+
+def test_plan_mode_prints_both_calls_and_the_session_without_python():
+    plan = load_plan()
+    s = plan["session"]
+    res = plan_mode()
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for call, deadline in plan["calls"].items():
+        assert f"call {call}: " in out and f"worst case {deadline}s of the {deadline}s deadline" in out, out
+    for call in (1, 2):
+        block = out.split(f"call {call}: ", 1)[1].split("worst case", 1)[0]
+        for name, granted in walk(plan, call):
+            lo, hi = next((lo, hi) for n, lo, hi in steps_of(plan, call) if n == name)
+            assert re.search(rf"^\s+{name}\s+step\s+{lo}\s+{hi}\s+{granted}\s", block, flags=re.M), (name, block)
+    total = s["start"] + sum(d + s["transfer"] for d in plan["calls"].values()) + s["between"] + s["release"]
+    assert f"= {total}s of {s['device']}s device time" in out, out
+    assert "only when needed: build" in out and 'with STEPS="..." only: model data' in out
+
+
+def test_plan_mode_shows_what_a_late_start_skips():
+    plan = load_plan()
+    elapsed = 300
+    expected = walk(plan, 1, elapsed)
+    assert any(t is None for _, t in expected), "pick an ELAPSED that skips a step"
+    res = plan_mode(env={"CALL": "1", "ELAPSED": str(elapsed)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "call 2:" not in res.stdout
+    for name, granted in expected:
+        if granted is None:
+            lo = next(lo for n, lo, _ in steps_of(plan, 1) if n == name)
+            assert re.search(rf"skip {name}: \d+s left before the deadline, it needs {lo}s", res.stdout), res.stdout
+        else:
+            assert re.search(rf"^\s+{name}\s+step\s+\d+\s+\d+\s+{granted}\s", res.stdout, flags=re.M), res.stdout
+
+
+def test_plan_mode_refuses_a_bad_plan_and_a_bad_call(tmp_path):
+    bad = tmp_path / "plan.tsv"
+    bad.write_text(PLAN.read_text().replace("step 1 loss      40", "step 1 loss      forty"))
+    res = plan_mode(env={"PLANFILE": str(bad)})
+    assert res.returncode == 2 and re.search(r"plan.tsv line \d+: expected: step 1\|2\|- NAME MIN MAX", res.stderr), res.stderr
+    res = plan_mode(env={"CALL": "3"})
+    assert res.returncode == 2 and "CALL=3: expected 1 or 2" in res.stderr
+
+
+# ----------------------------------------------------------------------------- GPU tests select themselves
+
+
+def test_a_cuda_device_parameter_marks_the_test_gpu():
+    """tests/conftest.py marks ``gpu`` every test with a device parameter set to CUDA (before -m
+    selects), so that ``-m gpu`` on the GPU machine runs the CUDA cases of the CPU-and-CUDA suites."""
+    import types
+
+    import conftest
+
+    class Item:
+        def __init__(self, **params):
+            self.callspec = types.SimpleNamespace(params=params)
+            self.keywords = {}
+
+        def add_marker(self, mark):
+            self.keywords[mark.name] = mark
+
+    cases = [(dict(device="cuda", backend="triton"), True), (dict(device="cpu", backend="cuda"), False),
+             (dict(device=torch.device("cuda", 0)), True), (dict(out_device="cuda:1"), True),
+             (dict(device="cpu"), False), ({}, False)]
+    for params, gpu in cases:
+        item = Item(**params)
+        conftest.pytest_itemcollected(item)
+        assert ("gpu" in item.keywords) == gpu, params
+
+
+# ----------------------------------------------------------------------------- the prebuilt extension
+
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py's functions (importing it runs no setup()), in the project folder, default switches."""
+    for key in ("CPS_FAST_CUDA_ARCHS", "CPS_FAST_PORTABLE", "CPS_FAST_SKIP_CUDA_BUILD", "CPS_FAST_PREBUILT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(ROOT)
+    return check_prebuilt.load_setup()
+
+
+def _stamped_copy(setup_py, tmp_path, **changes) -> Path:
+    """The extension this checkout built, copied with a stamp naming what a build here would be."""
+    import cps_fast._C
+
+    so = tmp_path / "cps_fast_C-test.so"
+    so.write_bytes(Path(cps_fast._C.__file__).read_bytes())
+    stamp = setup_py._identity(torch, setup_py._recipe(torch))
+    stamp["sha256"] = hashlib.sha256(so.read_bytes()).hexdigest()
+    stamp.update(changes)
+    so.with_suffix(".json").write_text(json.dumps(stamp))
+    return so
+
+
+def test_identity_names_the_build_the_switches_ask_for(setup_py, monkeypatch):
+    native = setup_py._identity(torch, setup_py._recipe(torch))
+    assert native["torch"] == torch.__version__ and native["ext_suffix"] == sysconfig.get_config_var("EXT_SUFFIX")
+    assert "-march=native" in native["flags"]["cxx"] and native["cpu"]
+    assert len(native["sources_sha256"]) == 64
+    monkeypatch.setenv("CPS_FAST_PORTABLE", "1")
+    portable = setup_py._identity(torch, setup_py._recipe(torch))
+    assert "-march=native" not in portable["flags"]["cxx"] and portable["cpu"] is None
+    assert portable["sources_sha256"] == native["sources_sha256"]
+    # the device's stamp: CUDA kernels for exactly the archs asked for
+    assert setup_py._gencode_flags("90a") == ["-gencode=arch=compute_90a,code=sm_90a"]
+
+
+def test_a_matching_prebuilt_extension_stands_in_for_the_build(setup_py, tmp_path):
+    so = _stamped_copy(setup_py, tmp_path)
+    assert setup_py._prebuilt_refusal(str(so), setup_py._identity(torch, setup_py._recipe(torch))) is None
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(torch="2.11.0+cu130"), r"has torch='2.11.0\+cu130', this build needs '" + re.escape(torch.__version__)),
+    (dict(sources_sha256="0" * 64), r"has sources_sha256='0000.*', this build needs"),
+    (dict(flags={"cxx": ["-O0"], "nvcc": None, "ld": []}), r"has flags=.*-O0"),
+    (dict(sha256="f" * 64), r"has sha256 [0-9a-f]{16}\.\.\., its stamp says ffff.*changed since"),
+])
+def test_a_mismatched_prebuilt_extension_is_refused_saying_why(setup_py, tmp_path, change, reason):
+    so = _stamped_copy(setup_py, tmp_path, **change)
+    why = setup_py._prebuilt_refusal(str(so), setup_py._identity(torch, setup_py._recipe(torch)))
+    assert why is not None and re.search(reason, why), why
+
+
+def test_a_missing_prebuilt_or_stamp_is_refused(setup_py, tmp_path):
+    identity = setup_py._identity(torch, setup_py._recipe(torch))
+    assert "does not exist" in setup_py._prebuilt_refusal(str(tmp_path / "none.so"), identity)
+    (tmp_path / "x.so").write_bytes(b"\x7fELF")
+    assert "its stamp" in setup_py._prebuilt_refusal(str(tmp_path / "x.so"), identity)
+
+
+def test_the_probe_decides_on_cuda_kernels_and_the_gpu(setup_py, tmp_path, monkeypatch):
+    """What the import in a child process reports: CUDA kernels exactly when the build asks for
+    them, and for the GPU present (sm_90a code runs on compute capability 9.0 only)."""
+    so = _stamped_copy(setup_py, tmp_path, archs="90a")
+    identity = dict(setup_py._identity(torch, setup_py._recipe(torch)), archs="90a")
+    reports = []
+
+    def probe(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(reports[-1]) + "\n", stderr="")
+
+    monkeypatch.setattr(setup_py.subprocess, "run", probe)
+    reports.append({"has_cuda": False, "capability": None})
+    assert "has_cuda()=False, this build asks for True" in setup_py._prebuilt_refusal(str(so), identity)
+    reports.append({"has_cuda": True, "capability": [8, 0]})
+    assert "this GPU is sm_80" in setup_py._prebuilt_refusal(str(so), identity)
+    reports.append({"has_cuda": True, "capability": [9, 0]})
+    assert setup_py._prebuilt_refusal(str(so), identity) is None
+
+
+def test_build_ext_copies_the_prebuilt_or_compiles(setup_py, tmp_path, monkeypatch):
+    """The switch at build time: the accepted file lands where the build would have written the
+    extension, and nothing is compiled; a refused one falls back to torch's build."""
+    from setuptools import Distribution
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    so = tmp_path / "prebuilt.so"
+    so.write_bytes(os.urandom(64))
+    monkeypatch.setenv("CPS_FAST_PREBUILT", str(so))
+    recipe = setup_py._recipe(torch)
+    compiled = []
+    monkeypatch.setattr(BuildExtension, "build_extensions", lambda self: compiled.append(self.extensions))
+
+    def build(refusal):
+        monkeypatch.setattr(setup_py, "_prebuilt_refusal", lambda path, identity: refusal)
+        dist = Distribution({"name": "cps-fast", "ext_modules": [CppExtension("cps_fast._C", recipe["cpp"])]})
+        cmd = setup_py._build_ext(BuildExtension, torch, recipe)(dist)
+        cmd.build_lib = str(tmp_path / "lib")
+        cmd.ensure_finalized()
+        cmd.run()
+        return tmp_path / "lib" / "cps_fast" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+
+    out = build(None)
+    assert out.read_bytes() == so.read_bytes() and not compiled
+    out.unlink()
+    build("its stamp is for another torch")
+    assert compiled and not out.exists()
+    monkeypatch.delenv("CPS_FAST_PREBUILT")
+    plain = setup_py._build_ext(BuildExtension, torch, recipe)  # without the switch: torch's build as it was
+    assert issubclass(plain, BuildExtension) and plain.__name__ != "build_ext_or_prebuilt"
+
+
+def test_check_prebuilt_cli_says_why(setup_py, tmp_path, capsys):
+    so = _stamped_copy(setup_py, tmp_path, python="3.12")
+    assert check_prebuilt.main([str(so)]) == 3
+    assert re.search(r"prebuilt refused: .* has python='3.12', this build needs", capsys.readouterr().out)
