@@ -8,6 +8,8 @@ archive), and the two Cityscapes zips (labelIds, color, instanceIds, polygons, a
 import io
 import json
 import os
+import re
+import shutil
 import sys
 import tarfile
 import zipfile
@@ -208,23 +210,79 @@ def test_voc_resume_after_interruption(voc_data, tmp_path, monkeypatch, capsys):
         P.prepare_voc(voc_data["voc"], voc_data["sbd"], str(out), workers=2, progress=io.StringIO())
     monkeypatch.setattr(P, "_encode_png", real)
     assert not (out / P.MARKER).exists() and not (out / "train_aug.txt").exists()
+    assert json.loads((out / P.STAMP).read_text())["sources"]["sbd"]["path"] == os.path.abspath(voc_data["sbd"])
     labels = sorted((out / "train_aug" / "label").glob("*.png"))
     assert 1 <= len(labels) <= 2  # what was written before the crash, each complete
     assert not list(out.rglob("*.part"))
-    # a kill mid-write leaves a temporary file; damaged files under final names are redone too
+    # a kill mid-write leaves temporary files (of images, lists, the marker) and a stale list of
+    # missing ids; damaged files under final names are redone too: truncated, or of the right
+    # size but zeros (what a power loss can leave of an unsynced file)
     (out / "train_aug" / "label" / f".{E}.png.0123456789ab.part").write_bytes(b"\x89PNG half")
+    (out / ".train_aug.txt.0123456789ab.part").write_bytes(b"2007_0000")
+    (out / f".{P.MARKER}.0123456789ab.part").write_bytes(b"{")
+    (out / P.MISSING).write_bytes(b"no label\ttrain_aug/2007_000032\n")
     data = labels[0].read_bytes()
     labels[0].write_bytes(data[: len(data) // 2])
     img = out / "val" / "image" / f"{C}.jpg"
     img.write_bytes(voc_data["exp"]["image"][C][:100])
+    (out / "val" / "image" / f"{D}.jpg").write_bytes(bytes(len(voc_data["exp"]["image"][D])))
     P.prepare_voc(voc_data["voc"], voc_data["sbd"], str(out), workers=2, progress=io.StringIO())
-    assert _tree(out) == voc_data["tree"]
+    assert _tree(out) == voc_data["tree"]  # no stamp, no leftovers
     # complete: a rerun checks the marker and the files, and writes nothing
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     capsys.readouterr()
     P.prepare_voc(voc_data["voc"], voc_data["sbd"], str(out), workers=2, progress=io.StringIO())
     assert "already complete" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+
+
+def _new_sbd_label(spec):
+    spec["sbd_seg"][E] = (spec["sbd_seg"][E] + 1) % 21
+
+
+def test_voc_other_sources_are_refused_and_forced(voc_data, tmp_path, monkeypatch, capsys):
+    """A folder of other sources is never resumed: refused, then rewritten with force (resumably)."""
+    voc, sbd, _ = make_voc_sbd(tmp_path / "src")
+    out = tmp_path / "out"
+    P.prepare_voc(voc, sbd, str(out), workers=2, progress=io.StringIO())
+    old_tree, old_marker = _tree(out), (out / P.MARKER).read_bytes()
+    st = os.stat(voc)
+    make_voc_sbd(tmp_path / "src", mutate=_new_sbd_label)  # SBD rewritten in place: E's label differs
+    os.utime(voc, ns=(st.st_atime_ns, st.st_mtime_ns))  # VOC: the same bytes, and now the same mtime
+    with pytest.raises(DataError) as ei:
+        P.prepare_voc(voc, sbd, str(out), workers=2, progress=io.StringIO())
+    msg = str(ei.value)
+    for w in (str(out), P.MARKER, "other sources", f"--sbd was {os.path.abspath(sbd)}", "--force",
+              "train_aug/image"):
+        assert w in msg
+    assert "--voc was" not in msg
+    assert _tree(out) == old_tree and (out / P.MARKER).read_bytes() == old_marker  # nothing touched
+
+    real, calls = P._encode_png, []
+
+    def flaky(label):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("simulated crash in a worker")
+        return real(label)
+
+    monkeypatch.setattr(P, "_encode_png", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        P.prepare_voc(voc, sbd, str(out), workers=2, progress=io.StringIO(), force=True)
+    monkeypatch.setattr(P, "_encode_png", real)
+    assert not (out / P.MARKER).exists() and len(list((out / "train_aug" / "label").iterdir())) <= 2
+    with pytest.raises(DataError, match=f"unfinished run \\({P.STAMP}\\) made from other sources"):
+        P.prepare_voc(voc_data["voc"], voc_data["sbd"], str(out), workers=2, progress=io.StringIO())
+    # the interrupted forced run resumes like any other: what it wrote is kept, nothing older
+    P.prepare_voc(voc, sbd, str(out), workers=2, progress=io.StringIO())
+    fresh = tmp_path / "fresh"
+    P.prepare_voc(voc, sbd, str(fresh), workers=2, progress=io.StringIO())
+    assert _tree(out) == _tree(fresh)
+    label_e = os.path.join("train_aug", "label", f"{E}.png")
+    assert _tree(out)[label_e] != old_tree[label_e]
+    capsys.readouterr()
+    P.prepare_voc(voc, sbd, str(out), workers=2, progress=io.StringIO())
+    assert "already complete" in capsys.readouterr().out
 
 
 def _drop_voc_label(spec):
@@ -374,9 +432,80 @@ def test_cityscapes_folder_inputs_give_identical_output(city_data, tmp_path):
     assert P.prepare_cityscapes([str(extracted)], str(tmp_path / "a"), workers=2, progress=tty) == city_data["counts"]
     assert _tree(tmp_path / "a") == city_data["tree"]
     assert "\r" in tty.getvalue() and "10/10 files (100%)" in tty.getvalue()
+    # an edited source folder is other sources, not "already complete"
+    stem = "aachen_000000_000019"
+    ids = np.array(Image.open(extracted / "gtFine" / "train" / "aachen" / f"{stem}_gtFine_labelIds.png"))
+    ids = (ids + 1) % 34
+    Image.fromarray(ids).save(extracted / "gtFine" / "train" / "aachen" / f"{stem}_gtFine_labelIds.png")
+    with pytest.raises(DataError, match=re.escape(f"--root was [folder {extracted} (11 files read") + ".*--force"):
+        P.prepare_cityscapes([str(extracted)], str(tmp_path / "a"), workers=2, progress=io.StringIO())
+    P.prepare_cityscapes([str(extracted)], str(tmp_path / "a"), workers=2, progress=io.StringIO(), force=True)
+    with Image.open(tmp_path / "a" / "segmentation" / "train" / f"{stem}_gtFine.png") as im:
+        np.testing.assert_array_equal(np.array(im), CITYSCAPES_ID_TO_TRAINID[ids])
     # the folder holding both zips
     P.prepare_cityscapes([str(city_data["root"] / "src")], str(tmp_path / "b"), workers=1, progress=io.StringIO())
     assert _tree(tmp_path / "b") == city_data["tree"]
+
+
+def test_cityscapes_foreign_folder_is_refused_and_forced(city_data, tmp_path, monkeypatch):
+    """Files with no stamp (here: a reference folder without the marker, one label wrong) are not trusted."""
+    ref = tmp_path / "ref"
+    shutil.copytree(city_data["out"], ref)
+    (ref / P.MARKER).unlink()
+    wrong = ref / "segmentation" / "val" / "lindau_000000_000019_gtFine.png"
+    with Image.open(wrong) as im:
+        Image.fromarray(np.zeros(im.size[::-1], np.uint8)).save(wrong)  # a valid PNG of other labels
+    (ref / "config_new" / "subset_train").mkdir()
+    (ref / "config_new" / "subset_train" / "train_aug_labeled_1-8.txt").write_text("x\n")  # not ours: stays
+    with pytest.raises(DataError) as ei:
+        P.prepare_cityscapes(city_data["zips"], str(ref), workers=2, progress=io.StringIO())
+    for w in ("already holds files (for example config_new/", P.STAMP, "--force", "segmentation/val"):
+        assert w in str(ei.value)
+    stream = io.StringIO()
+    P.prepare_cityscapes(city_data["zips"], str(ref), workers=2, progress=stream, force=True)
+    assert "--force: deleted 12 files" in stream.getvalue()  # 10 data files, 2 lists (no marker)
+    extra = os.path.join("config_new", "subset_train", "train_aug_labeled_1-8.txt")
+    assert _tree(ref) == {**city_data["tree"], extra: b"x\n"}
+
+    # an interrupted run here leaves temporary lists in config_new/ and a stale missing-ids file
+    out = tmp_path / "out"
+    real, calls = P._encode_png, []
+
+    def flaky(label):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("simulated crash in a worker")
+        return real(label)
+
+    monkeypatch.setattr(P, "_encode_png", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        P.prepare_cityscapes(city_data["zips"], str(out), workers=1, progress=io.StringIO())
+    monkeypatch.setattr(P, "_encode_png", real)
+    (out / "config_new" / ".train.txt.0123456789ab.part").write_bytes(b"/images/tr")
+    (out / P.MISSING).write_bytes(b"no image\ttrain/aachen_000000_000019\n")
+    P.prepare_cityscapes(city_data["zips"], str(out), workers=2, progress=io.StringIO())
+    assert _tree(out) == city_data["tree"]
+
+
+def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", st.st_ino, st.st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(P.os, "fsync", fsync)
+    monkeypatch.setattr(P.os, "replace", replace)
+    path = str(tmp_path / "x.png")
+    P._atomic_write(path, b"0123456789")
+    assert [e[0] for e in events] == ["fsync", "replace"]
+    assert events[0][1] == events[1][1] == os.stat(path).st_ino and events[0][2] == 10 and events[1][2] == path
 
 
 # --------------------------------------------------------------------------- command line
@@ -395,6 +524,12 @@ def test_cli(city_data, voc_data, tmp_path, capsys, monkeypatch, caplog):
     assert "train 3, val 2" in capsys.readouterr().out
     assert "train has 3 ids; the official archives give 2975" in caplog.text  # a warning, not an error
     assert _tree(tmp_path / "ok") == city_data["tree"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    msg = _cli_error(["prepare", "cityscapes", "--root", *city_data["zips"], "--out", str(tmp_path / "mine")], capsys)
+    assert "already holds files (for example notes.txt)" in msg and "--force" in msg
+    cli.main(["prepare", "cityscapes", "--root", *city_data["zips"], "--out", str(tmp_path / "mine"), "--force"])
+    assert _tree(tmp_path / "mine") == {**city_data["tree"], "notes.txt": b"mine"}
 
     junk = tmp_path / "VOCtrainval_11-May-2012.tar"
     junk.write_bytes(b"not a tar")

@@ -18,16 +18,26 @@ archives with :mod:`tarfile` (one pass in archive order; a plain ``.tar`` is ind
 headers first, a ``.tgz`` is streamed), zips with :mod:`zipfile`, or the extracted folders.
 Decoding and encoding run on a thread pool (PIL's codecs and zlib release the GIL).
 
-Every file is written under a temporary name in its folder and renamed into place, so an
-interrupted run leaves no half-written file under a final name; a rerun skips the files
-already done (a copy of the source's size; a label PNG ending in its IEND chunk). The lists
-are written after every file is checked, and ``.cps-fast-prepare.json`` (sources and counts)
-last: its presence means the folder is complete.
+Resuming is safe only for files this tool wrote for the same sources, so ``--out`` is claimed
+first: ``.cps-fast-prepare-started.json`` (the stamp: dataset and sources) is written before any
+other file. A source is identified by path, size and mtime (an archive) or by path and a
+fingerprint of the files read from it (a folder: their count, total size and a digest of every
+name, size and mtime). A stamp or marker naming other sources, or files in ``--out`` with
+neither, is refused with :class:`DataError`; ``force=True`` (``--force``) deletes the files of
+the folders it writes and writes everything anew.
+
+Every file is written under a temporary name in its folder, fsynced and renamed into place, so
+neither an interruption nor a power loss leaves a partial file under a final name; a rerun
+skips the files already done (a copy of the source's size ending in its format's trailer, JPEG
+``FFD9`` or PNG ``IEND``; a label PNG ending in IEND). The lists are written after every file is
+checked, and ``.cps-fast-prepare.json`` (sources and counts) last: its presence means the
+folder is complete.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import hashlib
 import io
 import json
 import logging
@@ -47,16 +57,19 @@ from PIL import Image
 
 from .datasets import CITYSCAPES_ID_TO_TRAINID, DataError, _image_size, check_label
 
-__all__ = ["prepare_voc", "prepare_cityscapes", "main", "MARKER"]
+__all__ = ["prepare_voc", "prepare_cityscapes", "main", "MARKER", "STAMP"]
 
 log = logging.getLogger("cps_fast.data")
 
-MARKER = ".cps-fast-prepare.json"
-MARKER_VERSION = 1
+MARKER = ".cps-fast-prepare.json"  # written last: the folder is complete
+STAMP = ".cps-fast-prepare-started.json"  # written first: the folder is this run's (dataset, sources)
+MISSING = ".cps-fast-prepare-missing.txt"  # every missing id, when too many to name in the error
+MARKER_VERSION = 2  # of the marker and the stamp; 2: sources carry folder fingerprints
 # what the official archives give; smaller counts are fine for subsets and test fixtures
 VOC_COUNTS = {"train_aug": 10582, "val": 1449}
 CITYSCAPES_COUNTS = {"train": 2975, "val": 500}
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG
+_TRAILERS = {".jpg": b"\xff\xd9", ".png": _PNG_END}  # what a complete copy ends in (JPEG EOI, PNG IEND)
 
 
 # --------------------------------------------------------------------------- progress
@@ -116,12 +129,18 @@ class _Progress:
 # --------------------------------------------------------------------------- files
 
 def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary name next to ``path`` and rename it into place."""
+    """Write ``data`` to a temporary name next to ``path``, fsync it and rename it into place.
+
+    The fsync makes the data durable before the name appears: without it a power loss can leave
+    a file of the right size full of zeros under its final name, which a resume would keep.
+    """
     d, base = os.path.split(path)
     tmp = os.path.join(d, f".{base}.{uuid.uuid4().hex[:12]}.part")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -134,16 +153,32 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _clean_partials(dirs: Iterable[str]) -> None:
-    """Remove the temporary files an interrupted run left behind."""
+    """Remove the temporary files an interrupted run left behind (``.<name>.<hex>.part``)."""
     for d in dirs:
+        if not os.path.isdir(d):
+            continue
         for name in os.listdir(d):
             if name.startswith(".") and name.endswith(".part"):
                 os.remove(os.path.join(d, name))
 
 
 def _copy_done(path: str, size: int) -> bool:
+    """A copy counts as done when it has the source's size and ends in its format's trailer.
+
+    The trailer check (JPEG ``FFD9``, PNG ``IEND``) costs one small read and rejects a file of
+    the right size whose tail is zeros; a source without the usual trailer is simply copied again.
+    """
     try:
-        return os.stat(path).st_size == size
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                return False
+            trailer = _TRAILERS.get(os.path.splitext(path)[1].lower())
+            if trailer is None:
+                return True
+            if size < len(trailer):
+                return False
+            f.seek(-len(trailer), os.SEEK_END)
+            return f.read() == trailer
     except OSError:
         return False
 
@@ -349,6 +384,9 @@ class _TarSource:
             return None
         return _Member(c[0], c[1], name, ti.size, f"{self.display}:{name}", reader, deferrable=False)
 
+    def identity(self, classify: Classify) -> dict:
+        return _file_identity(self.path)
+
     def close(self) -> None:
         if self._tf is not None:
             self._tf.close()
@@ -384,6 +422,9 @@ class _ZipSource:
 
     stream = members
 
+    def identity(self, classify: Classify) -> dict:
+        return _file_identity(self.path)
+
     def close(self) -> None:
         self._zf.close()
 
@@ -396,9 +437,14 @@ class _FolderSource:
         self.display = base
         self.prefix = prefix
         self.subdirs = subdirs
+        self._scans: dict = {}
 
-    def members(self, classify: Classify, keep: Sequence[str] = ()) -> list[_Member]:
-        out = []
+    def _scan(self, classify: Classify) -> list[tuple]:
+        """``(name, path, size, mtime_ns, (kind, key))`` of the wanted files, walked once per ``classify``."""
+        got = self._scans.get(classify)
+        if got is not None:
+            return got
+        got = []
         for sub in self.subdirs:
             top = os.path.join(self.path, sub)
             if os.path.isfile(top):
@@ -413,11 +459,33 @@ class _FolderSource:
                     c = classify(name)
                     if c is None:
                         continue
-                    m = _Member(c[0], c[1], name, os.path.getsize(path), path,
-                                lambda path=path: _read_file(path), deferrable=True)
-                    if m.kind in keep:
-                        m.data = m.read()
-                    out.append(m)
+                    try:
+                        st = os.stat(path)
+                    except OSError as e:
+                        raise DataError(f"cannot read {path}: {e}") from e
+                    got.append((name, path, st.st_size, st.st_mtime_ns, c))
+        self._scans[classify] = got
+        return got
+
+    def identity(self, classify: Classify) -> dict:
+        """The folder and a fingerprint of the files read from it: their count, total size and a
+        digest of every (name, size, mtime). An added, removed or renamed file, or an edit that
+        changes a file's size or mtime, changes it; the files' contents are not read."""
+        h, total = hashlib.sha256(), 0
+        scan = self._scan(classify)
+        for name, _, size, mtime_ns, _ in scan:
+            h.update(f"{name}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            total += size
+        return {"path": os.path.abspath(self.path), "files": len(scan), "bytes": total,
+                "listing_sha256": h.hexdigest()}
+
+    def members(self, classify: Classify, keep: Sequence[str] = ()) -> list[_Member]:
+        out = []
+        for name, path, size, _, (kind, key) in self._scan(classify):
+            m = _Member(kind, key, name, size, path, lambda path=path: _read_file(path), deferrable=True)
+            if kind in keep:
+                m.data = m.read()
+            out.append(m)
         return out
 
     stream = members
@@ -512,13 +580,15 @@ def _classify_city(name: str):
     return m["kind"], (m["lsplit"], m["lstem"])
 
 
-def _identity(path: str) -> dict:
-    """What the marker records of a source: a file's size and mtime, a folder's path."""
-    p = os.path.abspath(os.path.expanduser(str(path)))
-    if os.path.isfile(p):
-        st = os.stat(p)
-        return {"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {"path": p}
+_classify_voc = _classify_re(_VOC_RE)
+_classify_sbd = _classify_re(_SBD_RE)
+
+
+def _file_identity(path: str) -> dict:
+    """An archive's identity in the stamp and marker: path, size and mtime."""
+    p = os.path.abspath(path)
+    st = os.stat(p)
+    return {"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 # --------------------------------------------------------------------------- worker pool
@@ -659,7 +729,7 @@ def _final_check(pool: _Pool, items: list[_Item], out: str, what_image: str, wha
             parts.append(f"{len(no_label)} ids have no label (looked for {what_label}): {_name_some(no_label)}")
         msg = f"prepared folder {out} is incomplete: " + "; ".join(parts)
         if len(no_image) > 50 or len(no_label) > 50:
-            path = os.path.join(out, ".cps-fast-prepare-missing.txt")
+            path = os.path.join(out, MISSING)
             _atomic_write(path, "".join(f"no image\t{i}\n" for i in no_image).encode()
                           + "".join(f"no label\t{i}\n" for i in no_label).encode())
             msg += f" (every id is in {path})"
@@ -675,35 +745,160 @@ def _final_check(pool: _Pool, items: list[_Item], out: str, what_image: str, wha
                if len(bad) > 1 else ""))
 
 
-def _read_marker(out: str) -> Optional[dict]:
+def _remove(path: str) -> int:
+    """Delete a file; 1 if there was one, else 0."""
     try:
-        with open(os.path.join(out, MARKER), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+        os.remove(path)
+        return 1
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise DataError(f"cannot delete {path}: {e}") from e
 
 
-def _complete(out: str, dataset: str, sources: dict, files_of: Callable[[str], list[str]]) -> Optional[dict]:
-    """The marker's counts if ``out`` is already complete for these sources, else None."""
-    mk = _read_marker(out)
-    if not mk or mk.get("version") != MARKER_VERSION or mk.get("dataset") != dataset or mk.get("sources") != sources:
-        return None
+def _read_doc(path: str) -> Optional[dict]:
+    """A marker's or stamp's JSON; None when there is none, ``{"unreadable": why}`` when it cannot be read."""
     try:
-        paths = files_of(out)
-    except (OSError, DataError):
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
         return None
-    if all(os.path.isfile(p) for p in paths):
-        return mk.get("counts")
+    except (OSError, ValueError) as e:
+        return {"unreadable": str(e)}
+    return doc if isinstance(doc, dict) else {"unreadable": "not a JSON object"}
+
+
+def _matches(doc: dict, dataset: str, sources: dict) -> bool:
+    return doc.get("version") == MARKER_VERSION and doc.get("dataset") == dataset and doc.get("sources") == sources
+
+
+def _describe_source(ident) -> str:
+    if isinstance(ident, list):
+        return "[" + "; ".join(_describe_source(i) for i in ident) + "]"
+    if not isinstance(ident, dict) or "path" not in ident:
+        return "none" if ident is None else repr(ident)
+    try:
+        if "files" in ident:
+            return (f"folder {ident['path']} ({ident['files']} files read, {ident['bytes']} bytes, "
+                    f"listing digest {str(ident.get('listing_sha256'))[:12]})")
+        if "size" in ident:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ident["mtime_ns"] / 1e9))
+            return f"{ident['path']} ({ident['size']} bytes, modified {when})"
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return repr(ident)  # a hand-edited marker: show it as it is
+    return f"{ident['path']}"
+
+
+def _mismatch(doc: dict, dataset: str, sources: dict) -> str:
+    """Why a marker or stamp is not this run's, in words."""
+    if "unreadable" in doc:
+        return f"that cannot be read ({doc['unreadable']})"
+    if doc.get("version") != MARKER_VERSION:
+        return (f"in format {doc.get('version')!r}, not {MARKER_VERSION} (another version of cps-fast prepare; "
+                "it does not record the sources the same way)")
+    if doc.get("dataset") != dataset:
+        return f"for dataset {doc.get('dataset')!r}, not {dataset!r}"
+    old = doc.get("sources") if isinstance(doc.get("sources"), dict) else {}
+    diffs = [f"--{k} was {_describe_source(old.get(k))}, now {_describe_source(v)}"
+             for k, v in sources.items() if old.get(k) != v]
+    return "made from other sources: " + ("; ".join(diffs) or f"{sorted(old)} then, {sorted(sources)} now")
+
+
+def _first_file(out: str) -> Optional[str]:
+    """The first file (or link) found below ``out``, relative to it; None for a missing or empty tree."""
+    for dirpath, dirnames, filenames in os.walk(out):
+        dirnames.sort()
+        if filenames:
+            return os.path.relpath(os.path.join(dirpath, min(filenames)), out)
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                return os.path.relpath(os.path.join(dirpath, d), out) + " (a link to a folder)"
+    return None
+
+
+def _clear_for_force(out: str, dirs: Sequence[str], lists: Sequence[str]) -> int:
+    """``--force``: delete what a run writes (the files of its data folders, its lists, marker, stamp and
+    leftovers), stamp and marker first; other files and folders stay. Returns how many files went."""
+    real_out = os.path.realpath(out)
+    for d in dirs:
+        if os.path.realpath(d) != os.path.join(real_out, os.path.relpath(d, out)):
+            raise DataError(f"--force: {d} leads through a symbolic link (to {os.path.realpath(d)}); --force deletes "
+                            "the files of the folders it writes and will not do so through a link: remove the link "
+                            "or choose another --out")
+    n = _remove(os.path.join(out, STAMP)) + _remove(os.path.join(out, MARKER))
+    for p in [*lists, os.path.join(out, MISSING)]:
+        n += _remove(p)
+    for d in dirs:
+        if os.path.isdir(d):
+            for e in os.scandir(d):
+                if not e.is_dir(follow_symlinks=False):
+                    n += _remove(e.path)
+    _clean_partials({out, *(os.path.dirname(p) for p in lists)})
+    return n
+
+
+def _claim(out: str, dataset: str, sources: dict, *, files_of: Callable[[str], list[str]], dirs: Sequence[str],
+           lists: Sequence[str], force: bool, prog: _Progress) -> Optional[dict]:
+    """Make ``out`` this run's before anything else is written there.
+
+    Returns the marker's counts when ``out`` is already complete for these sources (nothing to do);
+    otherwise writes the stamp and returns None. Files already in ``out`` are reused (skipped when they
+    look done) only where its stamp or marker names these very sources, i.e. this tool wrote them from
+    them. Anything else (a stamp or marker of other sources, another dataset or format, or files with
+    neither) raises a DataError saying what is there, unless ``force``: then every file the run writes
+    is deleted first, so nothing old is trusted, and an interruption of that run resumes as any other.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} is a file, not a folder")
+    stamp_path, marker_path = os.path.join(out, STAMP), os.path.join(out, MARKER)
+    if force:
+        n = _clear_for_force(out, dirs, lists)
+        prog.line(f"--force: deleted {n} files of earlier runs or other sources from {out}; writing every file anew")
+    else:
+        st, mk = _read_doc(stamp_path), _read_doc(marker_path)
+        problem = None
+        if st is not None and not _matches(st, dataset, sources):
+            problem = f"holds the stamp of an unfinished run ({STAMP}) {_mismatch(st, dataset, sources)}"
+        elif mk is not None and not _matches(mk, dataset, sources):
+            problem = f"holds a prepared folder ({MARKER}) {_mismatch(mk, dataset, sources)}"
+        elif st is None and mk is None:
+            first = _first_file(out)
+            if first is not None:
+                problem = (f"already holds files (for example {first}) but neither {STAMP} nor {MARKER}, "
+                           "so nothing says they were prepared from these sources")
+        if problem is not None:
+            written = ", ".join(os.path.relpath(p, out) for p in [*dirs, *lists])
+            raise DataError(f"--out {out} {problem}. Its files are not reused: pass --force (force=True) to delete "
+                            f"the files this writes ({written}; others stay) and write every file anew, or choose "
+                            "another --out")
+        if mk is not None:
+            try:
+                complete = all(os.path.isfile(p) for p in files_of(out))
+            except (OSError, DataError):
+                complete = False
+            if complete:
+                _remove(stamp_path)  # left when a run stopped between its marker and its end
+                return mk.get("counts")
+        if st is not None:  # resume the run that wrote the stamp
+            _remove(marker_path)
+            return None
+    os.makedirs(out, exist_ok=True)
+    stamp = {"version": MARKER_VERSION, "tool": "cps-fast prepare", "dataset": dataset, "state": "started",
+             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": sources}
+    _atomic_write(stamp_path, (json.dumps(stamp, indent=2) + "\n").encode("utf-8"))
+    _remove(marker_path)  # these sources' marker of a folder found incomplete: it is not complete now
     return None
 
 
 def _finish(out: str, dataset: str, layout: str, sources: dict, lists: dict[str, str], counts: dict) -> None:
-    """Write the lists, then the marker: the last file written, saying the folder is complete."""
+    """Write the lists, then the marker (the folder is complete), then drop the stamp and any missing-ids file."""
     for rel, text in lists.items():
         _atomic_write(os.path.join(out, rel), text.encode("utf-8"))
     marker = {"version": MARKER_VERSION, "tool": "cps-fast prepare", "dataset": dataset, "layout": layout,
               "sources": sources, "counts": counts, "lists": sorted(lists)}
     _atomic_write(os.path.join(out, MARKER), (json.dumps(marker, indent=2) + "\n").encode("utf-8"))
+    _remove(os.path.join(out, STAMP))
+    _remove(os.path.join(out, MISSING))
 
 
 def _warn_counts(dataset: str, counts: dict, official: dict) -> None:
@@ -737,35 +932,38 @@ def _voc_files(out: str) -> list[str]:
     return paths
 
 
-def prepare_voc(voc: str, sbd: str, out: str, *, workers: Optional[int] = None, progress=None) -> dict:
+def prepare_voc(voc: str, sbd: str, out: str, *, workers: Optional[int] = None, progress=None,
+                force: bool = False) -> dict:
     """Write TorchSemiSeg's ``DATA/pascal_voc`` folder from VOC 2012 trainval and SBD.
 
     ``voc``: ``VOCtrainval_11-May-2012.tar`` or its extracted folder; ``sbd``: ``benchmark.tgz``
     or its extracted folder. ``progress``: the stream for the progress bar (default stderr).
+    ``force``: delete what an earlier run or another source left in ``out``'s data folders and
+    write every file anew (without it such a folder is refused, see :func:`_claim`).
     Returns the counts written, ``{"train_aug": n, "val": n}``.
     """
     _require_scipy()
     workers = _workers(workers)
     voc_src, sbd_src = _open_voc(voc), _open_sbd(sbd)
-    sources = {"voc": _identity(voc), "sbd": _identity(sbd)}
+    sources = {"voc": voc_src.identity(_classify_voc), "sbd": sbd_src.identity(_classify_sbd)}
     out = os.path.abspath(os.path.expanduser(str(out)))
     title = "prepare voc"
-    done = _complete(out, "voc", sources, _voc_files)
+    dirs = {(s, k): os.path.join(out, s, k) for s in ("train_aug", "val") for k in ("image", "label")}
+    prog = _Progress(title, progress)
+    done = _claim(out, "voc", sources, files_of=_voc_files, dirs=list(dirs.values()),
+                  lists=[os.path.join(out, "train_aug.txt"), os.path.join(out, "val.txt")], force=force, prog=prog)
     if done is not None:
         print(f"{title}: {out} is already complete ({MARKER} matches the sources): {_counts_text(done)}")
         return done
-    dirs = {(s, k): os.path.join(out, s, k) for s in ("train_aug", "val") for k in ("image", "label")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
-    if os.path.exists(os.path.join(out, MARKER)):
-        os.remove(os.path.join(out, MARKER))
-    _clean_partials(dirs.values())
+    _clean_partials([out, *dirs.values()])
+    _remove(os.path.join(out, MISSING))  # of an earlier run: this run's final check writes its own
 
-    prog = _Progress(title, progress)
     prog.line(f"VOC {voc_src.path} + SBD {sbd_src.path} -> {out} ({workers} workers)")
     try:
         # 1. VOC's index: its lists, which ids it has JPEGs and labels for
-        voc_members = voc_src.members(_classify_re(_VOC_RE), keep=("list",))
+        voc_members = voc_src.members(_classify_voc, keep=("list",))
         voc_lists = {m.key: _parse_ids(m.read(), m.where) for m in voc_members if m.kind == "list"}
         voc_jpg = {m.key for m in voc_members if m.kind == "jpg"}
         voc_seg = {m.key for m in voc_members if m.kind == "seg"}
@@ -794,7 +992,7 @@ def prepare_voc(voc: str, sbd: str, out: str, *, workers: Optional[int] = None, 
             sbd_lists: dict[str, list[str]] = {}
             train_aug: Optional[list[str]] = None
             n_sbd = 0
-            members = sbd_src.stream(_classify_re(_SBD_RE), keep=("list",))
+            members = sbd_src.stream(_classify_sbd, keep=("list",))
             if not isinstance(sbd_src, _TarSource):  # a folder: take its lists first
                 members = sorted(members, key=lambda m: m.kind != "list")
             for m in members:
@@ -914,23 +1112,29 @@ def _city_files(out: str) -> list[str]:
     return paths
 
 
-def prepare_cityscapes(roots: Sequence[str], out: str, *, workers: Optional[int] = None, progress=None) -> dict:
+def prepare_cityscapes(roots: Sequence[str], out: str, *, workers: Optional[int] = None, progress=None,
+                       force: bool = False) -> dict:
     """Write TorchSemiSeg's ``DATA/city`` folder from Cityscapes' leftImg8bit and gtFine.
 
     ``roots``: ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip``, a folder holding
-    them, or a folder holding ``leftImg8bit/`` and ``gtFine/``. Returns ``{"train": n, "val": n}``.
+    them, or a folder holding ``leftImg8bit/`` and ``gtFine/``. ``force`` as in :func:`prepare_voc`.
+    Returns ``{"train": n, "val": n}``.
     """
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
     workers = _workers(workers)
     out = os.path.abspath(os.path.expanduser(str(out)))
-    sources = {"roots": [_identity(r) for r in roots]}
     title = "prepare cityscapes"
+    dirs = {(s, k): os.path.join(out, k, s) for s in ("train", "val") for k in ("images", "segmentation")}
+    config = os.path.join(out, "config_new")
+    prog = _Progress(title, progress)
     srcs = []
     try:
         for r in roots:
             srcs += _open_cityscapes(r)
-        done = _complete(out, "cityscapes", sources, _city_files)
+        sources = {"root": [s.identity(_classify_city) for s in srcs]}
+        done = _claim(out, "cityscapes", sources, files_of=_city_files, dirs=list(dirs.values()),
+                      lists=[os.path.join(config, f"{s}.txt") for s in ("train", "val")], force=force, prog=prog)
         if done is not None:
             print(f"{title}: {out} is already complete ({MARKER} matches the sources): {_counts_text(done)}")
             return done
@@ -954,17 +1158,15 @@ def prepare_cityscapes(roots: Sequence[str], out: str, *, workers: Optional[int]
             raise DataError(f"no Cityscapes fine labels in {looked}: looked for gtFine/{{train,val}}/<city>/"
                             "<stem>_gtFine_labelIds.png or _labelTrainIds.png (gtFine_trainvaltest.zip)")
 
-        dirs = {(s, k): os.path.join(out, k, s) for s in ("train", "val") for k in ("images", "segmentation")}
-        for d in list(dirs.values()) + [os.path.join(out, "config_new")]:
+        for d in [*dirs.values(), config]:
             os.makedirs(d, exist_ok=True)
-        if os.path.exists(os.path.join(out, MARKER)):
-            os.remove(os.path.join(out, MARKER))
-        _clean_partials(dirs.values())
+        _clean_partials([out, config, *dirs.values()])
+        _remove(os.path.join(out, MISSING))  # of an earlier run: this run's final check writes its own
         keys = sorted(set(images) | set(labels))
         items = {k: _Item(k[0], k[1], os.path.join(dirs[k[0], "images"], k[1] + ".png"),
                           os.path.join(dirs[k[0], "segmentation"], k[1] + "_gtFine.png")) for k in keys}
 
-        prog = _Progress(title, progress, total=len(images) + len(labels))
+        prog.set_total(len(images) + len(labels))
         prog.line(f"{looked} -> {out} ({workers} workers)")
         with _Pool(workers, prog) as pool:
             for m in members:  # archive order
@@ -1011,6 +1213,10 @@ def _positive_int(s: str) -> int:
     return n
 
 
+_FORCE_HELP = ("--out holds files of other sources, of an older cps-fast, or of unknown origin: delete the files of "
+               "the folders this writes (others stay) and write every file anew")
+
+
 def main(argv: Optional[Iterable[str]] = None) -> int:
     """``cps-fast prepare {voc,cityscapes}``: the presets' data folders from the official archives."""
     ap = argparse.ArgumentParser(
@@ -1028,6 +1234,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     v.add_argument("--out", required=True, metavar="DIR", help="the folder to write (created)")
     v.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="decode/encode threads (default min(8, CPU count))")
+    v.add_argument("--force", action="store_true", help=_FORCE_HELP)
     c = sub.add_parser("cityscapes", help="Cityscapes leftImg8bit + gtFine -> train (2975) and val (500)",
                        description="Write DATA/city: images/{train,val}, segmentation/{train,val} (train ids), "
                                    "config_new/{train,val}.txt.")
@@ -1037,9 +1244,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     c.add_argument("--out", required=True, metavar="DIR", help="the folder to write (created)")
     c.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="decode/encode threads (default min(8, CPU count))")
+    c.add_argument("--force", action="store_true", help=_FORCE_HELP)
     args = ap.parse_args(None if argv is None else list(argv))
     if args.dataset == "voc":
-        prepare_voc(args.voc, args.sbd, args.out, workers=args.workers)
+        prepare_voc(args.voc, args.sbd, args.out, workers=args.workers, force=args.force)
     else:
-        prepare_cityscapes(args.root, args.out, workers=args.workers)
+        prepare_cityscapes(args.root, args.out, workers=args.workers, force=args.force)
     return 0
