@@ -20,52 +20,72 @@ from ..reference import masked_cross_entropy
 
 
 def kth_smallest(x: torch.Tensor, k: int, *, method: str = "auto") -> torch.Tensor:
-    """The ``k``-th smallest value of a 1-D tensor (1-based), as a 0-dim device tensor.
+    """The ``k``-th smallest value (1-based) along the last dimension of ``x``, shape ``x.shape[:-1]``.
 
+    Batched so that OHEM takes one threshold per image from an ``(N, H*W)`` tensor in one call.
     ``method="auto"``: ``torch.kthvalue`` on the CPU (quickselect); on CUDA the largest of
     ``torch.topk(k, largest=False)``, whose radix select spreads over all SMs, where
     ``kthvalue`` runs one thread block per slice (20x slower than a full sort at 100 M
-    elements, pytorch/pytorch#75599; a Cityscapes batch has 5 M). Neither reads back to the host.
+    elements, pytorch/pytorch#75599; a Cityscapes image has 640 k). Neither reads back to the host.
     """
     if method == "auto":
         method = "topk" if x.is_cuda else "kthvalue"
     if method == "kthvalue":
-        return torch.kthvalue(x, k).values
+        return torch.kthvalue(x, k, dim=-1).values
     if method == "topk":
-        return torch.topk(x, k, largest=False, sorted=False).values.max()
+        return torch.topk(x, k, dim=-1, largest=False, sorted=False).values.amax(-1)
     raise ValueError(f"kth_smallest: method={method!r}; expected 'auto', 'kthvalue' or 'topk'")
 
 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, thresh: float = 0.7,
                        min_kept: int = 50000, ignore_index: int = 255) -> torch.Tensor:
-    """Online hard example mining cross-entropy, as the reference's ``ProbOhemCrossEntropy2d``.
+    """Online hard example mining cross-entropy, per image, as the reference's ``ProbOhemCrossEntropy2d``.
 
-    Keeps the valid pixels whose probability of the true class is at most
-    ``max(thresh, the min_kept-th smallest such probability)``; keeps every valid
-    pixel when fewer than ``min_kept`` are valid. Mean over the kept pixels.
-    Computed without a host synchronisation (the reference branches on counts).
+    ``logits`` (N, C, H, W), NCHW or channels_last, any float dtype; ``target`` (N, H, W).
+    The reference runs its criterion on one labeled image per GPU and DDP averages the GPUs'
+    gradients, so this selects per image, whatever the batch size: ``min_kept`` is a floor
+    PER IMAGE. Image n keeps its valid pixels whose true-class probability is at most
+    ``max(thresh, the min_kept-th smallest such probability in image n)``, or every valid
+    pixel when it has fewer than ``min_kept``; its loss is the mean CE over its kept pixels.
+    The result is the mean of those per-image means over the images that keep at least one
+    pixel: an image with none (all ignored; the reference's cross-entropy gives NaN there)
+    contributes nothing, and a batch with none gives 0, never NaN. Under DDP with equal local
+    batches the gradients' average is then the mean over the global batch's images.
 
+    No host synchronisation (the reference branches on counts): one batched k-th value over
+    ``(N, H*W)`` with invalid pixels set to 1 so they sort last, and masks for the branches.
     One log-softmax over the classes gives both the per-pixel loss and the true-class
     probability (``exp(-loss)``), where the reference runs a softmax and a cross-entropy. It runs
     over the innermost dimension of channels_last logits (a view, not a copy: torch's softmax
     over dim 1 would copy them to NCHW first) and over dim 1 of NCHW ones.
     """
-    C = logits.shape[1]
+    if logits.dim() != 4 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"ohem_cross_entropy: logits {tuple(logits.shape)} and target {tuple(target.shape)}; "
+                         "expected (N, C, H, W) logits and an (N, H, W) target")
+    N, C = logits.shape[:2]
     t = target.long()
     valid = (t != ignore_index) & (t >= 0) & (t < C)
     t_safe = torch.where(valid, t, 0)
     x = logits.float()
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     cdim = -1 if cl else 1
     if cl:
         x = x.movedim(1, -1)  # (N, H, W, C), contiguous
-    losses = -torch.log_softmax(x, dim=cdim).gather(cdim, t_safe.unsqueeze(cdim)).squeeze(cdim)
+    losses = -torch.log_softmax(x, dim=cdim).gather(cdim, t_safe.unsqueeze(cdim)).squeeze(cdim)  # (N, H, W)
     with torch.no_grad():
-        p = torch.exp(-losses)  # the true class's probability
-        k = max(1, min(int(min_kept), p.numel()))
-        kth = kth_smallest(torch.where(valid, p, 1.0).reshape(-1), k)  # invalid pixels sort last
-        keep = valid & ((p <= torch.clamp(kth, min=thresh)) | (valid.sum() < min_kept))
-    return torch.where(keep, losses, 0.0).sum() / keep.sum().clamp_min(1)
+        p = torch.exp(-losses).reshape(N, -1)  # the true class's probability, per image
+        valid_f = valid.reshape(N, -1)
+        k = min(int(min_kept), p.shape[1])  # from shapes only
+        if k > 0:  # invalid pixels set to 1 sort last
+            threshold = torch.clamp(kth_smallest(torch.where(valid_f, p, 1.0), k), min=thresh).unsqueeze(1)
+        else:  # the reference: no floor when min_kept is 0
+            threshold = float(thresh)
+        few = valid_f.sum(1, keepdim=True) < min_kept  # the reference's "min_kept > num_valid": keep all
+        keep = (valid_f & ((p <= threshold) | few)).reshape(losses.shape)
+        count = keep.sum((1, 2))
+        weight = torch.where(count > 0, 1.0 / count.clamp_min(1), 0.0)  # 1 / kept pixels, 0 for none
+        weight = weight / (count > 0).sum().clamp_min(1)  # mean over images that keep a pixel
+    return (torch.where(keep, losses, 0.0).sum((1, 2)) * weight).sum()
 
 
 class CPSStep(nn.Module):
@@ -87,7 +107,11 @@ class CPSStep(nn.Module):
     use :func:`cps_fast.ncps_loss` (n-CPS; ``ncps_ensemble`` picks its ensemble mode).
 
     Labeled and unlabeled images go through separate forward passes, as in the
-    reference, so BatchNorm statistics are those of each group.
+    reference, so BatchNorm statistics are those of each group, and in the reference's
+    order, which decides BatchNorm's running statistics: plain CPS runs each branch on the
+    labeled images, then the unlabeled (``a(l), a(u), b(l), b(u)``); CutMix runs the
+    teachers on u0, u1, then the students on the mixed images, then on the labeled.
+    The supervised term with ``sup_loss="ohem"`` is :func:`ohem_cross_entropy`, per image.
     """
 
     def __init__(self, model: nn.Module, *, method: str = "cps", cutmix: bool = False, cps_weight: float = 1.5,
@@ -122,10 +146,9 @@ class CPSStep(nn.Module):
         return torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
     def _sup(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        if self.sup_loss == "ohem":
-            # the reference keeps at least min_kept pixels per labeled image
-            return ohem_cross_entropy(logits, label, thresh=self.ohem_thresh,
-                                      min_kept=self.ohem_min_kept * logits.shape[0], ignore_index=self.ignore_index)
+        if self.sup_loss == "ohem":  # per labeled image, as the reference (one image per GPU)
+            return ohem_cross_entropy(logits, label, thresh=self.ohem_thresh, min_kept=self.ohem_min_kept,
+                                      ignore_index=self.ignore_index)
         return masked_cross_entropy(logits.float(), label, self.ignore_index)
 
     def _cross(self, logits: list, pseudo: list | None, target, size, weight: float = 1.0,
@@ -178,9 +201,17 @@ class CPSStep(nn.Module):
 
         low = self.fused_upsample  # decoder-resolution logits; the loss upsamples on the fly
         size = tuple(img_l.shape[-2:])
+        # each branch in the reference's order (BatchNorm running statistics): with CutMix, every student on
+        # the mixed images, then on the labeled ones; plain CPS, branch by branch, labeled then unlabeled
         with self._autocast(img_l):
-            out_u = [net(u, return_low=low) for net in nets]
-            out_l = [net(img_l, return_low=low) for net in nets]
+            if self.cutmix:
+                out_u = [net(u, return_low=low) for net in nets]
+                out_l = [net(img_l, return_low=low) for net in nets]
+            else:
+                out_l, out_u = [], []
+                for net in nets:
+                    out_l.append(net(img_l, return_low=low))
+                    out_u.append(net(u, return_low=low))
 
         if self.loss_backend == "reference":
             return self._reference_loss(out_l, out_u, label_l, pseudo_u)
