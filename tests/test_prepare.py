@@ -195,17 +195,23 @@ def test_voc_folder_input_gives_identical_output(voc_data, tmp_path):
     assert _tree(out) == voc_data["tree"]
 
 
-def test_voc_resume_after_interruption(voc_data, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "out"
+def _crash_encoding_after(monkeypatch, n):
+    """Make the label encoder raise after ``n`` calls (a crash in a worker); returns the real one."""
     real, calls = P._encode_png, []
 
     def flaky(label):
         calls.append(1)
-        if len(calls) > 2:
+        if len(calls) > n:
             raise RuntimeError("simulated crash in a worker")
         return real(label)
 
     monkeypatch.setattr(P, "_encode_png", flaky)
+    return real
+
+
+def test_voc_resume_after_interruption(voc_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real = _crash_encoding_after(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         P.prepare_voc(voc_data["voc"], voc_data["sbd"], str(out), workers=2, progress=io.StringIO())
     monkeypatch.setattr(P, "_encode_png", real)
@@ -258,15 +264,7 @@ def test_voc_other_sources_are_refused_and_forced(voc_data, tmp_path, monkeypatc
     assert "--voc was" not in msg
     assert _tree(out) == old_tree and (out / P.MARKER).read_bytes() == old_marker  # nothing touched
 
-    real, calls = P._encode_png, []
-
-    def flaky(label):
-        calls.append(1)
-        if len(calls) > 2:
-            raise RuntimeError("simulated crash in a worker")
-        return real(label)
-
-    monkeypatch.setattr(P, "_encode_png", flaky)
+    real = _crash_encoding_after(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         P.prepare_voc(voc, sbd, str(out), workers=2, progress=io.StringIO(), force=True)
     monkeypatch.setattr(P, "_encode_png", real)
@@ -469,15 +467,7 @@ def test_cityscapes_foreign_folder_is_refused_and_forced(city_data, tmp_path, mo
 
     # an interrupted run here leaves temporary lists in config_new/ and a stale missing-ids file
     out = tmp_path / "out"
-    real, calls = P._encode_png, []
-
-    def flaky(label):
-        calls.append(1)
-        if len(calls) > 1:
-            raise RuntimeError("simulated crash in a worker")
-        return real(label)
-
-    monkeypatch.setattr(P, "_encode_png", flaky)
+    real = _crash_encoding_after(monkeypatch, 1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         P.prepare_cityscapes(city_data["zips"], str(out), workers=1, progress=io.StringIO())
     monkeypatch.setattr(P, "_encode_png", real)
