@@ -14,6 +14,11 @@ Environment switches:
                                its checksum holds, and it imports (with CUDA kernels exactly when
                                the build asked for would have them, for this GPU's architecture);
                                otherwise build as usual, saying why in one line (``pip -v`` shows it)
+  CPS_FAST_PREBUILT_PROBED=HEX with CPS_FAST_PREBUILT: the sha256 of that file, whose import this
+                               machine has just probed (benchmarks/gpu/check_prebuilt.py, for
+                               benchmarks/gpu/install.sh): while the file still has that checksum
+                               the build skips its own probe (a second import of torch and CUDA
+                               start-up); the stamp's checks still run
 
 Install with ``pip install --no-build-isolation -e .`` after torch, so that
 pip builds against the torch already installed instead of pulling another.
@@ -116,8 +121,17 @@ print(json.dumps({"has_cuda": bool(mod.has_cuda()), "capability": cap}))
 """
 
 
-def _prebuilt_refusal(path: str, identity: dict) -> str | None:
-    """Why the prebuilt extension at ``path`` cannot stand in for this build, or None when it can."""
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _prebuilt_refusal(path: str, identity: dict, probed_sha256: str | None = None) -> str | None:
+    """Why the prebuilt extension at ``path`` cannot stand in for this build, or None when it can.
+
+    ``probed_sha256``: the checksum of a file whose import probe already passed on this machine;
+    when ``path`` has exactly it, the probe (a child process importing torch and the file) is not
+    run again. Every other check is."""
     stamp_path = os.path.splitext(path)[0] + ".json"
     if not os.path.isfile(path):
         return f"{path} does not exist"
@@ -131,10 +145,11 @@ def _prebuilt_refusal(path: str, identity: dict) -> str | None:
     for key, want in identity.items():
         if stamp.get(key) != want:
             return f"{stamp_path} has {key}={stamp.get(key)!r}, this build needs {want!r}"
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = _file_sha256(path)
     if stamp.get("sha256") != digest:
         return f"{path} has sha256 {digest[:16]}..., its stamp says {str(stamp.get('sha256'))[:16]}... (changed since)"
+    if probed_sha256 is not None and probed_sha256 == digest:
+        return None
     try:
         probe = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
@@ -164,14 +179,19 @@ def _build_ext(BuildExtension, torch, recipe: dict):
     if not prebuilt:
         return base
     path = os.path.abspath(prebuilt)  # relative to the project (setup.py works from there)
+    probed = os.environ.get("CPS_FAST_PREBUILT_PROBED") or None
 
     class build_ext_or_prebuilt(base):
         def build_extensions(self):
-            why = _prebuilt_refusal(path, _identity(torch, recipe))
+            why = _prebuilt_refusal(path, _identity(torch, recipe), probed)
             if why is not None:
                 print(f"cps-fast: CPS_FAST_PREBUILT not used, compiling instead: {why}", file=sys.stderr)
                 return super().build_extensions()
-            print(f"cps-fast: CPS_FAST_PREBUILT: installing {path} without compiling", file=sys.stderr)
+            how = ""
+            if probed is not None:  # _prebuilt_refusal skipped its probe exactly when the checksums agree
+                how = (" (its import probed before the build: CPS_FAST_PREBUILT_PROBED)" if probed == _file_sha256(path)
+                       else " (probed again: CPS_FAST_PREBUILT_PROBED names another checksum)")
+            print(f"cps-fast: CPS_FAST_PREBUILT: installing {path} without compiling{how}", file=sys.stderr)
             for ext in self.extensions:
                 dest = self.get_ext_fullpath(ext.name)
                 os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)

@@ -23,6 +23,10 @@ device-to-device copy measured in the same run is reported too. On a GPU each ca
 timed by replaying a CUDA graph of it (the GPU's time, as in the trainer's captured step;
 column "timing"), falling back to CUDA events around eager calls when capture fails.
 
+Providers are the outer loop, in the order given, except ``compile``, which always runs last:
+its builds take the longest (one per case), so a run stopped at its deadline (run_gpu.sh's loss
+step) has every other provider's rows, on every shape, and loses only some of torch.compile's.
+
     python benchmarks/bench_loss.py                  # shapes for the device at hand
     python benchmarks/bench_loss.py --device cpu --threads 2 --json out.json
     cps-fast bench loss ...                          # the same
@@ -94,6 +98,24 @@ def config_provider(config: str) -> str:
     return "triton[" + ("flat" if flat else "") + ("x".join(dims)) + "]"
 
 
+def run_order(providers: list[str]) -> list[str]:
+    """The providers in the order they run: as given, ``compile`` moved last."""
+    return [p for p in providers if p != "compile"] + [p for p in providers if p == "compile"]
+
+
+def cases(providers, names, dtypes, layouts, modes):
+    """``(provider, shape name, dtype, layout, mode)`` in the order measured: provider outermost
+    (:func:`run_order`), then dtype, shape, layout, mode; the flat kernels serve channels_last only."""
+    for provider in run_order(providers):
+        for dtype_name in dtypes:
+            for shape_name in names:
+                for layout in layouts:
+                    if provider.startswith("triton[flat") and layout != "channels_last":
+                        continue  # elsewhere it is plain "triton"
+                    for mode in modes:
+                        yield provider, shape_name, dtype_name, layout, mode
+
+
 def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
     N, C, H, W = shape
     backward = mode == "fwd+bwd"
@@ -124,8 +146,9 @@ def bench_case(provider, fn, shape, dtype_name, layout, device, mode, reps):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--providers", default=None,
-                   help="comma list of eager,compile,triton,cuda,cpu (default: what runs on the device; "
-                        "triton is left out on the CPU, where it only runs in the slow interpreter)")
+                   help="comma list of eager,compile,triton,cuda,cpu, run in this order with compile last "
+                        "(default: what runs on the device, the fused ones first; triton is left out on the "
+                        "CPU, where it only runs in the slow interpreter)")
     common.add_case_args(p, "loss", shape_help="a custom N,C,H,W shape instead of --shapes",
                          shape_names=[*GPU_SHAPES, *CPU_SHAPES], dtypes="bf16,fp32", layouts="nchw,channels_last",
                          modes="fwd+bwd,fwd")
@@ -141,37 +164,47 @@ def main(argv=None):
     if args.providers:
         providers = args.providers.split(",")
     else:
-        providers = ["eager", "compile"] + [b for b in ("triton", "cuda", "cpu")
-                                            if not (b == "triton" and device.type == "cpu")]
+        providers = [b for b in ("triton", "cuda", "cpu") if not (b == "triton" and device.type == "cpu")]
+        providers += ["eager", "compile"]
     copy_gbs = common.copy_bandwidth_gbs(device) if device.type == "cuda" else None
 
     providers += [config_provider(c) for c in args.triton_configs.split(",")] if args.triton_configs else []
 
     path = common.result_path(args.json, "loss", device)
     rows = []
-    for shape_name in names:
-        for dtype_name in args.dtypes.split(","):
-            for provider, fn in common.runnable(providers, lambda p: make_provider(p, device, DTYPES[dtype_name])):
-                for layout in args.layouts.split(","):
-                    if provider.startswith("triton[flat") and layout != "channels_last":
-                        continue  # the flat kernel serves channels_last only; elsewhere it is plain "triton"
-                    for mode in args.modes.split(","):
-                        row = common.try_case(f"{provider} {shape_name} {dtype_name} {layout} {mode}", bench_case,
-                                              provider, fn, shapes[shape_name], dtype_name, layout, device, mode, reps)
-                        if row is None:
-                            continue
-                        row.update(env, shape_name=shape_name, copy_gbs=copy_gbs)
-                        row["copy_fraction"] = row["gbs"] / copy_gbs if copy_gbs else None
-                        rows.append(row)
-                        common.write_json(rows, path, "loss", device)  # kept if the run is killed
-    common.add_speedup(rows, "eager", ("shape_name", "dtype", "layout", "mode"), "speedup_vs_eager")
-    common.report(rows, [
+    dtypes, layouts, modes = args.dtypes.split(","), args.layouts.split(","), args.modes.split(",")
+    made = {}  # (provider, dtype): its function, or None once it was said why it cannot run
+    for provider, shape_name, dtype_name, layout, mode in cases(providers, names, dtypes, layouts, modes):
+        if (provider, dtype_name) not in made:
+            fn = make_provider(provider, device, DTYPES[dtype_name])
+            if isinstance(fn, str):
+                print(f"skip {provider}: {fn}", file=sys.stderr)
+                fn = None
+            made[provider, dtype_name] = fn
+        fn = made[provider, dtype_name]
+        if fn is None:
+            continue
+        row = common.try_case(f"{provider} {shape_name} {dtype_name} {layout} {mode}", bench_case,
+                              provider, fn, shapes[shape_name], dtype_name, layout, device, mode, reps)
+        if row is None:
+            continue
+        row.update(env, shape_name=shape_name, copy_gbs=copy_gbs)
+        row["copy_fraction"] = row["gbs"] / copy_gbs if copy_gbs else None
+        rows.append(row)
+        common.add_speedup(rows, "eager", ("shape_name", "dtype", "layout", "mode"), "speedup_vs_eager")
+        common.write_json(rows, path, "loss", device)  # kept, in the order measured, if the run is killed
+    order = run_order(providers)
+    by_case = sorted(rows, key=lambda r: (dtypes.index(r["dtype"]), names.index(r["shape_name"]),
+                                          layouts.index(r["layout"]), modes.index(r["mode"]), order.index(r["provider"])))
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}"
+          + (f"  copy {copy_gbs:.0f} GB/s" if copy_gbs else ""))
+    common.print_table(by_case, [  # case by case, the providers side by side
         ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""), ("mode", "mode", ""),
         ("provider", "provider", ""), ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"),
         ("p80_ms", "p80", ".3f"), ("gbs", "GB/s", ".1f"), ("copy_fraction", "of copy", ".2f"),
         ("speedup_vs_eager", "x eager", ".2f"), ("peak_mb", "peak MB", ".0f"),
-    ], f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}"
-       + (f"  copy {copy_gbs:.0f} GB/s" if copy_gbs else ""), path, "loss", device)
+    ])
+    print(f"wrote {len(rows)} rows to {common.write_json(rows, path, 'loss', device)}")
     return rows
 
 

@@ -21,6 +21,11 @@ Cityscapes layout, label ids mapped in the pipeline, for Cityscapes ones), data 
 iterations. It reports images/s, ms/iteration, peak memory, and the estimated hours of
 every preset's full schedule at that step time.
 
+``--variants`` runs the variants named, in the order given (each still with the ladder's settings
+up to it): ``reference,+cuda_graph,...`` measures the baseline and the headline first, so a run
+cut off at its deadline loses the steps between them. The ratios to the reference and the
+schedule hours (from the variant furthest up the ladder) are written after every variant.
+
 Where the time goes (issue 6's "loss and data <= 10% of the step"), per variant:
 
   loss_ms   the step's own loss call (the fused op, or the reference's argmax + cross-entropies),
@@ -87,6 +92,47 @@ def variants(device: torch.device, cpu_bf16: bool) -> list[tuple[str, dict]]:
     if gpu:
         out.insert(1, ("reference_strict_fp32", dict(out[0][1], tf32=False)))
     return out
+
+
+def run_order(ladder: list[tuple[str, dict]], chosen: str | None, device: torch.device) -> list[tuple[int, str, dict]]:
+    """``(ladder index, name, settings)`` of the variants to run, in the order ``chosen`` names them
+    (a comma list; None: the whole ladder). A name that is a variant elsewhere (``+cuda_graph`` on
+    the CPU, ``+bf16`` without --cpu-bf16) is left out, saying so; any other name is an error."""
+    index = {name: i for i, (name, _) in enumerate(ladder)}
+    if chosen is None:
+        return [(i, name, change) for i, (name, change) in enumerate(ladder)]
+    known = [name for name, _ in variants(torch.device("cuda"), True)]
+    out = []
+    for name in (n.strip() for n in chosen.split(",")):
+        if name in index:
+            if any(n == name for _, n, _ in out):
+                raise SystemExit(f"bench_step: --variants names {name!r} twice")
+            out.append((index[name], name, ladder[index[name]][1]))
+        elif name in known:
+            print(f"skip {name}: not a variant on {device.type} (these are: {', '.join(index)})", file=sys.stderr)
+        else:
+            raise SystemExit(f"bench_step: --variants {name!r}: expected some of {', '.join(known)}")
+    return out
+
+
+def with_ratios(rows: list[dict], env: dict, preset: str, gpu: bool) -> list[dict]:
+    """``rows`` (measured so far, in the order run) with their ratios to the baselines, and on a GPU
+    the schedule-hours row last, at the median of the variant furthest up the ladder."""
+    ok = [r for r in rows if "error" not in r]
+    for base in ("reference_strict_fp32", "reference"):  # "reference" last: it is the baseline column
+        ref = next((r for r in ok if r["variant"] == base), None)
+        if ref is None:
+            continue
+        suffix = "_vs_strict_fp32" if base != "reference" else ""
+        for r in ok:
+            r["speedup" + suffix] = ref["median_ms"] / r["median_ms"]
+            if ref["peak_mb"]:
+                r["memory_fraction" + suffix] = r["peak_mb"] / ref["peak_mb"]
+    if not (ok and gpu):
+        return list(rows)
+    engine = max(ok, key=lambda r: r["ladder_index"])
+    return [*rows, {"variant": "schedule_hours", "preset": preset, "step_ms": engine["median_ms"],
+                    "from_variant": engine["variant"], "presets": schedule_hours(engine["median_ms"]), **env}]
 
 
 class LossProbe:
@@ -269,7 +315,15 @@ def main(argv=None):
     warmup = args.warmup or (15 if gpu else 2)
     env = common.environment(device)
     path = common.result_path(args.json, "step", device)
+    order = run_order(variants(device, args.cpu_bf16), args.variants, device)
+    # the preset's full-schedule iterations, in every row: targets.py estimates the hours from the
+    # best row's median when a run stopped before its schedule row was written
+    iterations = next((r["iterations"] for r in schedule_hours(0.0) if r["preset"] == args.preset), None)
     rows = []
+
+    def save():
+        common.write_json(with_ratios(rows, env, args.preset, gpu), path, "step", device)
+
     with tempfile.TemporaryDirectory() as root:
         if cityscapes:
             write_cityscapes(root, n_train=args.images, n_val=2, size=(1024, 2048) if gpu else (128, 256), seed=0,
@@ -277,22 +331,19 @@ def main(argv=None):
         else:
             size = (375, 500) if cfg.crop_size <= 512 else (1024, 2048)
             write_voc(root, n_train=args.images, n_val=2, size=size if gpu else (128, 160), seed=0)
-        chosen = args.variants.split(",") if args.variants else None
+        dali = next((c["data_backend"] for _, _, c in order if c.get("data_backend", "").startswith("dali")), None)
         dali_missing = None
-        for name, change in variants(device, args.cpu_bf16):
-            if change.get("data_backend", "").startswith("dali") and dali_missing is None:
-                try:
-                    resolve_backend(change["data_backend"])
-                    dali_missing = False
-                except Exception as exc:
-                    dali_missing = exc
+        if dali is not None:
+            try:
+                resolve_backend(dali)
+            except Exception as exc:
+                dali_missing = exc
+        for ladder_index, name, change in order:
             if dali_missing and change.get("data_backend", "").startswith("dali"):
                 if name == "+dali":
                     print(f"skip {name}: {dali_missing}", file=sys.stderr)
                     continue
                 change = {**change, "data_backend": "pytorch"}  # later improvements still measured
-            if chosen and name not in chosen:
-                continue
             tf32 = change.get("tf32", True)
             saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
             n_rows = len(rows)
@@ -300,14 +351,15 @@ def main(argv=None):
                 if not tf32:
                     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
                 traced = args.trace and (not args.trace_variants or name in args.trace_variants.split(","))
-                meta = dict(variant=name, preset=args.preset, dataset=cfg.dataset, crop=cfg.crop_size,
-                            backbone=cfg.backbone, batch=[cfg.batch_size_labeled, cfg.batch_size_unlabeled],
-                            settings=change)
+                meta = dict(variant=name, ladder_index=ladder_index, preset=args.preset, dataset=cfg.dataset,
+                            crop=cfg.crop_size, backbone=cfg.backbone,
+                            batch=[cfg.batch_size_labeled, cfg.batch_size_unlabeled],
+                            schedule_iterations=iterations, settings=change)
 
                 def publish(r, meta=meta):
                     r.update(env, **meta)
                     rows.append(r)
-                    common.write_json(rows, path, "step", device)  # kept if a later variant is killed
+                    save()  # kept, with the ratios and the schedule so far, if a later variant is killed
                     print(f"{r['variant']:>15}: {r['median_ms']:.1f} ms/iter, {r['images_per_s']:.1f} images/s",
                           file=sys.stderr)
 
@@ -315,40 +367,32 @@ def main(argv=None):
                                 warmup, iters, breakdown=not args.no_breakdown,
                                 trace_dir=Path(args.trace) / name if traced else None,
                                 trace_iters=args.trace_iters, publish=publish)
-                common.write_json(rows, path, "step", device)  # with the profile, if any
+                save()  # with the profile, if any
             except Exception as exc:  # one failing variant must not lose the others
                 print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 if len(rows) == n_rows:  # not published yet
-                    rows.append({**env, "variant": name, "error": f"{type(exc).__name__}: {exc}", "settings": change})
-                common.write_json(rows, path, "step", device)
+                    rows.append({**env, "variant": name, "ladder_index": ladder_index,
+                                 "error": f"{type(exc).__name__}: {exc}", "settings": change})
+                save()
                 continue
             finally:
                 torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-    ok = [r for r in rows if "error" not in r]
-    for base in ("reference_strict_fp32", "reference"):  # "reference" last: it is the baseline column
-        ref = next((r for r in ok if r["variant"] == base), None)
-        if ref is None:
-            continue
-        suffix = "_vs_strict_fp32" if base != "reference" else ""
-        for r in ok:
-            r["speedup" + suffix] = ref["median_ms"] / r["median_ms"]
-            if ref["peak_mb"]:
-                r["memory_fraction" + suffix] = r["peak_mb"] / ref["peak_mb"]
+    rows = with_ratios(rows, env, args.preset, gpu)
+    measured = [r for r in rows if r["variant"] != "schedule_hours"]
     print(f"device: {env['device']}  torch {env['torch']}  preset {args.preset} ({cfg.backbone}, crop {cfg.crop_size}, "
           f"batch {cfg.batch_size_labeled}+{cfg.batch_size_unlabeled}{' x2 CutMix' if cfg.cutmix else ''})")
-    common.print_table(rows, [
+    common.print_table(sorted(measured, key=lambda r: r["ladder_index"]), [  # read up the ladder
         ("variant", "variant", ""), ("median_ms", "ms/iter", ".1f"), ("p20_ms", "p20", ".1f"), ("p80_ms", "p80", ".1f"),
         ("images_per_s", "images/s", ".1f"), ("speedup", "x reference", ".2f"), ("peak_mb", "peak MB", ".0f"),
         ("memory_fraction", "of ref mem", ".2f"), ("loss_ms", "loss ms", ".1f"), ("data_ms", "data ms", ".1f"),
         ("loss_data_fraction", "loss+data", ".2f"), ("speedup_vs_strict_fp32", "x strict fp32", ".2f"),
     ])
-    if ok and gpu:
-        best = ok[-1]["median_ms"]
-        hours = schedule_hours(best)
-        print(f"\nestimated full-schedule hours on this device at {best:.1f} ms/iter "
-              "(measured at the preset above; other crops scale roughly with pixels):")
-        common.print_table(hours, [("preset", "preset", ""), ("iterations", "iterations", "d"), ("hours", "hours", ".2f")])
-        rows.append({"variant": "schedule_hours", "preset": args.preset, "step_ms": best, "presets": hours, **env})
+    sched = next((r for r in rows if r["variant"] == "schedule_hours"), None)
+    if sched is not None:
+        print(f"\nestimated full-schedule hours on this device at {sched['step_ms']:.1f} ms/iter "
+              f"({sched['from_variant']}, measured at the preset above; other crops scale roughly with pixels):")
+        common.print_table(sched["presets"], [("preset", "preset", ""), ("iterations", "iterations", "d"),
+                                              ("hours", "hours", ".2f")])
     common.write_json(rows, path, "step", device)
     print(f"wrote {path}")
     return rows

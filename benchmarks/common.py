@@ -188,10 +188,20 @@ def result_path(path: str | os.PathLike | None, name: str, device: torch.device)
 
 
 def write_json(rows: list[dict], path: str | os.PathLike | None, name: str, device: torch.device) -> Path:
-    """Write ``rows`` (benchmarks call it after every row, so a killed run keeps what it measured)."""
+    """Write ``rows`` (benchmarks call it after every row, so a killed run keeps what it measured).
+
+    Atomically: the JSON goes to a temporary file beside ``path``, which then replaces it, so a run
+    killed mid-write (a step's timeout) leaves the previous complete file, never half of one."""
     path = result_path(path, name, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1) + "\n")
+    text = json.dumps(rows, indent=1) + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not *.json: targets.py never reads it
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -12,14 +12,17 @@
 #
 # On the device (the README's "On a GPU"): run(command="bash benchmarks/run_gpu.sh",
 # carry=[".prebuilt"], timeout_s=600); as soon as it returns run(command="CALL=2 bash
-# benchmarks/run_gpu.sh", carry=[".prebuilt"], timeout_s=600); then give_back.
+# benchmarks/run_gpu.sh", carry=[".prebuilt"], timeout_s=600); give_back as soon as that returns
+# (the machine stays warm, and billed, 30 s after a call).
 #
 # Steps, in this order: env install tests loss step | env tiles upsample ncps | model data (STEPS
 # only; data is DALI's, issue 20). A step starts only while its minimum is left before the call's
-# deadline (less the finish), and runs at most its maximum; one that cannot start is skipped and
-# named for STEPS. Two repairs run outside the plan, only when needed: install in call 2 when the
-# machine is not the warm one, and build (compiling on the device) when the prebuilt extension
-# cannot stand in. Each call ends with the targets (benchmarks/targets.py) over every benchmark's
+# deadline (less the finish), and runs at most its maximum (a cap: what it does not use goes to the
+# steps after it); one that cannot start is skipped and named for STEPS. Only the environment
+# check's own words ("torch sees no CUDA device") stop a call, not its timeout; an install that
+# timed out is asked once more whether it landed (install.sh --ready). Two repairs run outside the
+# plan, only when needed: install in call 2 when the machine is not the warm one, and build
+# (compiling on the device) when the prebuilt extension cannot stand in. Each call ends with the targets (benchmarks/targets.py) over every benchmark's
 # rows so far (a warm machine keeps the earlier call's in $work). Files for $OUT: run_gpu-callN.log
 # (every call's, printed output) and <date>-<gpu>.json (the rows, the steps' outcomes, the test
 # summary, the targets); without $OUT they go to benchmarks/results/<date>-<gpu>/.
@@ -27,12 +30,14 @@
 # PLAN=1 walks the same steps without running them, each taking its whole maximum (the worst
 # case); ELAPSED=N starts that walk N seconds into the call, to show what a late start skips.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd -P "$(dirname "$0")/.."  # the physical path (install.sh compares resolved paths too)
 PLANFILE=${PLANFILE:-benchmarks/gpu/plan.tsv}  # another file: tests/test_gpu_plan.py
 PLAN=${PLAN:-0}
 PY=${PY:-python3}
 # each benchmark's JSON, the steps' outcomes, the logs: kept across the calls of a warm machine
-export work=/tmp/cps_fast_gpu_run WORK=/tmp/cps_fast_gpu_run
+# (RUN_DIR: another folder, for tests/test_gpu_plan.py)
+export work=${RUN_DIR:-/tmp/cps_fast_gpu_run}
+export WORK=$work
 
 # ---------------------------------------------------------------- the plan
 declare -A SESSION=() DEADLINE=() COMMAND=() MIN=() MAX=() NOTE=() RMIN=() RMAX=() RNOTE=()
@@ -113,8 +118,9 @@ run_step() {
 
 # ---------------------------------------------------------------- what the steps run
 B=benchmarks
-env_check() {  # the first seconds: is everything a step needs there? (fails when torch sees no GPU)
+env_check() {  # the first seconds: is everything a step needs there? (exit 4 when torch sees no GPU)
   set -o pipefail
+  rm -f "$work/env.txt" "$work/extension.txt"  # an earlier call's must not stand in for this one's
   {
     echo "which ninja gcc: $(which ninja gcc 2>/dev/null | tr '\n' ' ')(nvcc: $(command -v nvcc || echo missing))"
     ldconfig -p | grep -E 'libcuda\.so|libgomp\.so' || echo "libcuda, libgomp: not in ldconfig -p"
@@ -127,6 +133,10 @@ h = os.path.join(sysconfig.get_paths()["include"], "Python.h")
 print("python", sys.version.split()[0], "Python.h:", h if os.path.exists(h) else f"MISSING ({h})")
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+if not torch.cuda.is_available():  # run_call stops on exactly this line (a timeout does not stop it)
+    print(f"torch sees no CUDA device (torch.cuda.is_available() is False; torch built for CUDA "
+          f"{torch.version.cuda}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    sys.exit(4)
 print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
 free, total = torch.cuda.mem_get_info()
 print(f"gpu memory: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
@@ -135,12 +145,14 @@ try:
     print("dali", d.__version__)
 except ImportError:
     print("dali missing")
-root = os.getcwd()
+root = os.path.realpath(os.getcwd())
 os.chdir("/")  # the installed package, not this folder's
-sys.path[:] = [p for p in sys.path if p not in ("", root)]
+sys.path[:] = [p for p in sys.path if p not in ("", root, os.environ.get("PWD"))]
 try:
     import cps_fast, cps_fast.kernels, cps_fast._C as c
-    state = "ready" if c.has_cuda() and cps_fast.__file__.startswith(root + os.sep) else "no CUDA kernels or not this tree"
+    # both sides resolved: pip records the path it was given, which may run through a symlink
+    mine = os.path.realpath(cps_fast.__file__).startswith(root + os.sep)
+    state = "ready" if c.has_cuda() and mine else "no CUDA kernels or not this tree"
 except Exception as exc:  # not installed yet (call 1), or broken: the install step decides
     state = f"not installed ({type(exc).__name__}: {exc})"
 print("cps_fast._C:", state)
@@ -148,20 +160,46 @@ open(os.path.join(os.environ["work"], "extension.txt"), "w").write(state + "\n")
 PYEOF
   } 2>&1 | tee "$work/env.txt"
 }
-gpu_tests() {  # the gpu-marked tests, in parallel pytest processes, interrupted 35 s before the cap
-  "$PY" benchmarks/run_tests.py --jobs 8 --deadline $(( STEP_T - 35 )) --junit "$work/tests.xml" -- -m gpu
+gpu_tests() {  # the gpu-marked tests, one pytest per core of the 16, interrupted 25 s before the cap:
+  # 20 s for the interrupted ones to write their reports, 5 s to merge them
+  "$PY" benchmarks/run_tests.py --jobs 16 --deadline $(( STEP_T - 25 )) --grace 20 --junit "$work/tests.xml" -- -m gpu
+}
+# install.sh's exit status $1 as the call takes it: a timeout is not the last word when the install
+# itself landed (pip done, the last check cut off), so ask once more, outside the step's cap
+installed() {
+  local rc=$1
+  (( PLAN )) && return 0
+  if (( rc == 124 || rc == 137 )); then
+    log "the install timed out: is cps_fast installed with CUDA kernels anyway? (install.sh --ready, at most 30 s)"
+    if timeout -k 5 30 bash $B/gpu/install.sh --ready; then
+      record install-ready "installed after all (install.sh --ready)"
+      return 0
+    fi
+  fi
+  return "$rc"
 }
 
 run_call() {
   # the installed extension: the prebuilt one (call 1), again only if call 2 finds none; a
   # compile only where the prebuilt cannot stand in
   local rc=0
-  step env env_check || { log "the environment check failed: stopping"; return 1; }
+  step env env_check
+  rc=$?
+  # only what the check printed stops the call: a timeout (a fresh machine's first cold import torch)
+  # or another failure leaves the install and the tests to decide
+  if (( ! PLAN )) && has env && grep -q '^torch sees no CUDA device' "$work/env.txt" 2> /dev/null; then
+    log "torch sees no CUDA device ($work/env.txt): stopping"
+    return 1
+  fi
+  (( rc == 0 )) || log "the environment check did not finish (exit $rc; $work/env.txt has what it saw): going on"
+  rc=0
   if has install; then
     step install bash $B/gpu/install.sh
+    installed $?
     rc=$?
   elif (( ! PLAN )) && [[ " $STEPS " != " env " ]] && [[ $(cat "$work/extension.txt" 2>/dev/null) != ready ]]; then
     repair install bash $B/gpu/install.sh
+    installed $?
     rc=$?
   fi
   if (( rc == 3 )); then
@@ -180,12 +218,15 @@ run_call() {
   fi
 
   step tests gpu_tests
-  # the fused providers first: if torch.compile's builds run the step out of time, the last rows lost are its own
+  # providers are the outer loop, in this order, over both shapes: every triton, cuda and eager row is
+  # in before torch.compile's first build, so a step cut off at its cap loses compile rows only
   step loss $PY $B/bench_loss.py --providers triton,cuda,eager,compile \
     --dtypes bf16 --modes fwd+bwd --json "$work/loss.json"
-  # no DALI (issue 20): +fused_upsample -> +cuda_graph on the PyTorch loader; the last variant is also
-  # profiled for 3 iterations (its kernel summary lands in the log and the JSON)
-  step step $PY $B/bench_step.py --variants reference,+channels_last,+bf16,+fused_loss,+fused_upsample,+cuda_graph \
+  # no DALI (issue 20), the PyTorch loader. Run in the order given: the baseline, then the headline
+  # +cuda_graph (the >= 4x row, profiled for 3 iterations: its kernel summary lands in the log and the
+  # JSON), then the ladder's steps between them; each variant's row, the ratios and the schedule
+  # hours are written as soon as it is measured
+  step step $PY $B/bench_step.py --variants reference,+cuda_graph,+channels_last,+bf16,+fused_loss,+fused_upsample \
     --images 32 --warmup 13 --iters 20 --json "$work/step.json" \
     --trace "$work/traces" --trace-variants +cuda_graph --trace-iters 3
   # the loss's tile configurations beside the heuristic (NOTES.md: NCHW's cross-warp reductions, the
@@ -214,13 +255,17 @@ if (( PLAN )); then
     printf '  %-8s %-6s %4s %4s %5s  %s\n' name kind min max gets what
     run_call
     printf '  %-8s %-6s %4s %4s %5s  %s\n' finish "" "" "" "$FINISH" "the targets, the steps' outcomes, the files for \$OUT"
-    echo "  worst case $(( CLOCK + FINISH ))s of the ${BUDGET}s deadline"
+    caps=0; for k in $STEPS; do read -r _ hi <<< "$(budget "$k")"; caps=$(( caps + hi )); done
+    echo "  worst case $(( CLOCK + FINISH ))s of the ${BUDGET}s deadline (the caps and the finish add up to" \
+      "$(( caps + FINISH ))s: a step gets what is left, at most its cap)"
   done
   if [[ $calls == "1 2" ]]; then
     c1=$(( DEADLINE[1] + SESSION[transfer] )) c2=$(( DEADLINE[2] + SESSION[transfer] ))
     total=$(( SESSION[start] + c1 + SESSION[between] + c2 + SESSION[release] ))
     echo "session: start ${SESSION[start]}s + call 1 ${c1}s (with transfers) + between ${SESSION[between]}s" \
-      "+ call 2 ${c2}s + until give_back ${SESSION[release]}s = ${total}s of ${SESSION[device]}s device time"
+      "+ call 2 ${c2}s + warm until give_back ${SESSION[release]}s = ${total}s of ${SESSION[device]}s device time"
+    echo "  give_back is the first call after call 2 returns: the machine otherwise stays warm (billed)" \
+      "${SESSION[release]}s; what an earlier give_back saves is margin"
     for r in "${REPAIRS[@]}"; do echo "  only when needed: $r ${RMIN[$r]}-${RMAX[$r]}s: ${RNOTE[$r]}"; done
     echo "  with STEPS=\"...\" only: $(steps_of -)"
     (( total <= SESSION[device] )) || { echo "run_gpu: the plan is ${total}s, over ${SESSION[device]}s" >&2; exit 1; }

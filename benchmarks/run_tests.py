@@ -2,16 +2,17 @@
 
 run_gpu.sh's `tests` step, with ``-- -m gpu`` (the CPU-only tests are CI's). The GPU machine has
 pytest but no pytest-xdist or pytest-timeout (../shared/GPU.md), and one pytest process would not
-get through the GPU tests' Triton builds inside the step's cap. So this starts one pytest per file (the longest files split into shards,
-every n-th test from the i-th, through tests/conftest.py's CPS_FAST_TEST_SHARD=i/n; the files
-with the most CUDA work first), JOBS at a time, sharing the GPU and Triton's cache. At the
+get through the GPU tests' Triton builds inside the step's cap. So this starts one pytest per file
+(the files with the most CUDA work first, split into shards: contiguous blocks of their selected
+tests, through tests/conftest.py's CPS_FAST_TEST_SHARD=i/n, so that each shard owns a dtype or a
+layout and compiles its Triton kernels alone), JOBS at a time, sharing the GPU and Triton's cache. At the
 deadline every pytest still running gets SIGINT, which makes it stop and still write its JUnit
 report; files not started by then are named. The reports are merged into one JUnit file (a
 <testsuites> of one <testsuite> per file or shard), each one's output is printed in turn, and a
 table last. A file or shard in which PYTEST_ARGS select nothing (pytest's exit 5; with -m gpu
 most files) had nothing to run: that is not a failure.
 
-    python benchmarks/run_tests.py --junit tests.xml [--jobs 8] [--deadline 190] [-- PYTEST_ARGS]
+    python benchmarks/run_tests.py --junit tests.xml [--jobs 16] [--deadline 190] [-- PYTEST_ARGS]
 
 Exit status: 0 when every file ran and passed or had nothing selected, 1 otherwise.
 """
@@ -34,8 +35,10 @@ FIRST = ("test_loss.py", "test_gpu_step.py", "test_ncps_loss.py", "test_upsample
 
 
 # the files with the most CUDA tests, in shards run side by side (conftest.py shards the tests
-# that -m and -k selected, so every shard gets a share of the GPU tests)
-SHARDS = {"test_loss.py": 3, "test_gpu_step.py": 3, "test_ncps_loss.py": 2, "test_upsample_loss.py": 2}
+# that -m and -k selected, so every shard gets a share of the GPU tests): 14 processes, all in the
+# first wave of the GPU machine's 16
+SHARDS = {"test_loss.py": 3, "test_gpu_step.py": 3, "test_ncps_loss.py": 2, "test_upsample_loss.py": 3,
+          "test_swept_configs.py": 3}
 
 NOTHING_SELECTED = 5  # pytest's exit status when the arguments select no test in a file
 
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--junit", required=True, help="the merged JUnit report to write")
-    p.add_argument("--jobs", type=int, default=8, help="pytest processes at a time (default 8)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="pytest processes at a time (default: one per core)")
     p.add_argument("--deadline", type=float, default=190.0, help="seconds until running files are interrupted")
     p.add_argument("--tests", default=str(ROOT / "tests"), help="the tests folder (default: the project's)")
     p.add_argument("--grace", type=float, default=20.0, help="seconds an interrupted pytest gets to write its report")

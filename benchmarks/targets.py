@@ -5,10 +5,11 @@ into one folder, then merges them here into one file):
 
   loss       fused loss fwd+bwd, (8,21,512,512) and (8,19,800,800), bf16, both layouts:
              >= 85% of the copy bandwidth (8 bytes per element pair), >= 8x eager, >= 2x torch.compile
-  step       full CPS + CutMix step, VOC R50 (the engine's last variant against "reference"):
+  step       full CPS + CutMix step, VOC R50 (the variant furthest up the ladder against "reference"):
              >= 4x images/s, loss + data <= 10% of the step, peak memory <= 60%
   data       the DALI GPU feed >= 2x the images/s the step consumes
-  schedule   VOC R50 1/8 CutMix full schedule <= 1 hour at the measured step time
+  schedule   VOC R50 1/8 CutMix full schedule <= 1 hour at the measured step time (bench_step's
+             schedule row, else the best row's median times its schedule_iterations)
   upsample   (issue 7) the upsample-fused loss >= 3x upsample + fused loss, with lower peak memory
 
     python benchmarks/targets.py DIR [--out merged.json] [--info key=value ...]
@@ -16,7 +17,8 @@ into one folder, then merges them here into one file):
 
 DIR holds the run's <name>.json files (benchmark rows) and, from run_gpu.sh, steps.tsv
 (each step's outcome), tests.xml (the JUnit report of run_tests.py or pytest) and env.txt; the merged file keeps
-them all under "run".
+them all under "run". A <name>.json that does not read (a benchmark killed mid-write before
+common.write_json became atomic, say) is skipped and named, in the output and under "run".
 """
 from __future__ import annotations
 
@@ -34,13 +36,23 @@ LOSS_SHAPES = ("voc", "cityscapes")
 STEP_PRESET = "voc_r50_1-8_cutmix"
 
 
-def load(path: str | Path) -> dict:
-    """``{benchmark name: rows}`` from a folder of ``<name>.json`` files or from a merged file."""
+def load(path: str | Path, skipped: list[str] | None = None) -> dict:
+    """``{benchmark name: rows}`` from a folder of ``<name>.json`` files or from a merged file.
+
+    In a folder, a file that is not readable JSON is left out, saying so on stderr and, when
+    ``skipped`` is given, adding ``"<file>: <why>"`` to it: the other benchmarks' rows still count."""
     path = Path(path)
     if path.is_dir():
         results = {}
         for f in sorted(path.glob("*.json")):
-            rows = json.loads(f.read_text())
+            try:
+                rows = json.loads(f.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                why = f"{f.name}: not readable JSON ({type(exc).__name__}: {str(exc)[:100]})"
+                print(f"targets: skipping {why}", file=sys.stderr)
+                if skipped is not None:
+                    skipped.append(why)
+                continue
             if isinstance(rows, list):
                 results[f.stem] = rows
         return results
@@ -57,8 +69,9 @@ def collect_run(folder: str | Path) -> dict:
     if (folder / "steps.tsv").exists():
         run["steps"] = {}
         for line in (folder / "steps.tsv").read_text().splitlines():
-            name, outcome, when = line.split("\t")
-            run["steps"][name] = {"outcome": outcome, "at": when}
+            parts = line.split("\t")
+            if len(parts) == 3:  # a line cut off by a kill is not an outcome
+                run["steps"][parts[0]] = {"outcome": parts[1], "at": parts[2]}
     if (folder / "tests.xml").exists():
         run["tests"] = summarise(folder / "tests.xml")
         try:  # run_tests.py's merged report: each file's outcome (interrupted, not started, exit status)
@@ -114,7 +127,11 @@ def step_targets(results: dict) -> tuple[list[dict], dict | None]:
     rows = _ok([r for r in results.get("step", []) if "variant" in r and r["variant"] != "schedule_hours"
                 and r.get("preset", STEP_PRESET) == STEP_PRESET])
     ref = next((r for r in rows if r["variant"] == "reference"), None)
-    best = rows[-1] if rows and rows[-1]["variant"] != "reference" else None
+    engine = [r for r in rows if not r["variant"].startswith("reference")]
+    if engine and all("ladder_index" in r for r in engine):  # run in any order: the furthest up the ladder
+        best = max(engine, key=lambda r: r["ladder_index"])
+    else:  # rows without their place in the ladder were written in its order
+        best = rows[-1] if rows and rows[-1]["variant"] != "reference" else None
     case = f"{best['variant']} vs reference" if best else "-"
     out = []
     x = best["images_per_s"] / ref["images_per_s"] if best and ref else None
@@ -125,12 +142,17 @@ def step_targets(results: dict) -> tuple[list[dict], dict | None]:
     out.append(_row("step: loss + data share", case, share, "<= 0.10", share is not None and share <= 0.10, note))
     mem = best["peak_mb"] / ref["peak_mb"] if best and ref and best.get("peak_mb") and ref.get("peak_mb") else None
     out.append(_row("step: peak memory of reference", case, mem, "<= 0.60", mem is not None and mem <= 0.60))
-    hours = None
+    hours, note = None, ""
     sched = next((r for r in results.get("step", []) if r.get("variant") == "schedule_hours"
                   and r.get("preset", STEP_PRESET) == STEP_PRESET), None)
     if sched and best:
         hours = next((p["hours"] for p in sched["presets"] if p["preset"] == STEP_PRESET), None)
-    out.append(_row("schedule: VOC R50 1/8 CutMix hours", STEP_PRESET, hours, "<= 1", hours is not None and hours <= 1))
+    if hours is None and best and best.get("schedule_iterations") and best.get("median_ms"):
+        # from the rows themselves when the benchmark was stopped before it wrote its schedule row
+        hours = best["schedule_iterations"] * best["median_ms"] / 3.6e6
+        note = f"{best['schedule_iterations']} iterations at {best['variant']}'s {best['median_ms']:.1f} ms"
+    out.append(_row("schedule: VOC R50 1/8 CutMix hours", STEP_PRESET, hours, "<= 1", hours is not None and hours <= 1,
+                    note))
     return out, best
 
 
@@ -184,7 +206,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the merged file (results, targets, run) here")
     p.add_argument("--info", action="append", default=[], metavar="KEY=VALUE", help="added to the merged 'run'")
     args = p.parse_args(argv)
-    results = load(args.path)
+    skipped = []
+    results = load(args.path, skipped)
     rows = evaluate(results)
     env = next((r for rows_ in results.values() for r in rows_ if isinstance(r, dict) and "device" in r), {})
     print(f"targets (issues 6 and 7) on {env.get('device', 'an unknown device')}, torch {env.get('torch')}, "
@@ -192,10 +215,15 @@ def main(argv=None):
     print_targets(rows)
     if args.out:
         run = collect_run(args.path) if Path(args.path).is_dir() else {}
+        if skipped:
+            run["unreadable"] = skipped
         run.update(kv.split("=", 1) for kv in args.info)
         merged = {"device": env.get("device"), "torch": env.get("torch"), "triton": env.get("triton"),
                   "cuda": env.get("cuda"), "run": run, "targets": rows, "results": results}
-        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+        out = Path(args.out)  # atomically, as the benchmarks' own files (common.write_json)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1) + "\n")
+        tmp.replace(out)
         print(f"wrote {args.out}")
     return rows
 

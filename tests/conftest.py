@@ -5,8 +5,9 @@ top of the first conftest, before any test module imports cps_fast.
 
 Every test that runs CUDA tensors carries the ``gpu`` mark, so ``pytest -m gpu`` on a GPU
 machine runs exactly them (benchmarks/run_gpu.sh's tests step) and CI's CPU-only machines
-skip them: tests marked by hand, and every test with a device parameter set to ``cuda``
-(the loss suites' ``device`` column, which holds ``cuda`` only where a GPU is present).
+skip them: tests marked by hand, and every test parametrised onto the GPU (:func:`_needs_gpu`:
+the loss suites' ``device`` column, which holds ``cuda`` only where a GPU is present, a ``cuda``
+backend, DALI's ``dali-gpu``).
 """
 import os
 import sys
@@ -29,8 +30,12 @@ def pytest_configure(config):
 
 
 def _shard(items):
-    """CPS_FAST_TEST_SHARD="i/n" keeps every n-th collected test from the i-th (0-based); the GPU run
-    (benchmarks/run_tests.py) splits its longest files into shards run side by side."""
+    """CPS_FAST_TEST_SHARD="i/n" keeps the i-th (0-based) of n contiguous blocks of the collected
+    tests, as equal in count as can be; the GPU run (benchmarks/run_tests.py) splits its longest
+    files into shards run side by side. Contiguous, in collection order, because pytest varies the
+    first parameter of a test's id slowest (the dtype, the layout): a block then holds one or two of
+    its values, and compiles their Triton kernels once, where every n-th test would have every shard
+    compile nearly every kernel (Triton's cache is shared only once a build has finished)."""
     spec = os.environ.get("CPS_FAST_TEST_SHARD")
     if not spec:
         return items, []
@@ -40,7 +45,11 @@ def _shard(items):
             raise ValueError
     except ValueError:
         raise pytest.UsageError(f"CPS_FAST_TEST_SHARD={spec!r}: expected i/n with 0 <= i < n, e.g. 0/3") from None
-    return [t for k, t in enumerate(items) if k % n == i], [t for k, t in enumerate(items) if k % n != i]
+    lo, hi = i * len(items) // n, (i + 1) * len(items) // n
+    return items[lo:hi], items[:lo] + items[hi:]
+
+
+GPU_ONLY_VALUES = ("dali-gpu",)  # parameter values that run on a GPU whatever else is given
 
 
 def _is_cuda(value) -> bool:
@@ -49,12 +58,24 @@ def _is_cuda(value) -> bool:
     return isinstance(value, str) and (value == "cuda" or value.startswith("cuda:"))
 
 
+def _needs_gpu(params: dict) -> bool:
+    """Whether a test's parameters put it on the GPU: a parameter whose name contains "device" is
+    CUDA; or a value is a GPU-only backend (``dali-gpu``); or, where no device parameter says
+    otherwise, a value is ``cuda`` or a CUDA device (``backend="cuda"``: the CUDA extension)."""
+    devices = [v for name, v in params.items() if "device" in name]
+    if any(_is_cuda(v) for v in devices):
+        return True
+    if any(isinstance(v, str) and v in GPU_ONLY_VALUES for v in params.values()):
+        return True
+    return not devices and any(_is_cuda(v) for v in params.values())
+
+
 def pytest_itemcollected(item):
-    """Marks ``gpu`` a test parametrised with a CUDA device (a parameter whose name contains
-    "device"), before ``-m`` selects: without the mark, ``-m gpu`` on a GPU machine would
-    leave out exactly the CUDA cases of the CPU-and-CUDA suites."""
+    """Marks ``gpu`` a test parametrised onto the GPU (:func:`_needs_gpu`), before ``-m`` selects:
+    without the mark, ``-m gpu`` on a GPU machine would leave out exactly the CUDA cases of the
+    CPU-and-CUDA suites (and DALI's dali-gpu ones)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
-    if "gpu" not in item.keywords and any("device" in name and _is_cuda(v) for name, v in params.items()):
+    if "gpu" not in item.keywords and _needs_gpu(params):
         item.add_marker(pytest.mark.gpu)
 
 

@@ -83,6 +83,111 @@ def test_another_presets_step_measures_no_step_target():
     assert all(r["met"] is None for r in rows if r["target"].startswith(("step", "schedule")))
 
 
+def test_the_engine_is_the_variant_furthest_up_the_ladder_in_any_run_order():
+    """bench_step runs reference and +cuda_graph first (run_gpu.sh): the last row is then not the
+    engine's; each row's ladder_index says which is."""
+    ref, best, sched = step_rows()
+    mid = dict(ENV, variant="+fused_loss", median_ms=200.0, images_per_s=120.0, peak_mb=8000.0)
+    rows = [dict(ref, ladder_index=0), dict(best, ladder_index=7), dict(mid, ladder_index=5), sched]
+    got = targets.evaluate({"step": rows})
+    assert by_target(got, "step: x reference images/s")[0]["case"] == "+cuda_graph vs reference"
+
+
+def test_schedule_hours_from_the_best_row_when_the_schedule_row_is_missing():
+    ref, best, _ = step_rows(engine_ms=80.0)
+    rows = [dict(ref, ladder_index=0, schedule_iterations=39338), dict(best, ladder_index=7, schedule_iterations=39338)]
+    got = by_target(targets.evaluate({"step": rows}), "schedule: VOC R50 1/8 CutMix hours")[0]
+    assert got["value"] == pytest.approx(39338 * 0.08 / 3600) and got["met"] is True
+    assert "39338 iterations at +cuda_graph's 80.0 ms" in got["note"]
+    # without the iterations (older rows) it stays unmeasured
+    got = by_target(targets.evaluate({"step": step_rows()[:2]}), "schedule: VOC R50 1/8 CutMix hours")[0]
+    assert got["met"] is None
+
+
+def test_a_half_written_json_is_skipped_and_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "loss.json").write_text(json.dumps(loss_rows()))
+    (run / "step.json").write_text(json.dumps(step_rows())[:57])  # killed mid-write
+    out = tmp_path / "merged.json"
+    targets.main([str(run), "--out", str(out)])
+    assert "targets: skipping step.json: not readable JSON" in capsys.readouterr().err
+    merged = json.loads(out.read_text())
+    assert set(merged["results"]) == {"loss"} and merged["run"]["unreadable"][0].startswith("step.json: ")
+    assert any(r["met"] for r in merged["targets"])  # the loss rows still count
+
+
+def test_write_json_replaces_the_file_whole(tmp_path, monkeypatch):
+    """A benchmark killed while writing its JSON (a step's timeout) leaves the previous complete
+    file: the rows go to a temporary file that then replaces it."""
+    import common
+    import torch
+
+    path = tmp_path / "rows.json"
+    common.write_json([{"a": 1}], path, "x", torch.device("cpu"))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the signal arrives between the write and the rename
+
+    monkeypatch.setattr(common.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        common.write_json([{"a": 1}, {"b": 2}], path, "x", torch.device("cpu"))
+    assert json.loads(path.read_text()) == [{"a": 1}] and [f.name for f in tmp_path.iterdir()] == ["rows.json"]
+    monkeypatch.undo()
+    common.write_json([{"a": 1}, {"b": 2}], path, "x", torch.device("cpu"))
+    assert json.loads(path.read_text()) == [{"a": 1}, {"b": 2}]
+
+
+# ----------------------------------------------------------------------------- the order benchmarks measure in
+
+
+def test_bench_loss_runs_provider_by_provider_with_compile_last(tmp_path):
+    """Providers are the outer loop (every shape), torch.compile last whatever its place: a run cut
+    off at its deadline loses compile rows only. The CPU smoke mode writes the rows in that order."""
+    import bench_loss
+
+    order = [c[0] for c in bench_loss.cases(["compile", "triton", "eager"], ["voc", "cityscapes"], ["bf16"],
+                                            ["nchw", "channels_last"], ["fwd+bwd"])]
+    assert order == ["triton"] * 4 + ["eager"] * 4 + ["compile"] * 4
+    flat = list(bench_loss.cases(["triton[flat]"], ["voc"], ["bf16"], ["nchw", "channels_last"], ["fwd+bwd"]))
+    assert [c[3] for c in flat] == ["channels_last"]
+    rows = bench_loss.main(["--device", "cpu", "--shape", "1,5,9,11", "--providers", "torch,eager", "--dtypes", "fp32,bf16",
+                            "--layouts", "nchw", "--modes", "fwd", "--reps", "1", "--json", str(tmp_path / "l.json")])
+    saved = json.loads((tmp_path / "l.json").read_text())
+    assert [(r["provider"], r["dtype"]) for r in saved] == [("torch", "fp32"), ("torch", "bf16"), ("eager", "fp32"),
+                                                            ("eager", "bf16")]
+    assert all(r["speedup_vs_eager"] > 0 for r in saved) and len(rows) == 4
+
+
+def test_bench_step_runs_the_variants_in_the_order_given():
+    """--variants reference,+cuda_graph,... (run_gpu.sh): the headline row second, each variant
+    still with the ladder's settings up to it; the ratios and the schedule row follow every row."""
+    import bench_step
+    import torch
+
+    gpu = torch.device("cuda")  # the ladder only: nothing runs
+    ladder = bench_step.variants(gpu, False)
+    order = bench_step.run_order(ladder, "reference,+cuda_graph,+channels_last,+bf16", gpu)
+    assert [name for _, name, _ in order] == ["reference", "+cuda_graph", "+channels_last", "+bf16"]
+    index = {name: i for i, (name, _) in enumerate(ladder)}
+    assert [i for i, _, _ in order] == [index[n] for _, n, _ in order]
+    graph = dict(order[1][2])
+    assert graph["cuda_graph"] and graph["amp"] == "bf16" and graph["fused_upsample"] and graph["channels_last"]
+    assert [n for _, n, _ in bench_step.run_order(ladder, None, gpu)] == list(index)
+    cpu = bench_step.run_order(bench_step.variants(torch.device("cpu"), False), "+cuda_graph,reference",
+                               torch.device("cpu"))
+    assert [n for _, n, _ in cpu] == ["reference"]  # +cuda_graph is a GPU variant: left out, saying so
+    with pytest.raises(SystemExit, match="--variants '\\+cuda_grpah': expected some of reference"):
+        bench_step.run_order(ladder, "+cuda_grpah", gpu)
+    rows = [dict(ENV, variant="reference", ladder_index=0, median_ms=400.0, peak_mb=1000.0),
+            dict(ENV, variant="+cuda_graph", ladder_index=index["+cuda_graph"], median_ms=80.0, peak_mb=500.0)]
+    out = bench_step.with_ratios(rows, ENV, "voc_r50_1-8_cutmix", gpu=True)
+    assert [r["speedup"] for r in out[:2]] == [1.0, 5.0] and out[1]["memory_fraction"] == 0.5
+    sched = out[-1]
+    assert sched["variant"] == "schedule_hours" and sched["from_variant"] == "+cuda_graph" and sched["step_ms"] == 80.0
+    assert bench_step.with_ratios(rows[:1], ENV, "voc_r50_1-8_cutmix", gpu=False) == rows[:1]
+
+
 def test_failed_variants_are_not_taken_for_the_engine():
     step = step_rows()
     step.insert(2, dict(ENV, variant="+broken", error="RuntimeError: boom"))
@@ -196,10 +301,20 @@ def test_run_tests_shards_the_longest_files(monkeypatch):
     names = [u.name for u in units]
     assert names[:3] == ["test_loss.py[0/3]", "test_loss.py[1/3]", "test_loss.py[2/3]"]
     assert len(set(u.stem for u in units)) == len(units) and "test_targets.py" in names
+    # every shard of the CUDA-heavy files starts in the first wave of the GPU machine's 16 processes
+    assert sum(run_tests.SHARDS.values()) <= 16
+    assert {"test_swept_configs.py[2/3]", "test_upsample_loss.py[2/3]"} <= set(names[:16]), names[:16]
+    # contiguous blocks in collection order (one dtype or layout per shard, its kernels compiled once)
     items = list(range(10))
-    monkeypatch.setenv("CPS_FAST_TEST_SHARD", "1/3")
-    kept, dropped = conftest._shard(items)
-    assert kept == [1, 4, 7] and sorted(kept + dropped) == items
+    shards = []
+    for i in range(3):
+        monkeypatch.setenv("CPS_FAST_TEST_SHARD", f"{i}/3")
+        kept, dropped = conftest._shard(items)
+        assert sorted(kept + dropped) == items
+        shards.append(kept)
+    assert shards == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    monkeypatch.setenv("CPS_FAST_TEST_SHARD", "2/3")
+    assert conftest._shard([1]) == ([1], [])  # fewer tests than shards: the others select nothing
     monkeypatch.setenv("CPS_FAST_TEST_SHARD", "3/3")
     with pytest.raises(pytest.UsageError, match="CPS_FAST_TEST_SHARD='3/3'"):
         conftest._shard(items)
