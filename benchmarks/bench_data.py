@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_table, quantiles, write_json  # noqa: E402
+from common import ConfigError, environment, positive, print_table, quantiles, write_json  # noqa: E402
 
 import cps_fast.data as D  # noqa: E402
 from cps_fast.data.dali import dali_available  # noqa: E402
@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=None, help="folder for the images (default: a temporary one)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    positive(args, "images", "batch", "iters", "workers")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup {args.warmup}: expected an integer >= 0")
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

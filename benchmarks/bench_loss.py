@@ -93,8 +93,8 @@ def config_provider(config: str) -> str:
     flat = parts[0] == "flat"
     dims = parts[1:] if flat else parts
     if len(dims) not in ((0, 2) if flat else (2,)) or not all(d.isdigit() and int(d) > 0 for d in dims):
-        raise SystemExit(f"bench_loss: --triton-configs entry {config!r}: expected BLOCK_P:num_warps "
-                         "(e.g. 64:8), flat, or flat:BLOCK_P:num_warps")
+        raise common.ConfigError(f"bench loss: --triton-configs entry {config!r}: expected BLOCK_P:num_warps "
+                                 "(e.g. 64:8), flat, or flat:BLOCK_P:num_warps")
     return "triton[" + ("flat" if flat else "") + ("x".join(dims)) + "]"
 
 

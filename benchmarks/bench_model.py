@@ -10,7 +10,7 @@ next to a bf16 matmul measured in the same run on the same device.
     python benchmarks/bench_model.py --device cuda   # GPU: resnet50/101 at 8x3x512x512 and 8x3x800x800
 
 Writes JSON rows (device, versions, shapes, median and 20/80 % quantiles) to
-``--json`` (default ``benchmarks/results/bench_model-<device>.json``).
+``--json`` (default ``bench_model-<device>.json`` in the current folder).
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cps_fast.config import ConfigError  # noqa: E402
 from cps_fast.models import deeplabv3plus  # noqa: E402
+from cps_fast.models.resnet import RESNET_SPECS  # noqa: E402
 
 MODES = ("nchw-fp32", "cl-bf16")
 
@@ -120,9 +122,12 @@ def bench_one(backbone: str, shape: tuple[int, int, int, int], mode: str, device
 
 
 def _parse_shape(s: str) -> tuple[int, int, int, int]:
-    parts = tuple(int(v) for v in s.lower().split("x"))
-    if len(parts) != 4 or parts[1] != 3:
-        raise argparse.ArgumentTypeError(f"shape {s!r}; expected NxCxHxW with C=3, e.g. 8x3x512x512")
+    try:
+        parts = tuple(int(v) for v in s.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 4 or parts[1] != 3 or min(parts) < 1:
+        raise ConfigError(f"--shapes has {s!r}; expected a comma list of NxCxHxW with C=3, e.g. 8x3x512x512")
     return parts
 
 
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backbones", default=None, help="comma list (default cpu: resnet18,resnet50; "
                                                      "cuda: resnet50,resnet101)")
-    p.add_argument("--shapes", default=None, type=lambda s: [_parse_shape(v) for v in s.split(",")],
+    p.add_argument("--shapes", default=None,
                    help="comma list of NxCxHxW (default cpu: 2x3x129x129; cuda: 8x3x512x512,8x3x800x800)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--warmup", type=int, default=None)
@@ -145,18 +150,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda given but CUDA is not available")
+        raise ConfigError("bench model: --device cuda given but torch sees no CUDA device")
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cudnn.benchmark = True
         # torch's defaults kept (TF32 convolutions on, as in the reference code and bench_step):
         # turning TF32 off would slow the fp32 baseline and inflate the bf16 speed-up
     backbones = (args.backbones or ("resnet50,resnet101" if gpu else "resnet18,resnet50")).split(",")
-    shapes = args.shapes or ([(8, 3, 512, 512), (8, 3, 800, 800)] if gpu else [(2, 3, 129, 129)])
+    for b in backbones:
+        if not (b.startswith("resnet") and b[6:].isdigit() and int(b[6:]) in RESNET_SPECS):
+            raise ConfigError(f"--backbones has {b!r}; expected a comma list of "
+                              f"{', '.join(f'resnet{d}' for d in sorted(RESNET_SPECS))}")
+    shapes = [_parse_shape(v) for v in args.shapes.split(",")] if args.shapes else \
+        ([(8, 3, 512, 512), (8, 3, 800, 800)] if gpu else [(2, 3, 129, 129)])
     modes = args.modes.split(",")
     for m in modes:
         if m not in MODES:
-            p.error(f"--modes has {m!r}; expected some of {', '.join(MODES)}")
+            raise ConfigError(f"--modes has {m!r}; expected a comma list of {', '.join(MODES)}")
+    for name in ("warmup", "iters", "num_classes"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: expected an integer >= {0 if name == 'warmup' else 1}")
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     iters = args.iters if args.iters is not None else (20 if gpu else 5)
 
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _write(rows, path, device) -> str:
-    out = path or os.path.join(ROOT, "benchmarks", "results", f"bench_model-{device.type}.json")
+    out = path or os.path.join(os.getcwd(), f"bench_model-{device.type}.json")  # never over the committed measurements
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)

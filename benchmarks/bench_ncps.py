@@ -126,6 +126,7 @@ def main(argv=None):
 
     device, reps, env = common.setup_run(args)
     shapes, names = common.shape_names(args, device, GPU_SHAPES, CPU_SHAPES)
+    ks = common.int_list(args.ks, "--ks", form="branch counts, e.g. 2,3,4", minimum=2)
     if args.providers:
         providers = args.providers.split(",")
     else:
@@ -135,7 +136,7 @@ def main(argv=None):
     rows = []
     for shape_name in names:
         for dtype_name in args.dtypes.split(","):
-            for K in (int(k) for k in args.ks.split(",")):
+            for K in ks:
                 for provider, fn in common.runnable(
                         providers, lambda p: make_provider(p, device, DTYPES[dtype_name], args.ensemble)):
                     for layout in args.layouts.split(","):

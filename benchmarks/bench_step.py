@@ -106,12 +106,12 @@ def run_order(ladder: list[tuple[str, dict]], chosen: str | None, device: torch.
     for name in (n.strip() for n in chosen.split(",")):
         if name in index:
             if any(n == name for _, n, _ in out):
-                raise SystemExit(f"bench_step: --variants names {name!r} twice")
+                raise common.ConfigError(f"bench step: --variants names {name!r} twice")
             out.append((index[name], name, ladder[index[name]][1]))
         elif name in known:
             print(f"skip {name}: not a variant on {device.type} (these are: {', '.join(index)})", file=sys.stderr)
         else:
-            raise SystemExit(f"bench_step: --variants {name!r}: expected some of {', '.join(known)}")
+            raise common.ConfigError(f"bench step: --variants {name!r}: expected some of {', '.join(known)}")
     return out
 
 
@@ -297,6 +297,9 @@ def main(argv=None):
     p.add_argument("--trace-variants", default=None, help="comma list: trace only these variants")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    common.positive(args, "iters", "images", "trace_iters")
+    if args.warmup is not None and args.warmup < 0:
+        raise common.ConfigError(f"--warmup {args.warmup}: expected an integer >= 0")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
 

@@ -144,16 +144,12 @@ def main(argv=None):
 
     device, reps, env = common.setup_run(args)
     shapes = {**GPU_SHAPES, **CPU_SHAPES}
-    names = args.shapes.split(",") if args.shapes else list(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    names = common.choices(args.shapes, "--shapes", list(shapes)) if args.shapes else \
+        list(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.shape:
-        v = [int(x) for x in args.shape.split(",")]
-        if len(v) != 6:
-            p.error(f"--shape expects N,C,h,w,H,W, got {args.shape!r}")
+        v = common.int_list(args.shape, "--shape", 6, "N,C,h,w,H,W: logits N,C,h,w upsampled to H,W")
         shapes["custom"] = (tuple(v[:4]), tuple(v[4:]))
         names = ["custom"]
-    for n in names:
-        if n not in shapes:
-            p.error(f"unknown shape {n!r}; expected one of {', '.join(shapes)}")
     dtypes = (args.dtypes or ("bf16" if device.type == "cuda" else "fp32")).split(",")
 
     rows = []

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from cps_fast.config import ConfigError
+
+RESULTS = Path(__file__).resolve().parent / "results"  # committed measurements: written only when --json names them
 
 
 def device_name(device: torch.device) -> str:
@@ -180,11 +182,47 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 
 
 def result_path(path: str | os.PathLike | None, name: str, device: torch.device) -> Path:
-    """``path``, or benchmarks/results/<name>-<cuda|cpu>.json by default."""
+    """``path``, or ``<name>-<cuda|cpu>.json`` in the current folder by default: never the committed
+    ``benchmarks/results/`` unless ``--json`` names a file there."""
     if path is None:
         tag = "cuda" if device.type == "cuda" else "cpu"
-        path = RESULTS / f"{name}-{tag}.json"
+        path = Path.cwd() / f"{name}-{tag}.json"
     return Path(path)
+
+
+# ----------------------------------------------------------------------------- argument checks
+# each raises ConfigError: `cps-fast bench` prints it as one line and exits with status 2
+
+
+def int_list(text: str, option: str, length: int | None = None, form: str = "", minimum: int = 1) -> tuple[int, ...]:
+    """A comma list of integers >= ``minimum`` (``length`` of them, when given) from ``option``."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or (length is not None and len(values) != length) or min(values) < minimum:
+        what = f"{length} " if length is not None else ""
+        raise ConfigError(f"{option} {text!r}: expected a comma list of {what}integers >= {minimum}"
+                          + (f" ({form})" if form else ""))
+    return values
+
+
+def choices(text: str, option: str, allowed) -> list[str]:
+    """A comma list from ``allowed`` given to ``option``."""
+    items = text.split(",")
+    bad = [v for v in items if v not in allowed]
+    if bad or not text:
+        raise ConfigError(f"{option} {text!r}: unknown {', '.join(map(repr, bad)) or 'empty value'}; "
+                          f"expected a comma list of {', '.join(allowed)}")
+    return items
+
+
+def positive(args, *names: str) -> None:
+    """Each of ``args.<name>`` is None (its default) or an integer >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: expected an integer >= 1")
 
 
 def write_json(rows: list[dict], path: str | os.PathLike | None, name: str, device: torch.device) -> Path:
@@ -221,11 +259,16 @@ def add_case_args(p, name: str, *, shape_help: str, shape_names, dtypes: str | N
     p.add_argument("--modes", default=modes)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help=f"output path (default benchmarks/results/{name}-<device>.json)")
+    p.add_argument("--json", default=None, help=f"output path (default ./{name}-<cuda|cpu>.json in the current folder)")
 
 
 def setup_run(args) -> tuple[torch.device, int, dict]:
     """``(device, reps, environment)`` from the parsed options (sets the CPU thread count)."""
+    positive(args, "reps", "threads")
+    if args.dtypes:
+        choices(args.dtypes, "--dtypes", ("bf16", "fp32", "fp16"))
+    choices(args.layouts, "--layouts", ("nchw", "channels_last"))
+    choices(args.modes, "--modes", ("fwd+bwd", "fwd"))
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,9 +279,10 @@ def setup_run(args) -> tuple[torch.device, int, dict]:
 def shape_names(args, device: torch.device, gpu_shapes: dict, cpu_shapes: dict) -> tuple[dict, list[str]]:
     """``(shapes, names)``: the named N,C,H,W shapes and those to run (``--shape`` gives a custom one)."""
     shapes = {**gpu_shapes, **cpu_shapes}
-    names = args.shapes.split(",") if args.shapes else list(gpu_shapes if device.type == "cuda" else cpu_shapes)
+    names = choices(args.shapes, "--shapes", list(shapes)) if args.shapes else \
+        list(gpu_shapes if device.type == "cuda" else cpu_shapes)
     if args.shape:
-        shapes["custom"] = tuple(int(v) for v in args.shape.split(","))
+        shapes["custom"] = int_list(args.shape, "--shape", 4, "N,C,H,W, e.g. 2,21,64,64")
         names = ["custom"]
     return shapes, names
 

@@ -22,13 +22,15 @@ import os
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger("cps_fast")
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 ENV_VAR = "CPS_FAST_BACKEND"
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """A backend that was asked for by name cannot run here."""
 
 

@@ -60,9 +60,9 @@ def _cmd_prepare(args, rest):
 
 
 def _cmd_presets(args, rest):
-    from .config import presets_table
+    from .config import keys_table, presets_table
 
-    print(presets_table())
+    print(keys_table() if args.keys else presets_table())
 
 
 def _cmd_train(args, rest):
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train supervised-only, CPS and n-CPS on synthetic data (CPU, minutes)")
-    d.add_argument("--out", required=True, help="output folder (summary.json, plots, predictions)")
+    d.add_argument("--out", required=True, help="output folder (summary.json, plots, predictions; "
+                   "a demo run again into it replaces the previous one)")
     d.add_argument("--iters", type=int, default=None, help="iterations per run (default: the demo preset's)")
     d.add_argument("--branches", default="2", help="CPS runs by branch count: '2' (default) or '2,3' to add "
                    "n-CPS with three branches (about 9 more minutes on 2 CPU cores)")
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", default=None)
     t.add_argument("--iters", type=int, default=None, help="stop after N iterations (the LR schedule keeps the preset's length)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="OUT holds a run: start again from iteration 0 and replace it (checkpoints, log)")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (preset, --set, the options above) and exit without training")
     t.add_argument("--data-backend", choices=("auto", "dali-gpu", "dali-cpu", "pytorch"), default=None)
     t.add_argument("--device", choices=("cuda", "cpu"), default=None)
     t.add_argument("--no-cuda-graph", action="store_true")
@@ -124,14 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val")
     e.add_argument("--device", choices=("cuda", "cpu"), default=None)
     e.add_argument("--flip", action="store_true")
-    e.add_argument("--scales", default=None, help="comma list, e.g. 0.75,1.0,1.25")
+    e.add_argument("--scales", default=None, help="comma list of positive numbers, e.g. 0.75,1.0,1.25")
+    e.add_argument("--json", default=None, metavar="PATH",
+                   help="where to write the result (default: CKPT.eval-SPLIT.json beside the checkpoint)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="write coloured masks and overlays for images")
     pr.add_argument("ckpt")
-    pr.add_argument("images", nargs="+")
-    pr.add_argument("--out", required=True)
+    pr.add_argument("images", nargs="+", help="image files, or folders whose .jpg/.jpeg/.png images are "
+                    "predicted (sorted); two images with the same file stem are refused")
+    pr.add_argument("--out", required=True, help="folder for STEM_mask.png and STEM_overlay.png (created)")
     pr.add_argument("--device", choices=("cuda", "cpu"), default=None)
     pr.set_defaults(func=_cmd_predict)
 
@@ -148,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("presets", help="list the presets: dataset, backbone, partition, CutMix, CPS weight, "
                         "crop, schedule, paper mIoU")
+    ps.add_argument("--keys", action="store_true", help="list every config key (for --set) with its type, "
+                    "default and help instead")
     ps.set_defaults(func=_cmd_presets)
     return p
 
@@ -171,19 +181,22 @@ def main(argv: list[str] | None = None) -> None:
 
     Bad input (a config, data or weights file, a backend that cannot run) ends with its message
     and exit status 2, without a traceback (``CPS_FAST_TRACEBACK=1`` shows it); anything else raises.
+    Ctrl-C (SIGINT) exits with status 130 without a traceback (``train`` first saves ``last.pt`` and
+    prints how to resume); ``train`` stopped by SIGTERM exits with 143.
     """
-    from .backends import BackendUnavailable
-    from .config import ConfigError
-    from .data.datasets import DataError
-    from .models.weights import PretrainedWeightsError
+    from .errors import UserError
 
     try:
         run(argv)
-    except (ConfigError, DataError, PretrainedWeightsError, BackendUnavailable) as exc:
+    except UserError as exc:
         if os.environ.get("CPS_FAST_TRACEBACK") == "1":
             raise
         print(f"cps-fast: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("CPS_FAST_TRACEBACK") == "1":
+            raise
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -28,12 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
+from .errors import UserError
+
 __all__ = [
     "Config",
     "ConfigError",
     "PRESET_DIR",
     "apply_overrides",
     "format_config",
+    "keys_table",
     "list_presets",
     "load_config",
     "load_preset",
@@ -44,7 +47,7 @@ __all__ = [
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value, key or preset is invalid; the message says which and why."""
 
 
@@ -154,7 +157,9 @@ class Config:
 
     # --- logging and checkpoints
     log_every: int = _f(50, "log", "print losses every N iterations (device scalars read only then)")
-    checkpoint_every: int = _f(0, "log", "save DIR/last.pt every N iterations (0: only at the end)")
+    checkpoint_every: int = _f(1000, "log", "save DIR/last.pt every N iterations (0: not by count)")
+    checkpoint_minutes: float = _f(30.0, "log", "also save DIR/last.pt when this many minutes passed since "
+                                   "the last save (0: not by time); SIGINT, SIGTERM and the end always save")
 
     # --- reference numbers (what a run of this preset should reach)
     paper_miou: Optional[float] = _f(None, "reference", "published mIoU (%) of this row, CPS paper Tables 1-2")
@@ -177,6 +182,10 @@ class Config:
             if not cond:
                 raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: expected {expected}")
 
+        for f in dataclasses.fields(self):  # inf or nan anywhere is a typo, and JSON cannot hold it
+            value = getattr(self, f.name)
+            floats = value if isinstance(value, tuple) else (value,)
+            need(all(not isinstance(v, float) or math.isfinite(v) for v in floats), f.name, "finite numbers")
         need(self.num_classes >= 2, "num_classes", "at least 2")
         need(self.crop_size >= 1, "crop_size", "a positive size in pixels")
         need(self.batch_size_labeled >= 1, "batch_size_labeled", "at least 1")
@@ -219,6 +228,7 @@ class Config:
         need(self.eval_max_items is None or self.eval_max_items >= 1, "eval_max_items", "None or at least 1")
         need(self.log_every >= 1, "log_every", "at least 1")
         need(self.checkpoint_every >= 0, "checkpoint_every", ">= 0")
+        need(self.checkpoint_minutes >= 0, "checkpoint_minutes", ">= 0 minutes")
         need(self.profile_iters >= 0, "profile_iters", ">= 0 (0: no profiling)")
         need(self.profile_start >= 0, "profile_start", ">= 0")
 
@@ -438,7 +448,7 @@ def _check_keys(keys, source: str = "config") -> None:
             close = difflib.get_close_matches(k, names, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"{source}: unknown config key {k!r}{hint} "
-                              f"(see `format_config` or docs/presets.md for the keys)")
+                              f"(`cps-fast presets --keys` lists every key with its help)")
 
 
 # ---------------------------------------------------------------- public helpers
@@ -483,12 +493,17 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name: str) -> Config:
-    """Load a bundled preset by name, or a preset file by path (``*.py``).
+    """Load a bundled preset by name, a preset file by path (``*.py``), or the ``config.json``
+    that a run wrote (``*.json``: :func:`load_config`), so a run's resolved config trains again.
 
     A preset file is executed in an empty namespace; every public top-level name it
     assigns must be a config key (modules and functions imported there are skipped).
     """
     path = Path(name)
+    if name.endswith(".json"):
+        if not path.is_file():
+            raise ConfigError(f"config file {name!r} does not exist")
+        return load_config(path)
     if name.endswith(".py") or os.sep in name:
         if not path.is_file():
             raise ConfigError(f"preset file {name!r} does not exist")
@@ -552,6 +567,17 @@ def presets_table() -> str:
     return "\n".join(lines)
 
 
+def keys_table() -> str:
+    """Every config key with its type, default and help, by section (``cps-fast presets --keys``)."""
+    hints, lines, section = _type_hints(), [], None
+    for f in dataclasses.fields(Config):
+        if f.metadata["section"] != section:
+            section = f.metadata["section"]
+            lines.append(f"[{section}]")
+        lines.append(f"  {f.name} = {f.default!r}  ({_describe(hints[f.name])})\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
 def format_config(cfg: Config) -> str:
     """A readable listing: one ``key = value`` line per setting, grouped by section,
     with a ``*`` on values that differ from the defaults."""
@@ -577,6 +603,35 @@ def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
     with open(path, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=False, allow_nan=False)
         f.write("\n")
+
+
+# Keys that a resumed run may change: where things are, how the run is watched, evaluated and
+# executed. Every other key is the recipe (the data, model, optimiser, loss, schedule and the
+# numerics), and --resume refuses a checkpoint whose recipe differs.
+RUN_KEYS = frozenset({
+    "name", "data_root", "weights_dir", "pretrained", "val_list", "data_backend", "num_workers",
+    "optimizer_impl", "loss_backend", "channels_last", "cuda_graph", "fused_upsample", "compile",
+    "profile_iters", "profile_start", "profiler", "eval_every", "eval_crop_size", "eval_stride_rate",
+    "eval_flip", "eval_scales", "eval_batch_size", "eval_max_items", "log_every", "checkpoint_every",
+    "checkpoint_minutes", "paper_miou", "paper_source"})
+_LIST_KEYS = ("train_labeled", "train_unlabeled")
+
+
+def recipe_differences(saved: dict, cfg: Config) -> list[str]:
+    """The recipe keys (all but :data:`RUN_KEYS`) whose value in ``saved`` (a checkpoint's config)
+    differs from ``cfg``'s. List files compare by file name, so a moved data root still resumes;
+    keys that an older checkpoint lacks are not compared."""
+    now = cfg.to_dict()
+    differ = []
+    for key, value in saved.items():
+        if key in RUN_KEYS or key not in now:
+            continue
+        mine = now[key]
+        if key in _LIST_KEYS and isinstance(value, str) and isinstance(mine, str):
+            value, mine = os.path.basename(value), os.path.basename(mine)
+        if value != mine:
+            differ.append(key)
+    return differ
 
 
 def load_config(path: Union[str, os.PathLike]) -> Config:

@@ -177,7 +177,7 @@ def test_bench_step_runs_the_variants_in_the_order_given():
     cpu = bench_step.run_order(bench_step.variants(torch.device("cpu"), False), "+cuda_graph,reference",
                                torch.device("cpu"))
     assert [n for _, n, _ in cpu] == ["reference"]  # +cuda_graph is a GPU variant: left out, saying so
-    with pytest.raises(SystemExit, match="--variants '\\+cuda_grpah': expected some of reference"):
+    with pytest.raises(ValueError, match="--variants '\\+cuda_grpah': expected some of reference"):  # a ConfigError
         bench_step.run_order(ladder, "+cuda_grpah", gpu)
     rows = [dict(ENV, variant="reference", ladder_index=0, median_ms=400.0, peak_mb=1000.0),
             dict(ENV, variant="+cuda_graph", ladder_index=index["+cuda_graph"], median_ms=80.0, peak_mb=500.0)]

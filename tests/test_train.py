@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from cps_fast.cli import run as cli_main
 from cps_fast.config import load_preset
 from cps_fast.models import CPSModel, param_groups
+from cps_fast.models.weights import PretrainedWeightsError
 from cps_fast.train import SGD, CPSStep, Trainer, load_checkpoint, poly_lr
 
 TINY = dict(data_root="seed=0,n=24,size=48", crop_size=32, batch_size_labeled=2, batch_size_unlabeled=2,
@@ -302,7 +303,7 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 
 def test_missing_pretrained_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(PretrainedWeightsError, match="nope.pth"):
         Trainer(tiny_cfg(pretrained="nope.pth"), tmp_path, print_fn=lambda *a: None)
 
 

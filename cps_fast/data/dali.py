@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import DeviceError
 from .datasets import CITYSCAPES_ID_TO_TRAINID, DataError, check_label, read_label
 from .splits import SampleSchedule
 from .transforms import crop_anchor, scaled_size
@@ -119,6 +120,12 @@ def _window(in_len: int, scaled_len: int, crop: int, u: float, flip: bool = Fals
                  _rel_pos(start, hi - lo, crop))
 
 
+def _listed(names, limit: int = 16) -> str:
+    """``names`` for an error message: the first ``limit`` and how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{names[:limit]}{more}" if names else "[] (none read yet)"
+
+
 class _Source:
     """Batch callback for ``fn.external_source``: one call per iteration, in order."""
 
@@ -145,8 +152,27 @@ class _Source:
             self._sizes[i] = s
         return s
 
+    def _name(self, i) -> str:
+        if self.image_mode == "bytes":
+            return str(self.dataset.paths(i)[0])
+        try:
+            return str(self.dataset.name(i))
+        except Exception:
+            return f"sample {i}"
+
     def __call__(self):
         specs = next(self._batches)
+        # the batch's names first: an error while reading it, here or in the pipeline, names them
+        self.recent.append([self._name(sp.index) for sp in specs])
+        try:
+            return self._read(specs)
+        except DataError:
+            raise  # names its file already
+        except Exception as e:
+            raise DataError(f"reading a batch failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            f"the batch is files {self.recent[-1]}") from e
+
+    def _read(self, specs):
         images, labels, names, piece, py, px, mirror = ([] for _ in range(7))
         roi_start, roi_end, label_args = [], [], []
         for sp in specs:
@@ -200,7 +226,6 @@ class _Source:
                                        [0, ly0 - f], [ax.piece, ly1 - f], [ax.piece, ay.piece]))
                 else:
                     label_args.append(([ly0, lx0], [ly1, lx1]))
-        self.recent.append(names)
         out = [images, roi_start, roi_end, piece, py, px, mirror]
         if self.with_label:
             out.append(labels)
@@ -296,7 +321,7 @@ class DaliLoader:
             raise ImportError(f"the dali-{device} data backend needs nvidia-dali: {e}") from e
         if device == "gpu":
             if not torch.cuda.is_available():
-                raise RuntimeError("the dali-gpu data backend needs a CUDA device; use dali-cpu or pytorch")
+                raise DeviceError("the dali-gpu data backend needs a CUDA device; use dali-cpu or pytorch")
             device_id = torch.cuda.current_device() if device_id is None else int(device_id)
         self.backend = f"dali-{device}"
         self.dataset, self.schedule, self.with_label = dataset, schedule, with_label
@@ -348,11 +373,13 @@ class DaliLoader:
                 # while the copy still waits behind the training step)
                 return self._pipe.run(torch.cuda.current_stream(self.device_id).cuda_stream)
             return self._pipe.run()
+        except DataError:
+            raise  # from _Source, naming its file or batch
         except Exception as e:
             names = [n for batch in self._source.recent for n in batch]
             raise DataError(
                 f"DALI pipeline failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                f"the failing batch is among files {names[:16]}") from e
+                f"the failing batch is among files {_listed(names)}") from e
 
     def __iter__(self):
         while True:
@@ -368,7 +395,7 @@ class DaliLoader:
                         names = [n for b in self._source.recent for n in b]
                         raise DataError(
                             f"a label has value {int(labels[bad][0])}, outside 0..{self.num_classes - 1} "
-                            f"and not ignore (255); the batch is among files {names[:16]}")
+                            f"and not ignore (255); the batch is among files {_listed(names)}")
                 if self.label_dtype != torch.uint8:
                     labels = labels.to(self.label_dtype)
                 batch["label"] = labels

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from .splits import ListEntry, read_list
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
 IGNORE = 255
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset file, folder or list is missing, unreadable or inconsistent."""
 
 

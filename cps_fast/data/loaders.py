@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import DeviceError
 from .splits import SampleSchedule
 
 __all__ = ["labeled_loader", "unlabeled_loader", "resolve_backend", "check_mean_std", "BACKENDS"]
@@ -50,7 +51,8 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend.startswith("dali") and not dali_available():
         raise ImportError(f"data backend {backend!r} needs nvidia-dali, which does not import here")
     if backend == "dali-gpu" and not torch.cuda.is_available():
-        raise RuntimeError("data backend 'dali-gpu' needs a CUDA device; use 'dali-cpu' or 'pytorch'")
+        raise DeviceError("data backend 'dali-gpu' (--data-backend / data_backend) needs a CUDA device and "
+                          "torch sees none; use 'dali-cpu' or 'pytorch'")
     return backend
 
 

@@ -84,25 +84,42 @@ def read_partition(labeled_list: str, unlabeled_list: str) -> tuple[list[ListEnt
     return lab, unl
 
 
-def _parse_fraction(p) -> Fraction | int:
-    if isinstance(p, (int, Fraction)):
-        return p
-    s = str(p).strip().replace("-", "/")
-    if "/" in s or "." in s:
-        return Fraction(s)
-    return int(s)
+PARTITION_FORM = "'k/n' with 1 <= k <= n (e.g. 1/8), a fraction in (0, 1) (e.g. 0.125) or a labeled count >= 1"
 
 
-def partition(n: int, amount, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def parse_partition(p, what: str = "partition") -> Fraction | int:
+    """A labeled amount: a :class:`~fractions.Fraction` in (0, 1] (``"1/8"``, ``"1-8"``, ``0.125``)
+    or a labeled count (an int >= 1). Anything else is a :class:`~cps_fast.config.ConfigError`
+    naming ``what`` (the key or option it came from) and the expected form."""
+    from ..config import ConfigError
+
+    a = None
+    if isinstance(p, (int, Fraction)) and not isinstance(p, bool):
+        a = p
+    elif isinstance(p, (str, float)):
+        s = str(p).strip().replace("-", "/")
+        try:
+            a = Fraction(s) if "/" in s or "." in s else int(s)
+        except (ValueError, ZeroDivisionError):
+            a = None
+    if a is None or not (a >= 1 if isinstance(a, int) else 0 < a <= 1):
+        raise ConfigError(f"{what} {p!r}: expected {PARTITION_FORM}")
+    return a
+
+
+def partition(n: int, amount, seed: int = 0, what: str = "partition") -> tuple[np.ndarray, np.ndarray]:
     """Seeded labeled/unlabeled partition of ``range(n)``.
 
-    ``amount`` is a fraction (``"1/8"``, ``0.125``, ``Fraction(1, 8)``) or a count.
+    ``amount`` is a fraction (``"1/8"``, ``0.125``, ``Fraction(1, 8)``) or a count (see
+    :func:`parse_partition`; ``what`` names its key or option in errors).
     Returns sorted (labeled, unlabeled) index arrays, disjoint and covering ``range(n)``.
     """
-    a = _parse_fraction(amount)
+    from ..config import ConfigError
+
+    a = parse_partition(amount, what)
     k = int(a) if isinstance(a, int) else max(1, int(round(float(a) * n)))
-    if not 0 < k <= n or (isinstance(a, Fraction) and not 0 < a <= 1):
-        raise ValueError(f"partition amount {amount!r} gives {k} labeled of {n}; expected 1..{n}")
+    if not 0 < k <= n:
+        raise ConfigError(f"{what} {amount!r} gives {k} labeled of the {n} images; expected 1..{n}")
     perm = np.random.default_rng([int(seed), 0x5EED]).permutation(n)
     return np.sort(perm[:k]), np.sort(perm[k:])
 
@@ -128,14 +145,16 @@ def write_splits(dataset_name: str, root: str, out_dir: str,
     """
     from .datasets import open_dataset
 
+    for p in partitions:  # every value checked before any work
+        parse_partition(p, "--partitions")
     ds = open_dataset(dataset_name, root, split=split, list_file=list_file)
     if not hasattr(ds, "paths"):
         raise ValueError(f"dataset {dataset_name!r} at {root!r} is not file-backed; write it to disk first")
     lines = _dataset_lines(ds)
+    parts = [(p, *partition(len(lines), p, seed, what="--partitions")) for p in partitions]  # all, before writing
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for p in partitions:
-        lab, unl = partition(len(lines), p, seed)
+    for p, lab, unl in parts:
         tag = str(p).replace("/", "-")
         paths = (os.path.join(out_dir, f"{split}_labeled_{tag}.txt"),
                  os.path.join(out_dir, f"{split}_unlabeled_{tag}.txt"))
@@ -155,7 +174,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     ap.add_argument("root", help="dataset root folder")
     ap.add_argument("--out", required=True, help="folder for the list files")
     ap.add_argument("--partitions", nargs="+", default=["1/16", "1/8", "1/4", "1/2"],
-                    help="fractions (1/8) or labeled counts (662)")
+                    help="fractions (1/8, 0.125; 'k/n' with 1 <= k <= n) or labeled counts (662)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="train", help="which split to partition (default train)")
     ap.add_argument("--list-file", default=None, help="list of the train set (default: the dataset's own)")

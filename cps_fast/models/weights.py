@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import UserError
 from .resnet import RESNET_SPECS, ResNet
 
 __all__ = [
@@ -48,7 +49,7 @@ _MMCV_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.
               "stem.4.": "conv1.4.", "stem.6.": "conv1.6.", "stem.7.": "bn1."}
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(UserError, ValueError):
     """A pretrained-weights file cannot be used (unreadable, unsafe, or another architecture)."""
 
 

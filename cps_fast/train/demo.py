@@ -43,7 +43,7 @@ def demo_main(args) -> dict:
             what = f"n-CPS (K = {change['branches']})"
         print(f"\n=== demo: {what} ({cfg.max_iters} iterations, {cfg.partition} of the synthetic set labeled) ===")
         trainer = Trainer(cfg.replace(**change, name=f"demo-{name}"), out / name, device=args.device,
-                          print_fn=_quiet_config_print)
+                          overwrite=True, print_fn=_quiet_config_print)  # a demo again replaces the last one
         t_run = time.perf_counter()
         final = trainer.train()
         runs[name] = {"trainer": trainer, "final": final, "history": trainer.history,

@@ -38,6 +38,7 @@ class RunLogger:
     def scalars(self, it: int, row: dict) -> None:
         if not self.enabled:
             return
+        row = {"iter": int(it), **row}  # every row says its iteration (validation rows too)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self.tb is not None:

@@ -14,6 +14,9 @@ import json
 import logging
 import os
 import random
+import shlex
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -22,9 +25,11 @@ import torch
 import torch.distributed as dist
 
 from .. import data as cdata
-from ..config import Config, ConfigError, format_config, save_config
+from ..config import Config, ConfigError, format_config, recipe_differences, save_config
+from ..errors import CheckpointError, DeviceError
 from ..eval import evaluate
 from ..models import CPSModel, convert_sync_batchnorm, param_groups
+from ..models.weights import PretrainedWeightsError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import RunLogger
 from .profiling import ProfileWindow, phase
@@ -202,7 +207,39 @@ def open_training_sets(cfg: Config):
 
 
 def open_eval_set(cfg: Config):
-    return cdata.open_dataset(cfg.dataset, cfg.data_root, "val", cfg.data_path(cfg.val_list))
+    ds = cdata.open_dataset(cfg.dataset, cfg.data_root, "val", cfg.data_path(cfg.val_list))
+    if len(ds) == 0:
+        raise cdata.DataError(f"config {cfg.name}: the validation list {cfg.val_list or 'of the val split'} "
+                              f"under {cfg.data_root} is empty; the run evaluates on it at the end")
+    if hasattr(ds, "check_files"):
+        ds.check_files(_MISSING_HINT.get(cfg.dataset, ""))
+    return ds
+
+
+_RUN_FILES = ("last.pt", "best.pt", "log.jsonl")
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> list[Path]:
+    """Refuse to start a new run over an old one, unless asked: ``--resume`` continues it,
+    ``--overwrite`` replaces it. Returns the old run's files that ``--overwrite`` replaces
+    (checkpoints, log, TensorBoard events); the trainer removes them when training starts,
+    once every other check has passed."""
+    found = [name for name in _RUN_FILES if (out / name).exists()]
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: continue the run in --out, or replace it")
+    if resume:
+        if not (out / "last.pt").exists():
+            raise ConfigError(f"--resume: {out / 'last.pt'} does not exist"
+                              + (f" (the folder holds {', '.join(found)})" if found else "")
+                              + "; run without --resume to start there")
+        return []
+    if found and not overwrite:
+        raise ConfigError(f"--out {out} holds a run ({', '.join(found)}); continue it with --resume, or "
+                          f"pass --overwrite to start again from iteration 0 and replace it")
+    if not found:
+        return []
+    events = sorted((out / "tb").glob("events.out.tfevents.*")) if (out / "tb").is_dir() else []
+    return [out / name for name in found] + events
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -212,12 +249,19 @@ class Trainer:
     """One training run of a :class:`~cps_fast.config.Config` into ``out_dir``."""
 
     def __init__(self, cfg: Config, out_dir: str | os.PathLike, *, device: str | None = None,
-                 resume: bool = False, max_iters: int | None = None, print_fn=print):
+                 resume: bool = False, overwrite: bool = False, max_iters: int | None = None,
+                 print_fn=print):
         self.cfg = cfg
         self.out = Path(out_dir)
+        if max_iters is not None and int(max_iters) < 1:
+            raise ConfigError(f"--iters {max_iters}: expected a positive number of iterations to stop after")
+        # before anything is opened or built; an old run's files go only when train() starts
+        self._replace = check_out_dir(self.out, resume=resume, overwrite=overwrite)
         dev_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dev_type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was given but torch sees no CUDA device")
+            raise DeviceError("--device cuda: torch sees no CUDA device here (torch "
+                              f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
+                              "use --device cpu or run on a machine with a GPU")
         self.rank, self.world, local = init_distributed(dev_type, cfg.cuda_graph)
         self.device = torch.device(dev_type, local) if dev_type == "cuda" else torch.device("cpu")
         self.is_main = self.rank == 0
@@ -293,7 +337,7 @@ class Trainer:
         self.best_miou = float("nan")
         self.history: list[dict] = []
         self.graph = None
-        self._val_set = None
+        self._val_set = open_eval_set(cfg)  # now: a missing or empty val list fails before training
         self.logger = RunLogger(self.out, enabled=self.is_main, print_fn=self.print)
         self.profile = ProfileWindow(self.out / "profile", iters=cfg.profile_iters, start=cfg.profile_start,
                                      tool=cfg.profiler, device=self.device, rank=self.rank, print_fn=self.print)
@@ -301,7 +345,14 @@ class Trainer:
 
         if resume:
             self._resume()
+            if max_iters is not None and self.stop_iter <= self.start_iter:
+                raise ConfigError(f"--iters {max_iters}: {self.out / 'last.pt'} is already at iteration "
+                                  f"{self.start_iter}; pass a larger --iters (the schedule has {self.total_iters})")
+            if self.start_iter >= self.total_iters:
+                raise ConfigError(f"--resume: {self.out / 'last.pt'} finished its schedule ({self.total_iters} "
+                                  f"iterations); evaluate it with `cps-fast eval {self.out / 'last.pt'}`")
         self.it = self.start_iter  # host copy of the iteration counter
+        self._t_saved = time.monotonic()
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -315,7 +366,7 @@ class Trainer:
         cfg = self.cfg
         pretrained = cfg.pretrained_path()
         if pretrained is not None and not os.path.exists(pretrained):
-            raise FileNotFoundError(
+            raise PretrainedWeightsError(
                 f"config {cfg.name}: pretrained weights {pretrained!r} do not exist; put the ResNet "
                 f"file there, pass --set weights_dir=FOLDER, or --set pretrained=None to train from scratch")
         model = CPSModel(cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.deep_stem, pretrained,
@@ -415,6 +466,10 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.is_main:
+            for old in self._replace:  # --overwrite: the old run goes (checked in __init__)
+                old.unlink(missing_ok=True)
+                self.print(f"--overwrite: removed {old}")
+            self._replace = []
             save_config(cfg, self.out / "config.json")
             self.print(format_config(cfg))
             for note in self.list_notes:
@@ -425,13 +480,28 @@ class Trainer:
                        f"running {self.start_iter} -> {self.stop_iter}")
         self.model.train()
         self.logger.start(self.start_iter, self.stop_iter)
-        it = self.run(self.stop_iter, evaluate=True)
-        self.profile.close()  # a window the run cut short
-        with phase("eval"):
-            result = self._evaluate(it)
-        with phase("checkpoint"):
-            self._save(it)
-        self.logger.close()
+        try:
+            # SIGINT / SIGTERM during training: finish the step, save last.pt, stop (see _interrupted)
+            with _StopSignals(self.world) as self._stop_signals:
+                it = self.run(self.stop_iter, evaluate=True)
+                self.profile.close()  # a window the run cut short
+                with phase("checkpoint"):  # before the final evaluation: a failure there loses no training
+                    if self._last_saved != it:
+                        self._save(it)
+                signum = self._stop_signals.settle()  # a signal in the last step: every rank agrees
+                if signum:
+                    self._interrupted(it, signum)
+            self._stop_signals = None
+            # the final evaluation runs under the previous handlers: a Ctrl-C there stops it at once
+            with phase("eval"):
+                result = self._evaluate(it)
+            if it < self.total_iters:  # the run can be continued: its last.pt must know this evaluation
+                with phase("checkpoint"):  # (a continued run's best mIoU decides whether best.pt is replaced)
+                    self._save(it)
+        finally:
+            self._stop_signals = None
+            self.profile.close()
+            self.logger.close()
         return result
 
     def batches(self):
@@ -482,10 +552,16 @@ class Trainer:
             if evaluate and cfg.eval_every and (it % cfg.eval_every < done) and it < stop:
                 with phase("eval"):
                     self._evaluate(it)
-            if evaluate and cfg.checkpoint_every and it % cfg.checkpoint_every < done:
+            if evaluate and self._checkpoint_due(it, done):
                 with phase("checkpoint"):
                     self._save(it)
             self.profile.after(done)
+            signum = self._stop_signals.poll() if self._stop_signals is not None else 0
+            if signum:  # a finished step: the state is consistent
+                if n_window:  # the losses since the last log line (a host read: we are stopping anyway)
+                    with phase("log"):
+                        self._log(it, n_window, time.perf_counter() - t_window)
+                self._interrupted(it, signum)
         return it
 
     def _to_device(self, t):
@@ -564,19 +640,64 @@ class Trainer:
             "config": json.dumps(self.cfg.to_dict()),
         }
 
+    def _checkpoint_due(self, it: int, done: int) -> bool:
+        """Every ``checkpoint_every`` iterations, and when ``checkpoint_minutes`` passed since the
+        last save (rank 0's clock decides: saving involves no other rank)."""
+        cfg = self.cfg
+        if cfg.checkpoint_every and it % cfg.checkpoint_every < done:
+            return True
+        return bool(self.is_main and cfg.checkpoint_minutes
+                    and time.monotonic() - self._t_saved >= 60.0 * cfg.checkpoint_minutes)
+
     def _save(self, it: int, name: str = "last.pt") -> None:
         if self.is_main:
-            save_checkpoint(self._state(it), self.out / name)
+            state = self._state(it)
+            if name != "last.pt":  # best.pt is for evaluation and fine-tuning, not for resuming
+                del state["optimizer"], state["scaler"]
+            save_checkpoint(state, self.out / name)
+        if name == "last.pt":
+            self._last_saved = it
+            self._t_saved = time.monotonic()
+
+    # ------------------------------------------------------------------ stopping on a signal
+
+    _stop_signals: "_StopSignals | None" = None  # set while train() runs the loop
+    _last_saved: int | None = None               # the iteration last.pt holds, if this run wrote it
+    _t_saved: float = time.monotonic()           # when last.pt was last written (or the trainer made)
+    resume_command: str | None = None            # the hint printed on a stop; `cps-fast train` sets it
+
+    def _interrupted(self, it: int, signum: int) -> None:
+        """Save ``last.pt`` at iteration ``it`` (a finished step), print how to continue, and stop:
+        ``KeyboardInterrupt`` for SIGINT, ``SystemExit(128 + signum)`` for SIGTERM (status 143).
+
+        Signals that arrive while it saves only set the flag again, and the file is written to a
+        temporary name and renamed, so the previous ``last.pt`` or the new one is always whole.
+        """
+        with phase("checkpoint"):
+            if self._last_saved != it:
+                self._save(it)
+        if self._stop_signals is not None:
+            self._stop_signals.barrier()  # no rank exits before rank 0's file is in place
+        command = self.resume_command or (f"cps-fast train {shlex.quote(self.cfg.name)} "
+                                          f"--out {shlex.quote(str(self.out))} --resume")
+        self.print(f"interrupted at iteration {it}: saved {self.out / 'last.pt'}; continue with: {command}")
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"interrupted at iteration {it}")
+        raise SystemExit(128 + int(signum))
 
     def _resume(self) -> None:
         path = self.out / "last.pt"
         state = load_checkpoint(path)
         saved = json.loads(state["config"])
-        for key in ("backbone", "num_classes", "method", "cutmix", "dataset", "batch_size_labeled",
-                    "batch_size_unlabeled"):
-            if saved.get(key) != getattr(self.cfg, key):
-                raise ValueError(f"{path}: checkpoint has {key}={saved.get(key)!r} but the config has "
-                                 f"{getattr(self.cfg, key)!r}; resume with the same preset and overrides")
+        differ = recipe_differences(saved, self.cfg)
+        if differ:
+            raise CheckpointError(f"{path}: the checkpoint's recipe differs from this run's in "
+                                  + ", ".join(f"{k}={saved[k]!r} but the config has {getattr(self.cfg, k)!r}"
+                                              for k in differ)
+                                  + "; resume with the same preset and overrides (or start a new --out)")
+        if int(state.get("total_iters", self.total_iters)) != self.total_iters:
+            raise CheckpointError(f"{path}: the checkpoint's schedule has {state['total_iters']} iterations but "
+                                  f"this run's has {self.total_iters} (other data lists?); resume with the same data")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -602,3 +723,80 @@ class _ScalerView:
 
     def step(self, *args, **kwargs):
         self.opt.step(self.lr)
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM during training set a flag that the loop reads after each finished step.
+
+    A context manager: it installs its handler in the main thread only (``signal`` allows no
+    other) and restores the previous handlers on exit, error or not. A signal is never acted on
+    mid-step; further signals only set the flag again.
+
+    Under DDP the ranks must stop at the same iteration, or one waits forever in the next
+    gradient all-reduce. A signal usually reaches every rank (a terminal's Ctrl-C reaches the
+    process group; torchrun forwards what it receives), but not necessarily between the same two
+    steps. So each step all-reduces the flag (MAX) over a CPU (gloo) group, asynchronously: step
+    i launches it and step i + 1 reads the result, identical on every rank, so every rank stops
+    at the same iteration, at most one step after the first rank saw the signal. It is one
+    8-byte message per step on the host and never a device synchronisation; reading it waits
+    only for the slowest rank's host to have finished step i (on CPU ranks the gradient
+    all-reduce of step i + 1 already did).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, world_size: int = 1):
+        self.signum = 0
+        self._previous: dict = {}
+        self._group = None
+        self._work = None
+        self._flag = None
+        if world_size > 1 and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # every rank enters train(): same call order
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if exc_type is None and self._work is not None:  # every rank launched it: it completes
+            self._work.wait()
+        self._work = None
+
+    def _handler(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = int(signum)
+
+    def poll(self) -> int:
+        """The signal to stop on after this step, or 0; under DDP the same on every rank."""
+        if self._group is None:
+            return self.signum
+        agreed = 0
+        if self._work is not None:
+            self._work.wait()
+            self._work, agreed = None, int(self._flag[0])
+        if agreed:
+            return agreed
+        self._flag = torch.tensor([self.signum], dtype=torch.int64)
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return 0
+
+    def settle(self) -> int:
+        """After the loop: the signal any rank received so far, or 0 (one blocking all-reduce)."""
+        if self._group is None:
+            return self.signum
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag[0])
+
+    def barrier(self) -> None:
+        if self._group is not None:
+            dist.barrier(group=self._group)
