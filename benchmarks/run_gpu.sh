@@ -2,7 +2,9 @@
 # The GPU proof on a lent H100/H200 in two device calls, inside 14 of a task's 15 device-minutes
 # with the machine's start (issue 19; ../shared/GPU.md; benchmarks/NOTES.md "The GPU session").
 # The plan (every step's minimum and maximum seconds, the calls' deadlines, the session's
-# arithmetic) is benchmarks/gpu/plan.tsv, which tests/test_gpu_plan.py checks.
+# arithmetic) is benchmarks/gpu/plan.tsv, which tests/test_gpu_plan.py checks. ISSUE=20 runs issue
+# 20's session instead (DALI on the GPU, the production path), planned in benchmarks/gpu/plan-20.tsv:
+# the same rows and rules, plus what each call carries (`carry` and `size` rows; see that file).
 #
 #   PLAN=1 bash benchmarks/run_gpu.sh             # the plan: both calls' steps and budgets, the session's
 #                                                 # total (any machine: no torch, no GPU; CALL=1|2 for one)
@@ -15,10 +17,21 @@
 # benchmarks/run_gpu.sh", carry=[".prebuilt"], timeout_s=600); give_back as soon as that returns
 # (the machine stays warm, and billed, 30 s after a call).
 #
+# Issue 20 (first bash benchmarks/gpu/build_prebuilt.sh and bash benchmarks/gpu/pack_dali.sh here):
+#   ISSUE=20 PLAN=1 bash benchmarks/run_gpu.sh    # its plan, with each call's run(...) and carried MiB
+#   run(command="ISSUE=20 bash benchmarks/run_gpu.sh", carry=[".dali/dali.tar.xz.1", ".dali/SHA256SUMS",
+#       ".prebuilt"], timeout_s=600): env, install, dali (the pack: benchmarks/gpu/install_dali.sh),
+#       dali_tests (-m gpu -k dali: tests/test_gpu_dali.py and the dali-gpu cases), dali_step, dali_data
+#   at once after it: run(command="ISSUE=20 CALL=2 bash benchmarks/run_gpu.sh", carry=[".prebuilt"],
+#       timeout_s=600): env, ncps_k, model_os; then give_back.
+#
 # Steps, in this order: env install tests loss step | env tiles upsample ncps | model data (STEPS
-# only; data is DALI's, issue 20). A step starts only while its minimum is left before the call's
-# deadline (less the finish), and runs at most its maximum (a cap: what it does not use goes to the
-# steps after it); one that cannot start is skipped and named for STEPS. Only the environment
+# only; data is DALI's, issue 20). Issue 20's: env install dali dali_tests dali_step dali_data | env
+# ncps_k model_os | cs_step (STEPS only). A failed dali step (the pack not all here, or nvidia.dali
+# not importing) stops the call: every step after it needs DALI. A step starts only while its
+# minimum is left before the call's deadline (less the finish), and runs at most its maximum (a
+# cap: what it does not use goes to the steps after it); one that cannot start is skipped and named
+# for STEPS. Only the environment
 # check's own words ("torch sees no CUDA device") stop a call, not its timeout; an install that
 # timed out is asked once more whether it landed (install.sh --ready). Two repairs run outside the
 # plan, only when needed: install in call 2 when the machine is not the warm one, and build
@@ -31,7 +44,12 @@
 # case); ELAPSED=N starts that walk N seconds into the call, to show what a late start skips.
 set -uo pipefail
 cd -P "$(dirname "$0")/.."  # the physical path (install.sh compares resolved paths too)
-PLANFILE=${PLANFILE:-benchmarks/gpu/plan.tsv}  # another file: tests/test_gpu_plan.py
+ISSUE=${ISSUE:-19}
+case $ISSUE in
+  19) PLANFILE=${PLANFILE:-benchmarks/gpu/plan.tsv} ;;  # another file: tests/test_gpu_plan.py
+  20) PLANFILE=${PLANFILE:-benchmarks/gpu/plan-20.tsv} ;;
+  *) echo "run_gpu: ISSUE=$ISSUE: expected 19 (benchmarks/gpu/plan.tsv) or 20 (benchmarks/gpu/plan-20.tsv)" >&2; exit 2 ;;
+esac
 PLAN=${PLAN:-0}
 PY=${PY:-python3}
 # each benchmark's JSON, the steps' outcomes, the logs: kept across the calls of a warm machine
@@ -40,7 +58,7 @@ export work=${RUN_DIR:-/tmp/cps_fast_gpu_run}
 export WORK=$work
 
 # ---------------------------------------------------------------- the plan
-declare -A SESSION=() DEADLINE=() COMMAND=() MIN=() MAX=() NOTE=() RMIN=() RMAX=() RNOTE=()
+declare -A SESSION=() DEADLINE=() COMMAND=() MIN=() MAX=() NOTE=() RMIN=() RMAX=() RNOTE=() SIZE=() CARRY=() CMIB=()
 declare -a ORDER=() REPAIRS=()
 bad_row() { echo "run_gpu: $PLANFILE line $1: $2" >&2; exit 2; }
 n=0
@@ -56,12 +74,19 @@ while read -r kind a b c d rest; do
              MIN[$a:$b]=$c; MAX[$a:$b]=$d; NOTE[$a:$b]=$rest; ORDER+=("$a:$b") ;;
     repair)  [[ $b =~ ^[0-9]+$ && $c =~ ^[0-9]+$ ]] || bad_row $n "expected: repair NAME MIN MAX NOTE"
              RMIN[$a]=$b; RMAX[$a]=$c; RNOTE[$a]="$d $rest"; REPAIRS+=("$a") ;;
+    size)    [[ $a =~ ^(call|tree)$ && $b =~ ^[0-9]+$ ]] || bad_row $n "expected: size call|tree MIB NOTE"
+             SIZE[$a]=$b ;;
+    carry)   [[ $a =~ ^[12]$ && -n $b && $c =~ ^[0-9]+$ ]] || bad_row $n "expected: carry 1|2 PATH MIB NOTE"
+             CARRY[$a]+="${CARRY[$a]:+ }$b"; CMIB[$a:$b]=$c ;;
     *)       bad_row $n "unknown row kind '$kind'" ;;
   esac
 done < "$PLANFILE"
 for key in device start limit transfer between release finish; do
   [[ -n ${SESSION[$key]:-} ]] || bad_row "-" "no 'session $key' row"
 done
+if (( ${#CARRY[@]} )); then
+  for key in call tree; do [[ -n ${SIZE[$key]:-} ]] || bad_row "-" "carry rows but no 'size $key' row"; done
+fi
 FINISH=${SESSION[finish]}
 steps_of() { local k out=(); for k in "${ORDER[@]}"; do [[ ${k%%:*} == "$1" ]] && out+=("${k#*:}"); done; echo "${out[*]}"; }
 # MIN and MAX of a step: this call's row, else the first row of that name, else its repair row
@@ -97,7 +122,7 @@ run_step() {
   fi
   export STEP_T=$(( l < max ? l : max ))
   if (( PLAN )); then
-    printf '  %-8s %-6s %4s %4s %5s  %s\n' "$name" "$kind" "$min" "$max" "$STEP_T" \
+    printf '  %-10s %-6s %4s %4s %5s  %s\n' "$name" "$kind" "$min" "$max" "$STEP_T" \
       "$(if [[ $kind == repair ]]; then echo "${RNOTE[$name]}"; else echo "${NOTE[$CALL:$name]:-}"; fi)"
     CLOCK=$(( CLOCK + STEP_T ))
     return 0
@@ -164,6 +189,26 @@ gpu_tests() {  # the gpu-marked tests, one pytest per core of the 16, interrupte
   # 20 s for the interrupted ones to write their reports, 5 s to merge them
   "$PY" benchmarks/run_tests.py --jobs 16 --deadline $(( STEP_T - 25 )) --grace 20 --junit "$work/tests.xml" -- -m gpu
 }
+# issue 20's DALI pack (.dali/, benchmarks/gpu/pack_dali.sh): checksums, unpacked into $DALI_SITE
+# (first on PYTHONPATH for every step), checked with the mixed decoder and DALI's GPU operators
+dali_install() {
+  CHECK_ARGS="--gpu yes --json $work/dali_pack.json" bash benchmarks/gpu/install_dali.sh
+}
+# the gpu-marked DALI tests: tests/test_gpu_dali.py (-k matches its module name) and the dali-gpu
+# cases of the other files, one pytest per file as the tests step
+dali_tests() {
+  [[ -f tests/test_gpu_dali.py ]] || { echo "tests/test_gpu_dali.py is missing: the production-path tests are not in this tree"; return 1; }
+  # CPS_FAST_REQUIRE_DALI=1: test_gpu_dali.py's tests fail, not skip, where DALI does not import
+  CPS_FAST_REQUIRE_DALI=1 "$PY" benchmarks/run_tests.py --jobs 16 --deadline $(( STEP_T - 25 )) --grace 20 \
+    --junit "$work/tests.xml" -- -m gpu -k dali
+}
+# DeepLabv3+ forward + backward, R50 and R101, at output stride 16 and then 8 (one run each)
+model_os() {
+  for os in 16 8; do
+    "$PY" benchmarks/bench_model.py --device cuda --backbones resnet50,resnet101 --modes cl-bf16 \
+      --shapes 8x3x512x512 --output-stride $os --json "$work/model-os$os.json" || return
+  done
+}
 # install.sh's exit status $1 as the call takes it: a timeout is not the last word when the install
 # itself landed (pip done, the last check cut off), so ask once more, outside the step's cap
 installed() {
@@ -210,11 +255,18 @@ run_call() {
     log "no cps_fast._C with CUDA kernels: stopping (the outcomes above say why)"
     return 1
   fi
-  if (( ! PLAN )) && has data && ! "$PY" -c "import nvidia.dali" 2> /dev/null && ls .dali/part-* > /dev/null 2>&1; then
-    log "install DALI from .dali/ (issue 20)"  # outside the plan, as the data step itself
-    cat .dali/part-* | tar x -C /tmp \
-      && "$PY" -m pip install -q --no-index --no-deps --target /tmp/site /tmp/dali-wheels/*.whl \
-      && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  if has dali; then  # issue 20: every step after it needs DALI
+    step dali dali_install
+    rc=$?
+    if (( rc == 2 )); then
+      log "DALI imports, but a check failed ($work/dali_pack.json): going on, the tests say more"
+    elif (( rc != 0 )); then
+      log "no DALI from the pack (install_dali.sh exit $rc, above): stopping"
+      return 1
+    fi
+  elif (( ! PLAN )) && has data && ! "$PY" -c "import nvidia.dali" 2> /dev/null && [[ -f .dali/SHA256SUMS ]]; then
+    log "install DALI from .dali/ (issue 20's pack)"  # outside the plan, as the data step itself
+    bash $B/gpu/install_dali.sh
   fi
 
   step tests gpu_tests
@@ -240,11 +292,47 @@ run_call() {
   # K = 3 (the n-CPS setting); triton[16x1]: one warp per 16-pixel tile, no cross-warp class reductions
   step ncps $PY $B/bench_ncps.py --shapes voc --ks 3 --providers "eager,triton,triton[e2],triton[e4],triton[16x1]" \
     --json "$work/ncps.json"
+  # issue 20: K = 2, 3, 4 against the same-run copy bandwidth (its rows' copy_fraction)
+  step ncps_k $PY $B/bench_ncps.py --shapes voc,cityscapes --ks 2,3,4 --providers triton,eager \
+    --json "$work/ncps-k.json"
   step model $PY $B/bench_model.py --json "$work/model.json"
+  step model_os model_os
   step data $PY $B/bench_data.py --images 16 --json "$work/data.json"
+  step dali_tests dali_tests
+  # the step DALI feeds: +cuda_graph is the ladder's top (dali-gpu, bf16, channels_last, fused loss and
+  # upsample, the graph); data_ms against one held batch, and the images/s dali_data must double
+  step dali_step $PY $B/bench_step.py --variants +cuda_graph --images 32 --warmup 13 --iters 20 \
+    --json "$work/step.json"
+  step dali_data $PY $B/bench_data.py --backends dali-gpu --settings voc cityscapes --images 32 --iters 30 \
+    --json "$work/data.json"
+  step cs_step $PY $B/bench_step.py --preset cityscapes_r50_1-8_cutmix --variants +cuda_graph --images 8 \
+    --warmup 13 --iters 20 --json "$work/step-cityscapes.json"
 }
 
 # ---------------------------------------------------------------- PLAN=1: the walk and the arithmetic
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+# a plan with carry rows (issue 20's): call $1's run(...), its carry caps against the tool's limit,
+# and the sizes here (the working tree by git, the carried paths by du where they are made already)
+carried() {
+  local call=$1 p list="" caps=${SIZE[tree]} parts="" tree have missing=""
+  for p in ${CARRY[$call]:-}; do
+    list+="${list:+, }\"$p\""; caps=$(( caps + CMIB[$call:$p] )); parts+=" + $p ${CMIB[$call:$p]}"
+  done
+  echo "  run(command=\"${COMMAND[$call]}\", carry=[$list], timeout_s=${SESSION[limit]})"
+  echo "  carries at most ${caps} MiB of the ${SIZE[call]} MiB a call may: the working tree ${SIZE[tree]}$parts"
+  (( caps <= SIZE[call] )) || { echo "run_gpu: call $call carries up to ${caps} MiB, over ${SIZE[call]} MiB" >&2; return 1; }
+  tree=$(git ls-files -co --exclude-standard -z 2> /dev/null | du -cb --files0-from=- 2> /dev/null | tail -1 | cut -f1) || return 0
+  [[ $tree =~ ^[0-9]+$ ]] || return 0
+  have=$tree
+  for p in ${CARRY[$call]:-}; do
+    if [[ -e $p ]]; then have=$(( have + $(du -sb "$p" | cut -f1) )); else missing+=" $p"; fi
+  done
+  echo "  here: the working tree $(mib "$tree"), with the carried paths $(mib "$have")${missing:+ (not made yet:$missing)}"
+  (( tree <= SIZE[tree] * 1048576 )) \
+    || { echo "run_gpu: the working tree is $(mib "$tree"), over its ${SIZE[tree]} MiB in $PLANFILE" >&2; return 1; }
+  (( have <= SIZE[call] * 1048576 )) \
+    || { echo "run_gpu: call $call would carry $(mib "$have"), over ${SIZE[call]} MiB" >&2; return 1; }
+}
 if (( PLAN )); then
   calls=${CALL:-1 2} asked=${STEPS:-}
   START=0
@@ -252,9 +340,10 @@ if (( PLAN )); then
     [[ -n ${DEADLINE[$CALL]:-} ]] || { echo "run_gpu: CALL=$CALL: expected 1 or 2" >&2; exit 2; }
     STEPS=${asked:-$(steps_of "$CALL")} BUDGET=${DEADLINE[$CALL]} CLOCK=${ELAPSED:-0}
     echo "call $CALL: ${COMMAND[$CALL]}  (deadline ${BUDGET}s of the ${SESSION[limit]}s a command may run)"
-    printf '  %-8s %-6s %4s %4s %5s  %s\n' name kind min max gets what
+    if (( ${#CARRY[@]} )); then carried "$CALL" || exit 1; fi
+    printf '  %-10s %-6s %4s %4s %5s  %s\n' name kind min max gets what
     run_call
-    printf '  %-8s %-6s %4s %4s %5s  %s\n' finish "" "" "" "$FINISH" "the targets, the steps' outcomes, the files for \$OUT"
+    printf '  %-10s %-6s %4s %4s %5s  %s\n' finish "" "" "" "$FINISH" "the targets, the steps' outcomes, the files for \$OUT"
     caps=0; for k in $STEPS; do read -r _ hi <<< "$(budget "$k")"; caps=$(( caps + hi )); done
     echo "  worst case $(( CLOCK + FINISH ))s of the ${BUDGET}s deadline (the caps and the finish add up to" \
       "$(( caps + FINISH ))s: a step gets what is left, at most its cap)"
@@ -287,7 +376,10 @@ fi
 export CPS_FAST_CUDA_ARCHS=${CPS_FAST_CUDA_ARCHS:-90a} CPS_FAST_PORTABLE=${CPS_FAST_PORTABLE:-1}
 export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PY
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+# the DALI pack's folder (install_dali.sh unpacks it there; the device README's wheels go there too),
+# first on the path of every step, also before it exists
+export DALI_SITE=${DALI_SITE:-/tmp/site}
+export PYTHONPATH=$DALI_SITE${PYTHONPATH:+:$PYTHONPATH}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1 | tr ' ' '-')
 [[ -n $gpu ]] || { echo "run_gpu: no CUDA device (nvidia-smi lists none)"; exit 1; }
 day=$(date +%Y-%m-%d)

@@ -1,5 +1,6 @@
-"""The GPU session's plan (benchmarks/gpu/plan.tsv, run by benchmarks/run_gpu.sh) and the prebuilt
-extension that lets it skip compiling (setup.py's CPS_FAST_PREBUILT, benchmarks/gpu/).
+"""The GPU sessions' plans (benchmarks/gpu/plan.tsv for issue 19, plan-20.tsv for issue 20, run by
+benchmarks/run_gpu.sh), the prebuilt extension that lets them skip compiling (setup.py's
+CPS_FAST_PREBUILT, benchmarks/gpu/), and the DALI pack's installer and fat-binary pruner (issue 20).
 
 A lent task has 15 device-minutes in all and one command may run 10 (../shared/GPU.md). The plan
 must fit both with what the calls cost around them: the machine's start, the transfers, the
@@ -24,6 +25,9 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 import check_prebuilt  # noqa: E402
 
 PLAN = ROOT / "benchmarks" / "gpu" / "plan.tsv"
+PLAN20 = ROOT / "benchmarks" / "gpu" / "plan-20.tsv"
+PLANS = {19: PLAN, 20: PLAN20}  # run_gpu.sh's ISSUE=N
+CARRY_LIMIT_MIB = 64  # the device tool's limit on one call's working tree and carried paths
 RUN_GPU = ROOT / "benchmarks" / "run_gpu.sh"
 SESSION_LIMIT_S = 14 * 60  # of the task's 15 device-minutes: the 15th is margin
 CALL_MARGIN_S = 30  # a call's deadline under the command limit: the script's start, a killed step's 5 s grace
@@ -36,8 +40,9 @@ FRESH_MACHINE_CAPS = {"env": 45, "install": 90}
 
 
 def load_plan(path=PLAN) -> dict:
-    """plan.tsv as ``{"session": {name: s}, "calls": {n: s}, "steps": [(call, name, min, max)], "repairs": {...}}``."""
-    plan = {"session": {}, "calls": {}, "steps": [], "repairs": {}}
+    """A plan file as ``{"session": {name: s}, "calls": {n: s}, "commands": {n: str}, "steps": [(call, name,
+    min, max)], "repairs": {...}, "size": {name: MiB}, "carry": {n: [(path, MiB)]}}``."""
+    plan = {"session": {}, "calls": {}, "commands": {}, "steps": [], "repairs": {}, "size": {}, "carry": {}}
     for line in Path(path).read_text().splitlines():
         cols = line.split()
         if not cols or cols[0].startswith("#"):
@@ -47,10 +52,15 @@ def load_plan(path=PLAN) -> dict:
             plan["session"][cols[1]] = int(cols[2])
         elif kind == "call":
             plan["calls"][int(cols[1])] = int(cols[2])
+            plan["commands"][int(cols[1])] = " ".join(cols[3:])
         elif kind == "step":
             plan["steps"].append((cols[1], cols[2], int(cols[3]), int(cols[4])))
         elif kind == "repair":
             plan["repairs"][cols[1]] = (int(cols[2]), int(cols[3]))
+        elif kind == "size":
+            plan["size"][cols[1]] = int(cols[2])
+        elif kind == "carry":
+            plan["carry"].setdefault(int(cols[1]), []).append((cols[2], int(cols[3])))
         else:
             raise AssertionError(f"{path}: unknown row kind {kind!r} in {line!r}")
     return plan
@@ -79,7 +89,7 @@ def walk(plan, call, elapsed=0) -> list[tuple[str, int | None]]:
 def plan_mode(*, env=None, **kw):
     """``PLAN=1 bash benchmarks/run_gpu.sh`` with ``PY`` pointing nowhere: the plan needs no Python."""
     full = dict(os.environ, PLAN="1", PY="/nonexistent/python", **(env or {}))
-    for key in ("CALL", "STEPS", "ELAPSED", "PLANFILE"):
+    for key in ("CALL", "STEPS", "ELAPSED", "PLANFILE", "ISSUE"):
         if key not in (env or {}):
             full.pop(key, None)
     return subprocess.run(["bash", str(RUN_GPU)], env=full, capture_output=True, text=True, timeout=60, **kw)
@@ -88,11 +98,12 @@ def plan_mode(*, env=None, **kw):
 # ----------------------------------------------------------------------------- the arithmetic
 
 
-def test_each_call_fits_one_command():
+@pytest.mark.parametrize("issue", sorted(PLANS))
+def test_each_call_fits_one_command(issue):
     """A call's deadline and its transfers fit the 600 s a command may run, and in the worst case
     (each step running to its cap: caps are not reservations, a step gets what is left) every step
     still starts with its minimum, and the call ends by its deadline."""
-    plan = load_plan()
+    plan = load_plan(PLANS[issue])
     s = plan["session"]
     assert sorted(plan["calls"]) == [1, 2]
     for call, deadline in plan["calls"].items():
@@ -110,8 +121,9 @@ def test_each_call_fits_one_command():
             assert hi <= most, f"call {call}: {name}'s cap {hi} s is more than it can ever get ({most} s)"
 
 
-def test_the_session_fits_14_device_minutes_with_the_start_and_transfers():
-    plan = load_plan()
+@pytest.mark.parametrize("issue", sorted(PLANS))
+def test_the_session_fits_14_device_minutes_with_the_start_and_transfers(issue):
+    plan = load_plan(PLANS[issue])
     s = plan["session"]
     assert s["start"] >= 120 and s["transfer"] > 0 and 0 < s["between"] <= WARM_S
     # honest: billed until give_back lands, or the 30 s it stays warm; an earlier give_back is margin
@@ -146,18 +158,86 @@ def test_the_steps_are_the_issues():
 # ----------------------------------------------------------------------------- the script keeps to it
 
 
+def script_steps() -> list[tuple[str, str, str]]:
+    """run_gpu.sh's ``step`` and ``repair`` lines as ``(kind, name, command)``, continuation lines joined."""
+    text = RUN_GPU.read_text().replace("\\\n", " ")
+    return [(kind, name, cmd.strip()) for kind, name, cmd in re.findall(r"^\s*(step|repair) (\w+) (.*)$", text, flags=re.M)]
+
+
 def test_run_gpu_sh_runs_the_planned_steps_in_order():
-    plan = load_plan()
+    """The script runs its steps in one fixed order; each plan's calls (and its STEPS-only steps)
+    take theirs in that order, and every step of the script is some plan's."""
     script = RUN_GPU.read_text()
-    calls = re.findall(r"^\s*(step|repair) (\w+) ", script, flags=re.M)
-    ran = [name for kind, name in calls if kind == "step"]
-    planned = []
-    for _, name, _, _ in plan["steps"]:
-        if name not in planned:
-            planned.append(name)
-    assert ran == planned, f"run_gpu.sh runs {ran}, plan.tsv plans {planned}"
-    assert {name for kind, name in calls if kind == "repair"} == set(plan["repairs"])
-    assert "benchmarks/gpu/plan.tsv" in script and not re.search(r"^\s*step \w+ \d", script, flags=re.M)
+    calls = script_steps()
+    ran = [name for kind, name, _ in calls if kind == "step"]
+    assert len(ran) == len(set(ran)), ran
+    planned = set()
+    for issue, path in PLANS.items():
+        plan = load_plan(path)
+        for call in [*map(str, plan["calls"]), "-"]:
+            names = [n for c, n, _, _ in plan["steps"] if c == call]
+            missing = [n for n in names if n not in ran]
+            assert not missing, f"{path.name} call {call}: run_gpu.sh has no step {missing}"
+            where = [ran.index(n) for n in names]
+            assert where == sorted(where), f"{path.name} call {call} plans {names}, run_gpu.sh runs them as {ran}"
+        planned |= {n for _, n, _, _ in plan["steps"]}
+        assert {name for kind, name, _ in calls if kind == "repair"} == set(plan["repairs"]), path.name
+    assert set(ran) == planned, f"steps in run_gpu.sh that no plan has: {set(ran) - planned}"
+    assert "benchmarks/gpu/plan.tsv" in script and "benchmarks/gpu/plan-20.tsv" in script
+    assert not re.search(r"^\s*step \w+ \d", script, flags=re.M)  # the budgets are the plans', not the script's
+
+
+def _functions(script: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(\w+)\(\) \{(.*?)^\}", script, flags=re.M | re.S)}
+
+
+def _commands(text: str) -> list[tuple[str, list[str], str]]:
+    """The benchmark scripts ``text`` runs: ``(path, --flags, the rest of the line)``."""
+    out = []
+    for m in re.finditer(r'(?:"?\$PY"?|bash)\s+(?:\$B/|benchmarks/)(\S+\.(?:py|sh))([^\n;&|]*)', text):
+        out.append(("benchmarks/" + m.group(1), re.findall(r"(?<!\S)(--[a-z][\w-]*)", m.group(2)), m.group(2)))
+    return out
+
+
+def test_every_planned_step_names_a_command_that_exists():
+    """Each step of either plan runs a benchmark, script or function of run_gpu.sh that is there, with
+    options that script defines (argparse), presets and ladder variants that exist, and the test
+    files it names."""
+    from cps_fast.config import list_presets
+
+    script = RUN_GPU.read_text()
+    funcs = _functions(script)
+    steps = {name: cmd for kind, name, cmd in script_steps() if kind == "step"}
+    for issue, path in PLANS.items():
+        for _, name, _, _ in load_plan(path)["steps"]:
+            cmd = steps[name]
+            func = cmd.split()[0] in funcs  # one of run_gpu.sh's functions (env_check: its own Python)
+            body = funcs[cmd.split()[0]] if func else cmd
+            commands = _commands(body)
+            assert func or commands, f"step {name} ({path.name}): neither a function nor a benchmark in {cmd!r}"
+            for file, flags, rest in commands:
+                assert (ROOT / file).is_file(), f"step {name}: {file} does not exist"
+                src = (ROOT / file).read_text()
+                if "common.add_case_args" in src:
+                    src += (ROOT / "benchmarks" / "common.py").read_text()
+                if file.endswith(".py"):
+                    for flag in flags:
+                        assert f'"{flag}"' in src, f"step {name}: {file} has no option {flag}"
+                preset = re.search(r"--preset\s+(\S+)", rest)
+                if preset:
+                    assert preset.group(1) in list_presets(), f"step {name}: no preset {preset.group(1)}"
+                variants = re.search(r"--variants\s+(\S+)", rest)
+                if variants:
+                    for v in variants.group(1).split(","):
+                        assert f'("{v}",' in src, f"step {name}: bench_step.py has no variant {v}"
+            for test_file in re.findall(r"tests/test_\w+\.py", body):
+                assert (ROOT / test_file).is_file(), f"step {name}: {test_file} does not exist"
+    for path in PLANS.values():  # the calls' commands name this script, with the ISSUE that picks the plan
+        for call, command in load_plan(path)["commands"].items():
+            assert command.split()[-1] == "benchmarks/run_gpu.sh", command
+            issue = next((k for k, v in PLANS.items() if v == path))
+            assert (f"ISSUE={issue} " in command) == (issue != 19), command
+            assert (f"CALL={call} " in command) == (call != 1), command
 
 
 def test_plan_mode_prints_both_calls_and_the_session_without_python():
@@ -256,6 +336,222 @@ def test_a_timed_out_check_or_install_does_not_stop_the_call_only_no_gpu_does(tm
     out = res.stdout + res.stderr
     assert res.returncode == 1 and "torch sees no CUDA device" in out and "stopping" in out, out
     assert not re.search(r"\] install \(at most", out), out  # nothing after the check
+
+
+# ----------------------------------------------------------------------------- issue 20: DALI's pack and plan
+
+PACK_DALI = ROOT / "benchmarks" / "gpu" / "pack_dali.sh"
+INSTALL_DALI = ROOT / "benchmarks" / "gpu" / "install_dali.sh"
+DALI_PART = re.compile(r"^\.dali/dali\.tar\.xz\.(\d+)$")
+
+
+def _tree_bytes() -> int | None:
+    """What travels with every call: tracked and untracked-not-ignored files (None without git)."""
+    try:
+        names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                               check=True, timeout=60).stdout.split(b"\0")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum((ROOT / n.decode()).stat().st_size for n in names if n and (ROOT / n.decode()).is_file())
+
+
+def test_issue_20_plan_runs_dali_first_and_its_benchmarks():
+    plan = load_plan(PLAN20)
+    call1 = [n for n, _, _ in steps_of(plan, 1)]
+    call2 = [n for n, _, _ in steps_of(plan, 2)]
+    # DALI where its pack lands (one part: no warm machine needed), the tests before the benchmarks
+    assert call1 == ["env", "install", "dali", "dali_tests", "dali_step", "dali_data"], call1
+    assert call2 == ["env", "ncps_k", "model_os"], call2
+    assert [n for c, n, _, _ in plan["steps"] if c == "-"] == ["cs_step"]
+    for name, cap in FRESH_MACHINE_CAPS.items():  # call 1 runs on a fresh machine
+        assert dict((n, hi) for n, _, hi in steps_of(plan, 1))[name] >= cap, name
+        assert plan["repairs"].get(name, (0, cap))[1] >= cap, name
+    assert set(plan["repairs"]) == {"install", "build"}
+    for call in (1, 2):
+        assert all(t is not None for _, t in walk(plan, call)), walk(plan, call)
+
+
+def test_issue_20_calls_carry_at_most_64_mib_and_the_dali_parts_before_dali():
+    """Each call's carried paths, at their caps, with the working tree's allowance, fit the device
+    tool's 64 MiB; the working tree fits its allowance; every DALI part travels no later than the
+    call that installs it (a carried path stays on the warm machine), and the checksums with each
+    part; .prebuilt travels with each call that may install the extension (both: call 2's repair)."""
+    plan = load_plan(PLAN20)
+    size, carry = plan["size"], plan["carry"]
+    assert size["call"] == CARRY_LIMIT_MIB and set(carry) <= set(plan["calls"])
+    for call, paths in carry.items():
+        total = size["tree"] + sum(mib for _, mib in paths)
+        assert total <= size["call"], f"call {call} carries up to {total} MiB, over {size['call']}"
+        assert len(paths) <= 8 and len({p for p, _ in paths}) == len(paths), paths  # run's carry: 8 paths
+    parts = {int(DALI_PART.match(p).group(1)): (call, mib) for call, paths in carry.items() for p, mib in paths
+             if DALI_PART.match(p)}
+    assert sorted(parts) == list(range(1, len(parts) + 1)), parts
+    dali_call = next(int(c) for c, n, _, _ in plan["steps"] if n == "dali")
+    for k, (call, _) in parts.items():
+        assert call <= dali_call, f"part {k} travels in call {call}, after the dali step's call {dali_call}"
+        assert ".dali/SHA256SUMS" in [p for p, _ in carry[call]], f"call {call} carries part {k} without the checksums"
+    for call in plan["calls"]:
+        assert ".prebuilt" in [p for p, _ in carry.get(call, [])], f"call {call} does not carry .prebuilt"
+    tree = _tree_bytes()
+    if tree is not None:
+        assert tree <= size["tree"] * 2**20, f"the working tree is {tree / 2**20:.1f} MiB, over its {size['tree']} MiB"
+    # the packer splits by these rows, and a pack made here keeps to them
+    assert "benchmarks/gpu/plan-20.tsv" in PACK_DALI.read_text()
+    sums = ROOT / ".dali" / "SHA256SUMS"
+    if sums.exists():
+        for line in sums.read_text().splitlines():
+            name = line.split()[1]
+            k = int(name.rsplit(".", 1)[1])
+            assert k in parts, f"{sums} names {name}, which no carry row of plan-20.tsv carries"
+            assert (ROOT / ".dali" / name).stat().st_size <= parts[k][1] * 2**20, name
+
+
+def test_plan_mode_prints_issue_20s_calls_with_what_they_carry():
+    plan = load_plan(PLAN20)
+    s = plan["session"]
+    res = plan_mode(env={"ISSUE": "20"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for call, deadline in plan["calls"].items():
+        block = out.split(f"call {call}: ", 1)[1].split("worst case", 1)[0]
+        carried = ", ".join(f'"{p}"' for p, _ in plan["carry"][call])
+        assert f'run(command="{plan["commands"][call]}", carry=[{carried}], timeout_s={s["limit"]})' in block, block
+        for name, granted in walk(plan, call):
+            lo, hi = next((lo, hi) for n, lo, hi in steps_of(plan, call) if n == name)
+            assert re.search(rf"^\s+{name}\s+step\s+{lo}\s+{hi}\s+{granted}\s", block, flags=re.M), (name, block)
+    total = s["start"] + sum(d + s["transfer"] for d in plan["calls"].values()) + s["between"] + s["release"]
+    assert f"= {total}s of {s['device']}s device time" in out and 'with STEPS="..." only: cs_step' in out, out
+    res = plan_mode(env={"ISSUE": "21"})
+    assert res.returncode == 2 and "ISSUE=21: expected 19" in res.stderr, res.stderr
+
+
+def test_plan_mode_refuses_a_call_that_carries_too_much(tmp_path):
+    bad = tmp_path / "plan.tsv"
+    bad.write_text(re.sub(r"^carry 1 \.dali/dali\.tar\.xz\.1\s+\d+", "carry 1 .dali/dali.tar.xz.1  60", PLAN20.read_text(),
+                          flags=re.M))
+    res = plan_mode(env={"ISSUE": "20", "PLANFILE": str(bad)})
+    assert res.returncode == 1 and re.search(r"call 1 carries up to \d+ MiB, over 64 MiB", res.stderr), res.stderr
+    bad.write_text(PLAN20.read_text().replace("size tree ", "size trees "))
+    res = plan_mode(env={"ISSUE": "20", "PLANFILE": str(bad)})
+    assert res.returncode == 2 and "expected: size call|tree MIB" in res.stderr, res.stderr
+
+
+def test_a_missing_dali_pack_stops_issue_20s_call(tmp_path):
+    """Without the pack (a fresh machine that lost it, or a call that did not carry it) the dali step
+    fails saying what is missing, and the call stops: every step after it needs DALI."""
+    env = _fake_tools(tmp_path)
+    (tmp_path / "run" / "extension.txt").write_text("ready\n")  # installed (no env step to reset it)
+    env = dict(env, ISSUE="20", PLANFILE=str(PLAN20), STEPS="dali dali_tests", DALI_PACK=str(tmp_path / "none"),
+               DALI_SITE=str(tmp_path / "site"))
+    res = subprocess.run(["bash", str(RUN_GPU)], env=env, capture_output=True, text=True, timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert f"install_dali: no {tmp_path / 'none'}/SHA256SUMS" in out and "no DALI from the pack" in out, out
+    assert "stopping" in out and not re.search(r"\] dali_tests \(at most", out), out
+    assert re.search(r"^dali\texit 3", (tmp_path / "run" / "steps.tsv").read_text(), flags=re.M)
+
+
+def _fake_pack(tmp_path, parts=2):
+    """A pack as pack_dali.sh writes it (an xz tar in parts, SHA256SUMS), holding an nvidia/dali
+    that fails to import."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for name, text in (("nvidia/__init__.py", ""), ("nvidia/dali/__init__.py", "raise ImportError('a fake DALI')\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text.encode()))
+    data = buf.getvalue()
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    cut = len(data) // parts
+    chunks = [data[i * cut:(i + 1) * cut if i < parts - 1 else len(data)] for i in range(parts)]
+    lines = []
+    for i, chunk in enumerate(chunks, 1):
+        (pack / f"dali.tar.xz.{i}").write_bytes(chunk)
+        lines.append(f"{hashlib.sha256(chunk).hexdigest()}  dali.tar.xz.{i}")
+    (pack / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    return pack
+
+
+def test_install_dali_checks_the_parts_unpacks_once_and_runs_the_check(tmp_path):
+    pack, site = _fake_pack(tmp_path), tmp_path / "site"
+    env = dict(os.environ, PY=sys.executable, DALI_PACK=str(pack), DALI_SITE=str(site), PYTHONPATH="")
+
+    def install():
+        res = subprocess.run(["bash", str(INSTALL_DALI)], env=env, capture_output=True, text=True, timeout=120)
+        return res.returncode, res.stdout + res.stderr
+
+    part2 = (pack / "dali.tar.xz.2").read_bytes()
+    (pack / "dali.tar.xz.2").unlink()
+    rc, out = install()
+    assert rc == 3 and f"{pack}/dali.tar.xz.2 is missing" in out and not site.exists(), out
+    (pack / "dali.tar.xz.2").write_bytes(part2[:-1] + bytes([part2[-1] ^ 1]))
+    rc, out = install()
+    assert rc == 3 and "checksum" in out and not site.exists(), out
+    (pack / "dali.tar.xz.2").write_bytes(part2)
+    rc, out = install()  # unpacked; the check imports this nvidia.dali, which fails
+    assert (site / "nvidia" / "dali" / "__init__.py").is_file(), out
+    assert rc == 1 and "import nvidia.dali failed: ImportError: a fake DALI" in out, out
+    assert "does not import from" in out, out
+    rc, out = install()
+    assert rc == 1 and "unpacked in" in out and "already" in out, out
+
+
+def test_prune_fatbin_blanks_other_archs_and_keeps_sm_90(tmp_path):
+    """A shared library built here with a .nv_fatbin section of two fat binaries: the one with an
+    sm_90 cubin keeps it byte for byte and has its sm_80 cubin and PTX zeroed; the one without
+    sm_90 is left alone; nothing else in the file changes, and --check says so (and catches a
+    change elsewhere)."""
+    import shutil
+    import struct
+
+    import prune_fatbin
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler to build the test library")
+
+    def entry(kind, arch, payload):
+        head = struct.pack("<HHIQIIHHIIIQQQ", kind, 0x101, 64, len(payload), len(payload), 0, 0, 8, arch, 0, 0,
+                           0x8011, 0, len(payload))
+        assert len(head) == 64
+        return head + payload
+
+    def fatbin(*entries):
+        body = b"".join(entries)
+        return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
+
+    p80, p90, ptx, keep80, keepptx = (bytes([v]) * n for v, n in ((0x11, 40), (0x22, 48), (0x33, 32), (0x44, 24),
+                                                                      (0x55, 16)))
+    blob = fatbin(entry(2, 80, p80), entry(2, 90, p90), entry(1, 120, ptx)) + fatbin(entry(2, 80, keep80),
+                                                                                     entry(1, 80, keepptx))
+    src = tmp_path / "fb.c"
+    src.write_text("__attribute__((section(\".nv_fatbin\"), used, aligned(8))) const unsigned char fb[] = {"
+                   + ",".join(str(b) for b in blob) + "};\nint f(void) { return fb[3]; }\n")
+    lib = tmp_path / "lib" / "libfb.so"
+    lib.parent.mkdir()
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src)], check=True, capture_output=True, timeout=120)
+    orig = tmp_path / "orig"
+    orig.mkdir()
+    shutil.copy2(lib, orig / "libfb.so")
+    before = lib.read_bytes()
+    assert before.count(p90) == 1 and before.count(p80) == 1
+    assert prune_fatbin.main([str(lib.parent)]) == 0
+    after = lib.read_bytes()
+    assert len(after) == len(before) and after.count(p90) == 1 and after.index(p90) == before.index(p90)
+    assert p80 not in after and ptx not in after
+    assert after[before.index(p80):before.index(p80) + len(p80)] == bytes(len(p80))
+    assert keep80 in after and keepptx in after  # no sm_90 cubin in that fat binary: left alone
+    changed = [i for i in range(len(before)) if before[i] != after[i]]
+    assert len(changed) == len(p80) + len(ptx)
+    assert prune_fatbin.main([str(lib.parent), "--check", str(orig)]) == 0
+    after = bytearray(after)
+    after[0x100] ^= 1
+    lib.write_bytes(after)
+    assert prune_fatbin.main([str(lib.parent), "--check", str(orig)]) == 1
 
 
 # ----------------------------------------------------------------------------- GPU tests select themselves
