@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the files with the most CUDA work (Triton builds, graphs, the step) start first
-FIRST = ("test_loss.py", "test_gpu_step.py", "test_ncps_loss.py", "test_upsample_loss.py", "test_swept_configs.py",
+FIRST = ("test_loss.py", "test_gpu_step.py", "test_gpu_dali.py", "test_ncps_loss.py", "test_upsample_loss.py", "test_swept_configs.py",
          "test_csrc.py", "test_profiling.py", "test_ohem.py", "test_upsample_cpu_kernel.py", "test_data.py",
          "test_eval.py", "test_kernel_report.py", "test_models.py", "test_train.py")
 
