@@ -68,6 +68,8 @@ def _cmd_presets(args, rest):
 def _cmd_train(args, rest):
     from .train.run import train_main
 
+    if args.out is None and not args.print_config:
+        args._parser.error("the following arguments are required: --out")
     train_main(args)
 
 
@@ -105,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a preset")
     t.add_argument("preset", help="preset name (see docs/presets.md) or a path to a preset file")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", default=None, help="the run's folder (checkpoints, config.json, log.jsonl, tb/); "
+                   "needed unless --print-config")
     t.add_argument("--data-root", default=None)
     t.add_argument("--iters", type=int, default=None, help="stop after N iterations (the LR schedule keeps the preset's length)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record N iterations with torch.profiler (after profile_start, default 10) "
                         "into OUT/profile/ and print where the time went")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    t.set_defaults(func=_cmd_train)
+    t.set_defaults(func=_cmd_train, _parser=t)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (sliding window, branch a)")
     e.add_argument("ckpt")

@@ -148,7 +148,8 @@ class Config:
 
     # --- evaluation
     eval_every: int = _f(0, "eval", "evaluate every N iterations (0: only at the end)")
-    eval_crop_size: Optional[int] = _f(None, "eval", "sliding-window size (None: crop_size)")
+    eval_crop_size: Optional[int] = _f(None, "eval", "sliding-window size (None: crop_size, "
+                                      "and follows it when crop_size is overridden)")
     eval_stride_rate: float = _f(2 / 3, "eval", "window stride as a fraction of the window (reference: 2/3)")
     eval_flip: bool = _f(False, "eval", "average with the flipped image (reference: off)")
     eval_scales: tuple[float, ...] = _f((1.0,), "eval", "test scales (reference: 1.0 only)")
@@ -593,6 +594,8 @@ def format_config(cfg: Config) -> str:
         shown = repr(value)
         if isinstance(value, float) and len(shown) > 10:
             shown = f"{value:.6g}"
+        if f.name == "eval_crop_size" and value is None:
+            shown += f"  (crop_size: {cfg.crop_size})"
         lines.append(f" {mark} {f.name:<{width}} = {shown}")
     return "\n".join(lines)
 

@@ -208,3 +208,51 @@ def test_an_empty_validation_list_fails_before_training(tmp_path, capsys):
                    "cpu", "--set", "pretrained=None", "--set", "train_labeled=None", "--set", "train_unlabeled=None",
                    "--set", "partition=1/2"], "val")
     assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_overriding_crop_size_moves_the_evaluation_window(capsys):
+    from cps_fast.config import apply_overrides
+
+    for name, crop in (("voc_r50_1-8", 512), ("cityscapes_r101_1-2_cutmix", 800)):
+        assert load_preset(name).eval_crop == crop
+        assert apply_overrides(load_preset(name), ["crop_size=321"]).eval_crop == 321
+        assert apply_overrides(load_preset(name), ["crop_size=321", "eval_crop_size=400"]).eval_crop == 400
+    capsys.readouterr()
+    main(["train", "voc_r50_1-8", "--set", "crop_size=321", "--print-config"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if " eval_crop_size " in x)
+    assert line.endswith("= None  (crop_size: 321)"), line
+
+
+def test_splits_and_a_runs_own_partition_agree_by_default(tmp_path, capsys):
+    from cps_fast.config import apply_overrides
+    from cps_fast.data import read_list
+    from cps_fast.train.trainer import open_training_sets
+    from tests.test_layouts import write_voc_reference
+
+    root = tmp_path / "pascal_voc"
+    ids = [f"a{i:02d}" for i in range(16)]
+    write_voc_reference(root, ids, ["v0"], size=(8, 8))
+    main(["splits", "voc", str(root), "--out", str(tmp_path / "lists"), "--partitions", "1/4"])
+    main(["splits", "voc", str(root), "--out", str(tmp_path / "seed0"), "--partitions", "1/4", "--seed", "0"])
+    written = {os.path.basename(e.image) for e in read_list(str(tmp_path / "lists" / "train_labeled_1-4.txt"))}
+    other = {os.path.basename(e.image) for e in read_list(str(tmp_path / "seed0" / "train_labeled_1-4.txt"))}
+    cfg = apply_overrides(load_preset("voc_r50_1-8"), [f"data_root={root}", "pretrained=None", "partition=1/4",
+                                                       "train_labeled=None", "train_unlabeled=None"])
+    lab, unl = open_training_sets(cfg)
+    drawn = {os.path.basename(lab.paths(i)[0]) for i in range(len(lab))}
+    assert len(drawn) == 4 and drawn == written and other != written  # the seed matters, and is the trainer's
+
+
+def test_overlapping_lists_are_named_in_a_warning(tmp_path, capsys, caplog):
+    from tests.test_layouts import write_voc_reference
+
+    root = tmp_path / "pascal_voc"
+    write_voc_reference(root, [f"a{i}" for i in range(6)], ["v0"], size=(8, 8))
+    (root / "lab.txt").write_text("a0\na1\na2\n")
+    (root / "unl.txt").write_text("a2\na3\na1\na4\n")
+    (root / "val.txt").write_text("")  # stops the run in the constructor, after the lists were read
+    fails(capsys, ["train", "voc_r50_1-8", "--out", str(tmp_path / "o"), "--data-root", str(root), "--device",
+                   "cpu", "--set", "pretrained=None", "--set", "train_labeled=lab.txt",
+                   "--set", "train_unlabeled=unl.txt"], "val")
+    warned = [r.getMessage() for r in caplog.records if "both the labeled and the unlabeled" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("warning: 2 images") and "a1" in warned[0], warned

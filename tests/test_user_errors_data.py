@@ -186,6 +186,22 @@ def test_train_worker_data_error_is_one_line(tmp_path, capsys):
                 *sum((["--set", v] for v in sets), [])], capsys, img.name)
 
 
+def test_train_dali_decoder_error_names_the_file(tmp_path, capsys):
+    """dali-cpu through the command: a JPEG whose header reads but whose scan is gone gets past the
+    size check and fails in DALI's decoder, whose error names no file; the message does."""
+    pytest.importorskip("nvidia.dali")
+    root = _voc(tmp_path / "voc", n=4)
+    img = sorted((root / "JPEGImages").glob("*.jpg"))[1]
+    data = img.read_bytes()
+    img.write_bytes(data[:data.find(b"\xff\xda")] + b"\xff\xd9")  # start of scan -> end of image
+    sets = [v for k, v in zip(TINY[::2], TINY[1::2]) if not v.startswith(("data_root=", "data_backend=", "partition="))]
+    sets += ["dataset=voc", f"data_root={root}", "num_classes=21", "data_backend=dali-cpu", "partition=2"]
+    err = user_error(["train", "demo", "--out", str(tmp_path / "run"), "--iters", "2", "--device", "cpu",
+                      *sum((["--set", v] for v in sets), [])], capsys, "DALI", "decoders.image", str(img))
+    others = [p for p in (root / "JPEGImages").glob("*.jpg") if p != img]
+    assert not any(str(p) in err for p in others), err  # only the culprit, not the whole batch
+
+
 def test_dali_source_names_the_batch(tmp_path):
     """dali-cpu's message names the batch's files when reading it fails (DALI itself not needed)."""
     from cps_fast.data import open_dataset

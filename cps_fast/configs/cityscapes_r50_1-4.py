@@ -24,7 +24,5 @@ cps_weight = 6.0
 cutmix = False
 sup_loss = "ohem"
 
-eval_crop_size = 800
-
 paper_miou = 76.85
 paper_source = "CPS paper Table 2, ResNet-50, w/o CutMix, 1/4; recipe: TorchSemiSeg exp.city/city8.res50v3+.CPS/config.py"

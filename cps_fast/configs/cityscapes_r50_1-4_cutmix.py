@@ -24,7 +24,5 @@ cps_weight = 5.0
 cutmix = True
 sup_loss = "ohem"
 
-eval_crop_size = 800
-
 paper_miou = 77.83
 paper_source = "CPS paper Table 2, ResNet-50, w/ CutMix, 1/4; recipe: TorchSemiSeg exp.city/city8.res50v3+.CPS+CutMix/config.py"

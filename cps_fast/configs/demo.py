@@ -42,5 +42,4 @@ num_workers = 2
 
 eval_every = 100
 eval_max_items = None  # all 512 validation scenes: a few seconds each, half the noise of 128
-eval_crop_size = 64
 log_every = 20

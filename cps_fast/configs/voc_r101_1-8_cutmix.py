@@ -24,7 +24,5 @@ cps_weight = 1.0
 cutmix = True
 sup_loss = "ce"
 
-eval_crop_size = 512
-
 paper_miou = 76.44
 paper_source = "CPS paper Table 1, ResNet-101, w/ CutMix, 1/8; recipe: TorchSemiSeg exp.voc/voc8.res50v3+.CPS+CutMix/config.py"

@@ -24,7 +24,5 @@ cps_weight = 1.0
 cutmix = True
 sup_loss = "ce"
 
-eval_crop_size = 512
-
 paper_miou = 74.90
 paper_source = "CPS paper Table 1, ResNet-50, w/ CutMix, 1/4; recipe: TorchSemiSeg exp.voc/voc8.res50v3+.CPS+CutMix/config.py"

@@ -24,7 +24,5 @@ cps_weight = 1.5
 cutmix = False
 sup_loss = "ce"
 
-eval_crop_size = 512
-
 paper_miou = 73.20
 paper_source = "CPS paper Table 1, ResNet-50, w/o CutMix, 1/8; recipe: TorchSemiSeg model/voc8.res50v3+.CPS/config.py"

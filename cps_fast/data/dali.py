@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import re
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -126,6 +127,18 @@ def _listed(names, limit: int = 16) -> str:
     return f"{names[:limit]}{more}" if names else "[] (none read yet)"
 
 
+def _dali_reason(e: BaseException) -> str:
+    """The useful part of a DALI pipeline error: the operator and what it encountered (its text
+    starts with "Critical error in pipeline:" and a Python traceback of the pipeline definition)."""
+    text = str(e)
+    op = re.search(r"Error in (\w+) operator `([^`]+)`", text)
+    what = re.search(r"encountered:\s*\n\s*(\S[^\n]*)", text)
+    if op and what:
+        return f"{op.group(2)} on the {op.group(1)}: {what.group(1).strip()}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Critical error")]
+    return lines[0] if lines else type(e).__name__
+
+
 class _Source:
     """Batch callback for ``fn.external_source``: one call per iteration, in order."""
 
@@ -138,6 +151,7 @@ class _Source:
         self.num_classes = getattr(dataset, "num_classes", 256)
         self._batches = self._gen(start_epoch, start_batch)
         self.recent = collections.deque(maxlen=8)  # names of batches in flight, for error messages
+        self.recent_files = collections.deque(maxlen=8)  # the files DALI decodes of those batches
         self._sizes: dict[int, tuple[int, int]] = {}
 
     def _gen(self, start_epoch, start_batch=0):
@@ -160,10 +174,34 @@ class _Source:
         except Exception:
             return f"sample {i}"
 
+    def _files(self, specs) -> list[str]:
+        if self.image_mode != "bytes":
+            return []
+        out = []
+        for sp in specs:
+            img, lab = self.dataset.paths(sp.index)
+            out += [str(img)] + ([str(lab)] if self.with_label and self.label_mode != "array" and lab else [])
+        return out
+
+    def suspects(self) -> list[str]:
+        """The files of the batches in flight that PIL cannot decode either (DALI's decoder
+        errors name no file), in order, each once."""
+        from PIL import Image
+
+        bad = []
+        for path in dict.fromkeys(f for batch in self.recent_files for f in batch):
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except Exception as e:
+                bad.append(f"{path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return bad
+
     def __call__(self):
         specs = next(self._batches)
         # the batch's names first: an error while reading it, here or in the pipeline, names them
         self.recent.append([self._name(sp.index) for sp in specs])
+        self.recent_files.append(self._files(specs))
         try:
             return self._read(specs)
         except DataError:
@@ -376,10 +414,11 @@ class DaliLoader:
         except DataError:
             raise  # from _Source, naming its file or batch
         except Exception as e:
-            names = [n for batch in self._source.recent for n in batch]
-            raise DataError(
-                f"DALI pipeline failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                f"the failing batch is among files {_listed(names)}") from e
+            names = list(dict.fromkeys(n for batch in self._source.recent for n in batch))
+            bad = self._source.suspects()
+            where = (f"PIL cannot decode {'; '.join(bad[:4])}" + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+                     if bad else f"the failing batch is among files {_listed(names)}")
+            raise DataError(f"DALI pipeline failed ({_dali_reason(e)}); {where}") from e
 
     def __iter__(self):
         while True:
