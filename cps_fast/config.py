@@ -1,9 +1,10 @@
 """The trainer's configuration: one flat, typed, frozen dataclass.
 
-Presets are flat Python files in ``cps_fast/configs/`` (one per paper row, plus
-``demo``), each a handful of ``key = value`` assignments on top of the defaults
-below, which carry the reference recipe shared by all rows. There is no
-inheritance between presets: what a preset does not assign is the default here.
+The paper's presets are one table and one rule (``cps_fast/configs/paper.py``: a row per
+dataset, backbone, partition and CutMix); ``demo`` and a user's own presets are flat Python
+files, a handful of ``key = value`` assignments. Both sit on top of the defaults below, which
+carry the reference recipe shared by all rows. There is no inheritance between presets: what a
+preset does not set is the default here.
 
 ::
 
@@ -28,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-from .errors import UserError
+from .configs import paper
+from .errors import ConfigError  # defined in the leaf errors module, so cps_fast.data needs no config
 
 __all__ = [
     "Config",
@@ -45,10 +47,6 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value, key or preset is invalid; the message says which and why."""
 
 
 def _f(default, section: str, help: str):
@@ -74,7 +72,10 @@ class Config:
     dataset: Literal["voc", "cityscapes", "synthetic"] = _f("voc", "data", "dataset name for cps_fast.data.open_dataset")
     data_root: Optional[str] = _f(None, "data", "dataset folder (or the synthetic spec string)")
     num_classes: int = _f(21, "data", "number of classes (VOC 21, Cityscapes 19)")
-    partition: Optional[str] = _f(None, "data", "labeled fraction of the train set, e.g. '1/8' (informational)")
+    partition: Optional[str] = _f(
+        None, "data", "labeled part of the train set, a fraction ('1/8') or a count ('662'): without list files "
+        "(train_labeled and train_unlabeled None) the run draws this seeded partition of the train split (seed); "
+        "with list files it names the row (the schedule column of `cps-fast presets`)")
     train_labeled: Optional[str] = _f(None, "data", "list file of labeled training items (relative to data_root)")
     train_unlabeled: Optional[str] = _f(None, "data", "list file of unlabeled training items (relative to data_root)")
     val_list: Optional[str] = _f(None, "data", "list file of the evaluation items (None: the dataset's 'val' split)")
@@ -101,17 +102,13 @@ class Config:
                        "every other branch's pseudo labels)")
 
     # --- optimisation
-    lr: float = _f(0.0025, "optim", "base learning rate of SGD (for the global batch; see lr_scaling)")
-    lr_scaling: Literal["none", "linear", "sqrt"] = _f(
-        "none", "optim", "scale lr with batch_size_labeled / lr_reference_batch")
-    lr_reference_batch: int = _f(8, "optim", "global labeled batch that 'lr' is meant for")
+    lr: float = _f(0.0025, "optim", "base learning rate of SGD, for the global batch (set it anew for another batch)")
     momentum: float = _f(0.9, "optim", "SGD momentum")
     optimizer_impl: Literal["auto", "fused", "foreach", "apex"] = _f(
         "auto", "optim", "SGD kernels: torch's fused SGD (auto where available), foreach, or NVIDIA apex "
         "FusedSGD (host learning rate: no CUDA graph)")
     weight_decay: float = _f(1e-4, "optim", "SGD weight decay (not applied to normalisation parameters and biases)")
     poly_power: float = _f(0.9, "optim", "poly schedule: lr * (1 - it / total) ** power, per iteration")
-    warmup_iters: int = _f(0, "optim", "linear warm-up iterations (reference: 0)")
     epochs: int = _f(34, "optim", "epochs over the unlabeled set (the labeled list is repeated to match)")
     iters_per_epoch: Optional[int] = _f(
         None, "optim", "None: reference rule floor(max(n_labeled, n_unlabeled) / batch_size_unlabeled)")
@@ -202,11 +199,9 @@ class Config:
         need(self.ignore_index >= self.num_classes, "ignore_index", f"not a class index (>= num_classes={self.num_classes})")
         need(self.num_workers >= 0, "num_workers", ">= 0")
         need(self.lr > 0, "lr", "a positive learning rate")
-        need(self.lr_reference_batch >= 1, "lr_reference_batch", "at least 1")
         need(0 <= self.momentum < 1, "momentum", "a value in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(self.poly_power >= 0, "poly_power", ">= 0")
-        need(self.warmup_iters >= 0, "warmup_iters", ">= 0")
         need(self.epochs >= 1, "epochs", "at least 1")
         need(self.iters_per_epoch is None or self.iters_per_epoch >= 1, "iters_per_epoch", "None or at least 1")
         need(self.max_iters is None or self.max_iters >= 1, "max_iters", "None or at least 1")
@@ -247,9 +242,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "dict") -> "Config":
-        """Build from a dict such as ``to_dict()`` wrote; unknown keys are refused."""
+        """Build from a dict such as ``to_dict()`` wrote; unknown keys are refused, and so are
+        removed keys (``_REMOVED_KEYS``) unless they hold their old default."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a mapping of config keys, got {type(d).__name__}")
+        d = _drop_removed_keys(d, source)
         _check_keys(d, source)
         return cls(**d)
 
@@ -257,15 +254,6 @@ class Config:
     def eval_crop(self) -> int:
         """The sliding-window size used for evaluation."""
         return self.eval_crop_size if self.eval_crop_size is not None else self.crop_size
-
-    def effective_lr(self) -> float:
-        """``lr`` after the ``lr_scaling`` rule for the configured global batch."""
-        ratio = self.batch_size_labeled / self.lr_reference_batch
-        if self.lr_scaling == "linear":
-            return self.lr * ratio
-        if self.lr_scaling == "sqrt":
-            return self.lr * math.sqrt(ratio)
-        return self.lr
 
     def per_rank_batch(self, world_size: int) -> tuple[int, int]:
         """(labeled, unlabeled) images per rank; the global batches must divide evenly."""
@@ -452,6 +440,31 @@ def _check_keys(keys, source: str = "config") -> None:
                               f"(`cps-fast presets --keys` lists every key with its help)")
 
 
+# Keys that earlier versions had and that no preset, test or user set. A config.json or checkpoint
+# written then holds them; it still loads when such a key holds its old default (with which it
+# changed nothing), and is refused otherwise: today's code would silently train another recipe.
+_REMOVED_KEYS = {
+    "lr_scaling": ("none", "set lr to the rate meant for the global batch instead"),
+    "lr_reference_batch": (8, "set lr to the rate meant for the global batch instead"),
+    "warmup_iters": (0, "cps-fast has no learning-rate warm-up (the reference recipe has none)"),
+}
+
+
+def _drop_removed_keys(d: dict, source: str) -> dict:
+    """``d`` without the keys of ``_REMOVED_KEYS``; a ConfigError naming the key if one holds
+    another value than its old default."""
+    out = dict(d)
+    for key, (default, instead) in _REMOVED_KEYS.items():
+        if key not in out:
+            continue
+        value = out.pop(key)
+        if isinstance(value, bool) or value != default:
+            raise ConfigError(f"{source}: config key {key!r} = {value!r} was removed from cps-fast; only its old "
+                              f"default {default!r}, with which it changed nothing, still loads. {instead[0].upper()}"
+                              f"{instead[1:]} (or use the cps-fast version that wrote this config)")
+    return out
+
+
 # ---------------------------------------------------------------- public helpers
 
 
@@ -488,14 +501,21 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         raise ConfigError(f"overrides {list(overrides)}: {e}") from None
 
 
+def _file_presets() -> list[str]:
+    """The bundled presets that are files in ``cps_fast/configs/`` (``demo``); ``paper.py`` is the table."""
+    return [p.stem for p in PRESET_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem != "paper"]
+
+
 def list_presets() -> list[str]:
-    """Names of the bundled presets (files in ``cps_fast/configs/``), sorted."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.py") if not p.stem.startswith("_"))
+    """Names of the bundled presets, sorted: the paper's table (``cps_fast/configs/paper.py``)
+    and the preset files beside it (``demo``)."""
+    return sorted(paper.names() + _file_presets())
 
 
 def load_preset(name: str) -> Config:
-    """Load a bundled preset by name, a preset file by path (``*.py``), or the ``config.json``
-    that a run wrote (``*.json``: :func:`load_config`), so a run's resolved config trains again.
+    """Load a bundled preset by name (a row of the paper's table, or ``demo``), a preset file by
+    path (``*.py``), or the ``config.json`` that a run wrote (``*.json``: :func:`load_config`), so
+    a run's resolved config trains again.
 
     A preset file is executed in an empty namespace; every public top-level name it
     assigns must be a config key (modules and functions imported there are skipped).
@@ -508,9 +528,11 @@ def load_preset(name: str) -> Config:
     if name.endswith(".py") or os.sep in name:
         if not path.is_file():
             raise ConfigError(f"preset file {name!r} does not exist")
+    elif (row := paper.parse_name(name)) is not None:
+        return Config(**paper.preset(*row))
     else:
         path = PRESET_DIR / f"{name}.py"
-        if not path.is_file():
+        if name not in _file_presets():
             names = list_presets()
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -525,6 +547,7 @@ def load_preset(name: str) -> Config:
         if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"
     }
     values.setdefault("name", path.stem)
+    values = _drop_removed_keys(values, f"preset {str(path)!r}")
     _check_keys(values, f"preset {str(path)!r}")
     try:
         return Config(**values)
@@ -623,7 +646,8 @@ _LIST_KEYS = ("train_labeled", "train_unlabeled")
 def recipe_differences(saved: dict, cfg: Config) -> list[str]:
     """The recipe keys (all but :data:`RUN_KEYS`) whose value in ``saved`` (a checkpoint's config)
     differs from ``cfg``'s. List files compare by file name, so a moved data root still resumes;
-    keys that an older checkpoint lacks are not compared."""
+    keys that an older checkpoint lacks are not compared, removed keys only at their old default."""
+    saved = _drop_removed_keys(saved, "the checkpoint's config")
     now = cfg.to_dict()
     differ = []
     for key, value in saved.items():

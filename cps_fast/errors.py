@@ -11,11 +11,18 @@ A leaf module: it imports nothing from cps_fast.
 """
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DeviceError", "UserError"]
+__all__ = ["CheckpointError", "ConfigError", "DeviceError", "UserError"]
 
 
 class UserError(Exception):
     """Bad input; the message names the file, key, option or device and what was expected."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value, key or preset is invalid; the message says which and why.
+
+    Defined here, below every other module, so that the data package can raise it without
+    importing :mod:`cps_fast.config`; ``from cps_fast.config import ConfigError`` is the same class."""
 
 
 class CheckpointError(UserError, ValueError):

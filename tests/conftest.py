@@ -27,6 +27,17 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "poison_outputs: fill kernel outputs with NaN before each launch")
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(request, monkeypatch):
+    """In tests marked ``poison_outputs`` (the fused-loss suites' ``pytestmark``), every kernel
+    output is filled with NaN before the launch, so an element a kernel forgets to write fails."""
+    if request.node.get_closest_marker("poison_outputs") is not None:
+        from cps_fast import loss
+
+        monkeypatch.setattr(loss, "POISON_OUTPUTS", True)
 
 
 def _shard(items):

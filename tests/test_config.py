@@ -1,11 +1,12 @@
 """Tests of cps_fast.config: presets, overrides, errors, round trips."""
 import json
-import math
+from pathlib import Path
 
 import pytest
 
 from cps_fast.config import (
-    Config, ConfigError, apply_overrides, format_config, list_presets, load_config, load_preset, save_config,
+    Config, ConfigError, apply_overrides, format_config, list_presets, load_config, load_preset, recipe_differences,
+    save_config,
 )
 
 # Published mIoU (CPS paper, Tables 1-2), partitions 1/16, 1/8, 1/4, 1/2.
@@ -21,6 +22,12 @@ PAPER = {
 }
 EPOCHS = {"voc": (32, 34, 40, 60), "cityscapes": (128, 137, 160, 240)}
 ROWS = [(ds, bb, cm, i, r) for (ds, bb, cm) in PAPER for i, r in enumerate((16, 8, 4, 2))]
+
+# {name: load_preset(name).to_dict()} of all 33 presets, written from the 32 flat preset files and
+# demo.py before the paper's rows became one table (cps_fast/configs/paper.py).
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "presets.json").read_text())
+# keys that Config no longer has, with the only value they ever held in a preset
+REMOVED = {"lr_scaling": "none", "lr_reference_batch": 8, "warmup_iters": 0}
 
 
 def test_all_presets_listed():
@@ -56,6 +63,62 @@ def test_preset_matches_reference_table(ds, bb, cm, i, r):
     assert cfg.paper_miou == PAPER[ds, bb, cm][i]
 
 
+def test_presets_resolve_to_the_golden_file():
+    assert sorted(GOLDEN) == list_presets()
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_preset_matches_golden_key_by_key(name):
+    golden, now = GOLDEN[name], load_preset(name).to_dict()
+    assert set(golden) == set(now) | set(REMOVED), f"{name}: keys added {set(now) - set(golden)}, " \
+                                                   f"removed {set(golden) - set(now) - set(REMOVED)}"
+    for key, value in now.items():
+        assert (value, type(value)) == (golden[key], type(golden[key])), f"{name}: {key}"
+    for key, default in REMOVED.items():
+        assert golden[key] == default, f"{name}: removed key {key} held {golden[key]!r}"
+
+
+def test_removed_keys_load_at_their_old_default(tmp_path):
+    """A config.json or checkpoint written before lr_scaling, lr_reference_batch and warmup_iters
+    were removed loads when they hold their defaults, and is refused, naming the key, otherwise."""
+    old = GOLDEN["voc_r50_1-8_cutmix"]
+    cfg = load_preset("voc_r50_1-8_cutmix")
+    assert Config.from_dict(old) == cfg
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert load_config(tmp_path / "config.json") == cfg == load_preset(str(tmp_path / "config.json"))
+    assert recipe_differences(old, cfg) == []
+    for key, value in [("lr_scaling", "linear"), ("lr_reference_batch", 16), ("warmup_iters", 500),
+                       ("warmup_iters", False)]:
+        changed = {**old, key: value}
+        with pytest.raises(ConfigError, match=rf"dict: config key '{key}' = {value!r} was removed.*old default"):
+            Config.from_dict(changed)
+        (tmp_path / "config.json").write_text(json.dumps(changed))
+        with pytest.raises(ConfigError, match=rf"config.json.*'{key}'"):
+            load_config(tmp_path / "config.json")
+        with pytest.raises(ConfigError, match=rf"checkpoint's config: config key '{key}'"):
+            recipe_differences(changed, cfg)
+    with pytest.raises(ConfigError, match="unknown config key 'warmup_iters'"):
+        apply_overrides(cfg, ["warmup_iters=0"])
+    with pytest.raises(TypeError):
+        Config(lr_scaling="none")
+
+
+def test_preset_file_with_a_removed_key(tmp_path):
+    mine = tmp_path / "mine.py"
+    mine.write_text("lr = 0.01\nwarmup_iters = 0\n")
+    assert load_preset(str(mine)) == Config(name="mine", lr=0.01)
+    mine.write_text("lr = 0.01\nlr_scaling = 'sqrt'\n")
+    with pytest.raises(ConfigError, match=r"mine.py.*'lr_scaling' = 'sqrt' was removed"):
+        load_preset(str(mine))
+
+
+def test_table_module_is_not_a_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'paper'"):
+        load_preset("paper")
+    with pytest.raises(ConfigError, match="unknown preset 'voc_r50_1-3'.*did you mean"):
+        load_preset("voc_r50_1-3")
+
+
 def test_demo_preset_is_cpu_friendly():
     cfg = load_preset("demo")
     assert cfg.dataset == "synthetic" and cfg.backbone == "resnet18"
@@ -73,12 +136,8 @@ def test_iteration_rule_is_the_reference_floor():
     assert cfg.replace(method="supervised").iters_per_epoch_for(1322, 9260) == 1322 // 8
 
 
-def test_lr_scaling_and_per_rank_batch():
+def test_per_rank_batch():
     cfg = Config()
-    assert cfg.effective_lr() == cfg.lr
-    big = cfg.replace(batch_size_labeled=16, lr_scaling="linear")
-    assert big.effective_lr() == pytest.approx(2 * cfg.lr)
-    assert big.replace(lr_scaling="sqrt").effective_lr() == pytest.approx(math.sqrt(2) * cfg.lr)
     assert cfg.per_rank_batch(4) == (2, 2)
     with pytest.raises(ConfigError, match="batch_size_labeled.*8.*divisible.*3"):
         cfg.per_rank_batch(3)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,7 +273,12 @@ def _call(**kw):
 
 def test_good_args_run():
     assert _call(**_good_args()).shape == (3,)
-    assert _C.has_cuda() in (True, False)
+
+
+def test_has_cuda_says_whether_the_cuda_kernels_are_in_the_binary():
+    blob = Path(_C.__file__).read_bytes()
+    assert type(_C.has_cuda()) is bool
+    assert (b"cps_loss_reduce_kernel" in blob) == _C.has_cuda(), _C.__file__
 
 
 @pytest.mark.parametrize(
@@ -416,3 +422,9 @@ def test_cuda_matches_cpu_kernel_and_is_deterministic():
         assert torch.equal(x, y)
     torch.testing.assert_close(runs[0][0].cpu(), cpu[0], rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(runs[0][1].cpu(), cpu[1], rtol=1e-4, atol=1e-8)
+
+
+def test_outputs_are_not_poisoned_outside_the_marked_suites():
+    from cps_fast import loss
+
+    assert not loss.POISON_OUTPUTS

@@ -13,7 +13,8 @@ import cps_fast
 from cps_fast import backends
 from cps_fast.reference import cps_loss_reference, cps_step_reference
 from helpers import assert_grads_close, assert_scalars_close, make_labels, make_logits, mean_ce, run
-from helpers import poison_outputs  # noqa: F401  (autouse: NaN-filled kernel outputs)
+
+pytestmark = pytest.mark.poison_outputs  # NaN-filled kernel outputs (tests/conftest.py)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -393,3 +394,16 @@ def test_torch_compile_traces_the_fused_loss_without_graph_breaks():
     torch.testing.assert_close(loss.detach().double(), ref[0], rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(a_leaf.grad.double(), ref[3], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b_leaf.grad.double(), ref[4], rtol=1e-4, atol=1e-6)
+
+
+def test_the_fused_loss_suites_run_with_poisoned_outputs():
+    """The conftest fixture is on in every module marked poison_outputs (and off elsewhere)."""
+    import test_ncps_loss
+    import test_swept_configs
+    import test_upsample_loss
+
+    from cps_fast import loss
+
+    assert loss.POISON_OUTPUTS
+    for mod in (test_ncps_loss, test_swept_configs, test_upsample_loss):
+        assert mod.pytestmark.name == "poison_outputs", mod.__name__

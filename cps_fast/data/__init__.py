@@ -12,6 +12,7 @@ from .datasets import (
     VOC_PALETTE,
     CityscapesDataset,
     DataError,
+    Subset,
     VOCDataset,
     open_dataset,
     read_image,
@@ -26,7 +27,7 @@ from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_TO_CITYSCAPES_ID, SyntheticD
 __all__ = [
     "BACKENDS", "PAPER_COUNTS", "PAPER_PREFIX", "check_paper_counts", "paper_list_path", "resolve_list", "CITYSCAPES_CLASSES", "CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_PALETTE",
     "CityscapesDataset", "DataError", "SYNTHETIC_CLASSES", "SYNTHETIC_TO_CITYSCAPES_ID", "SampleSchedule",
-    "SyntheticDataset",
+    "Subset", "SyntheticDataset",
     "VOC_CLASSES", "VOC_PALETTE", "VOCDataset", "box_masks", "labeled_loader", "open_dataset",
     "partition", "read_image", "read_label", "read_list", "read_partition", "repeat_to_length",
     "resolve_backend", "splits_main", "unlabeled_loader", "write_cityscapes", "write_splits", "write_voc",

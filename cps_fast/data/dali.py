@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import DeviceError
-from .datasets import CITYSCAPES_ID_TO_TRAINID, DataError, check_label, read_label
+from .common import CITYSCAPES_ID_TO_TRAINID, DataError, check_label, read_label
 from .splits import SampleSchedule
 from .transforms import crop_anchor, scaled_size
 

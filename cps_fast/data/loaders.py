@@ -1,15 +1,19 @@
 """``labeled_loader`` / ``unlabeled_loader``: one entry point for every backend."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import logging
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..errors import DeviceError
 from .splits import SampleSchedule
 
-__all__ = ["labeled_loader", "unlabeled_loader", "resolve_backend", "check_mean_std", "BACKENDS"]
+__all__ = ["labeled_loader", "unlabeled_loader", "LoaderOptions", "resolve_backend", "check_mean_std", "BACKENDS"]
 
 log = logging.getLogger("cps_fast.data")
 
@@ -63,46 +67,101 @@ def _crop(crop_size) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _make(dataset, with_label, *, batch_size, crop_size, scales, flip, backend, seed, stream,
-          rank, world_size, mean, std, num_workers, epoch_length, label_dtype, start_epoch_arg,
-          device_id, prefetch_queue_depth, num_threads, start_iter=0, check_labels=None):
+@dataclass(frozen=True)
+class LoaderOptions:
+    """The keywords that :func:`labeled_loader` and :func:`unlabeled_loader` share, declared once
+    (their docstrings say what the batches are).
+
+    ``start_epoch`` and ``start_iter`` are a resume position (whole epochs, then batches skipped,
+    never loaded). ``num_workers`` are the ``pytorch`` backend's worker processes (and the DALI
+    threads when ``num_threads`` is None); ``device_id``, ``prefetch_queue_depth`` and
+    ``num_threads`` are the DALI pipeline's.
+    """
+
+    batch_size: int
+    crop_size: Union[int, Sequence[int]]
+    scales: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
+    flip: bool = True
+    backend: str = "auto"
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    num_workers: Optional[int] = None
+    epoch_length: Optional[int] = None
+    start_epoch: int = 0
+    device_id: Optional[int] = None
+    prefetch_queue_depth: int = 2
+    num_threads: Optional[int] = None
+    start_iter: int = 0
+
+
+_OPTIONS = {f.name: f for f in dataclasses.fields(LoaderOptions)}
+
+
+def _options(fn, given: dict) -> LoaderOptions:
+    """``LoaderOptions(**given)``, with the errors Python gives for a plain function's keywords,
+    naming ``fn`` (``labeled_loader``) rather than the dataclass."""
+    for key in given:
+        if key not in _OPTIONS:
+            close = difflib.get_close_matches(key, list(inspect.signature(fn).parameters), n=1)
+            raise TypeError(f"{fn.__name__}() got an unexpected keyword argument {key!r}"
+                            + (f"; did you mean {close[0]!r}?" if close else ""))
+    for key, f in _OPTIONS.items():
+        if key not in given and f.default is dataclasses.MISSING:
+            raise TypeError(f"{fn.__name__}() missing required keyword argument {key!r}")
+    return LoaderOptions(**given)
+
+
+def _takes_options(fn):
+    """Show the :class:`LoaderOptions` in ``fn``'s signature (``help()``, ``inspect``) in place of
+    its ``**options``: ``(dataset, *, <the options>, <fn's own keywords>)``."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
+                                default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+              for f in _OPTIONS.values()]
+    fn.__signature__ = sig.replace(parameters=[own[0], *shared, *own[1:]])
+    return fn
+
+
+def _make(dataset, o: LoaderOptions, *, with_label: bool, stream: int, label_dtype: torch.dtype,
+          check_labels: Optional[bool]):
+    where = "labeled_loader" if with_label else "unlabeled_loader"
     if len(dataset) == 0:
         raise ValueError(f"dataset {dataset!r} is empty")
-    check_mean_std(mean, std, "labeled_loader" if with_label else "unlabeled_loader")
-    schedule = SampleSchedule(len(dataset), batch_size, length=epoch_length, seed=seed,
-                              stream=stream, rank=rank, world_size=world_size,
-                              scales=scales, flip=flip)
-    crop = _crop(crop_size)
-    be = resolve_backend(backend)
+    check_mean_std(o.mean, o.std, where)
+    schedule = SampleSchedule(len(dataset), o.batch_size, length=o.epoch_length, seed=o.seed,
+                              stream=stream, rank=o.rank, world_size=o.world_size,
+                              scales=o.scales, flip=o.flip)
+    crop = _crop(o.crop_size)
+    be = resolve_backend(o.backend)
     # a resume position: whole epochs, then batches skipped (never loaded) in the next one
-    start_epoch, start_batch = divmod(int(start_iter), len(schedule))
-    start_epoch += int(start_epoch_arg)
+    start_epoch, start_batch = divmod(int(o.start_iter), len(schedule))
+    start_epoch += int(o.start_epoch)
     if be == "pytorch":
         from .torch_loader import TorchLoader
 
-        return TorchLoader(dataset, schedule, crop_size=crop, mean=mean, std=std,
-                           with_label=with_label, num_workers=num_workers,
+        return TorchLoader(dataset, schedule, crop_size=crop, mean=o.mean, std=o.std,
+                           with_label=with_label, num_workers=o.num_workers,
                            label_dtype=label_dtype, start_epoch=start_epoch,
                            start_batch=start_batch)
     from .dali import DaliLoader
 
-    return DaliLoader(dataset, schedule, crop_size=crop, mean=mean, std=std, with_label=with_label,
-                      device="gpu" if be == "dali-gpu" else "cpu", device_id=device_id,
-                      num_threads=num_threads or (num_workers or 4), label_dtype=label_dtype,
+    return DaliLoader(dataset, schedule, crop_size=crop, mean=o.mean, std=o.std, with_label=with_label,
+                      device="gpu" if be == "dali-gpu" else "cpu", device_id=o.device_id,
+                      num_threads=o.num_threads or (o.num_workers or 4), label_dtype=label_dtype,
                       start_epoch=start_epoch, start_batch=start_batch,
-                      prefetch_queue_depth=prefetch_queue_depth, check_labels=check_labels)
+                      prefetch_queue_depth=o.prefetch_queue_depth, check_labels=check_labels)
 
 
-def labeled_loader(dataset, *, batch_size: int, crop_size, scales: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0),
-                   flip: bool = True, backend: str = "auto", seed: int = 0, rank: int = 0,
-                   world_size: int = 1, mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD, num_workers: Optional[int] = None,
-                   epoch_length: Optional[int] = None, label_dtype: torch.dtype = torch.uint8,
-                   start_epoch: int = 0, device_id: Optional[int] = None,
-                   prefetch_queue_depth: int = 2, num_threads: Optional[int] = None,
-                   start_iter: int = 0, check_labels: Optional[bool] = None):
+@_takes_options
+def labeled_loader(dataset, *, label_dtype: torch.dtype = torch.uint8, check_labels: Optional[bool] = None,
+                   **options):
     """Augmented labeled batches, infinitely; ``len()`` = iterations per epoch.
 
+    ``options`` are the :class:`LoaderOptions` (``batch_size`` and ``crop_size`` required).
     Yields ``{"image": (B, 3, h, w) float32 normalised, channels_last memory,
     "label": (B, h, w) uint8 (``label_dtype``), 255 where padded or ignored}``;
     on the GPU for ``dali-gpu``, else on the CPU (pinned when CUDA exists).
@@ -115,30 +174,18 @@ def labeled_loader(dataset, *, batch_size: int, crop_size, scales: Sequence[floa
     ``dali-gpu``, where it reads a flag back to the host every batch. Labels read on
     the host (the ``pytorch`` backend, palette and 16-bit PNGs) are always checked.
     """
-    return _make(dataset, True, batch_size=batch_size, crop_size=crop_size, scales=scales, flip=flip,
-                 backend=backend, seed=seed, stream=0, rank=rank, world_size=world_size, mean=mean,
-                 std=std, num_workers=num_workers, epoch_length=epoch_length,
-                 label_dtype=label_dtype, start_epoch_arg=start_epoch, device_id=device_id,
-                 prefetch_queue_depth=prefetch_queue_depth, num_threads=num_threads,
-                 start_iter=start_iter, check_labels=check_labels)
+    return _make(dataset, _options(labeled_loader, options), with_label=True, stream=0,
+                 label_dtype=label_dtype, check_labels=check_labels)
 
 
-def unlabeled_loader(dataset, *, batch_size: int, crop_size, scales: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0),
-                     flip: bool = True, backend: str = "auto", seed: int = 0, stream: int = 0,
-                     rank: int = 0, world_size: int = 1, mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD, num_workers: Optional[int] = None,
-                     epoch_length: Optional[int] = None, start_epoch: int = 0,
-                     device_id: Optional[int] = None, prefetch_queue_depth: int = 2,
-                     num_threads: Optional[int] = None, start_iter: int = 0):
+@_takes_options
+def unlabeled_loader(dataset, *, stream: int = 0, **options):
     """Augmented unlabeled batches ``{"image": ...}`` (as :func:`labeled_loader`, no label).
 
+    ``options`` are the :class:`LoaderOptions` (``batch_size`` and ``crop_size`` required).
     ``stream`` selects an independent shuffle and augmentation stream: the CutMix
     trainer uses ``stream=0`` and ``stream=1`` for u0 and u1, which therefore
     draw different images (the reference's two loaders yield the same ones).
     """
-    return _make(dataset, False, batch_size=batch_size, crop_size=crop_size, scales=scales, flip=flip,
-                 backend=backend, seed=seed, stream=1 + int(stream), rank=rank,
-                 world_size=world_size, mean=mean, std=std, num_workers=num_workers,
-                 epoch_length=epoch_length, label_dtype=torch.uint8, start_epoch_arg=start_epoch,
-                 device_id=device_id, prefetch_queue_depth=prefetch_queue_depth,
-                 num_threads=num_threads, start_iter=start_iter)
+    return _make(dataset, _options(unlabeled_loader, options), with_label=False, stream=1 + int(stream),
+                 label_dtype=torch.uint8, check_labels=None)

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .datasets import DataError
+from .common import DataError
 
 __all__ = [
     "PAPER_COUNTS",

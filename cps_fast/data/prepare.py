@@ -55,7 +55,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .datasets import CITYSCAPES_ID_TO_TRAINID, DataError, _image_size, check_label
+from .common import CITYSCAPES_ID_TO_TRAINID, DataError, _image_size, check_label
 
 __all__ = ["prepare_voc", "prepare_cityscapes", "main", "MARKER", "STAMP"]
 

@@ -1,13 +1,9 @@
-"""Split lists: reading both published formats, writing seeded partitions, and
-the per-epoch sample schedule (labeled list repeated to the unlabeled length).
+"""Split lists: seeded labeled/unlabeled partitions (``cps-fast splits``) and the per-epoch
+sample schedule (labeled list repeated to the unlabeled length).
 
-List formats (one entry per line, blank lines and ``#`` comments skipped):
-
-* one id per line, as the VOC ``ImageSets`` and the CPS VOC partition lists
-  (``2007_000032``), or a Cityscapes stem (``aachen/aachen_000000_000019``);
-* ``image_path label_path`` relative to the dataset root, separated by spaces
-  or a tab, as the DeepLab/CPS lists (``JPEGImages/2007_000032.jpg
-  SegmentationClassAug/2007_000032.png``; a leading ``/`` is ignored).
+Reading a list file in either published format (:func:`read_list`, :func:`read_partition`,
+:class:`ListEntry`) lives in :mod:`cps_fast.data.common`, which the datasets share; it is
+re-exported here.
 """
 from __future__ import annotations
 
@@ -19,6 +15,10 @@ from fractions import Fraction
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from ..errors import ConfigError
+from .common import ListEntry, read_list, read_partition
+from .datasets import open_dataset
 
 __all__ = [
     "ListEntry",
@@ -32,58 +32,6 @@ __all__ = [
     "main",
 ]
 
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
-
-
-@dataclass(frozen=True)
-class ListEntry:
-    """One list line: an id (``image_is_id``) or an image path with an optional label path."""
-
-    image: str
-    label: Optional[str] = None
-    image_is_id: bool = False
-
-
-def read_list(path: str) -> list[ListEntry]:
-    """Parse a split list in either published format; errors name the file and line."""
-    from .datasets import DataError
-
-    if path is None or not os.path.isfile(path):
-        raise DataError(f"list file {path} does not exist")
-    entries = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) > 2:
-                raise DataError(
-                    f"list file {path} line {lineno} has {len(parts)} fields ({line!r}); expected "
-                    "an id or 'image_path label_path'")
-            parts = [p.lstrip("/") for p in parts]
-            if len(parts) == 2:
-                entries.append(ListEntry(parts[0], parts[1], False))
-            else:
-                is_path = parts[0].lower().endswith(_IMAGE_EXTS)
-                entries.append(ListEntry(parts[0], None, not is_path))
-    if not entries:
-        raise DataError(f"list file {path} is empty")
-    return entries
-
-
-def read_partition(labeled_list: str, unlabeled_list: str) -> tuple[list[ListEntry], list[ListEntry]]:
-    """Read a labeled/unlabeled pair of lists and check that they are disjoint."""
-    from .datasets import DataError
-
-    lab, unl = read_list(labeled_list), read_list(unlabeled_list)
-    common = {e.image for e in lab} & {e.image for e in unl}
-    if common:
-        raise DataError(
-            f"lists {labeled_list} and {unlabeled_list} share {len(common)} images, e.g. {sorted(common)[0]}")
-    return lab, unl
-
-
 PARTITION_FORM = "'k/n' with 1 <= k <= n (e.g. 1/8), a fraction in (0, 1) (e.g. 0.125) or a labeled count >= 1"
 
 
@@ -91,8 +39,6 @@ def parse_partition(p, what: str = "partition") -> Fraction | int:
     """A labeled amount: a :class:`~fractions.Fraction` in (0, 1] (``"1/8"``, ``"1-8"``, ``0.125``)
     or a labeled count (an int >= 1). Anything else is a :class:`~cps_fast.config.ConfigError`
     naming ``what`` (the key or option it came from) and the expected form."""
-    from ..config import ConfigError
-
     a = None
     if isinstance(p, (int, Fraction)) and not isinstance(p, bool):
         a = p
@@ -119,8 +65,6 @@ def partition(n: int, amount, seed: int = SEED, what: str = "partition") -> tupl
     :func:`parse_partition`; ``what`` names its key or option in errors).
     Returns sorted (labeled, unlabeled) index arrays, disjoint and covering ``range(n)``.
     """
-    from ..config import ConfigError
-
     a = parse_partition(amount, what)
     k = int(a) if isinstance(a, int) else max(1, int(round(float(a) * n)))
     if not 0 < k <= n:
@@ -148,8 +92,6 @@ def write_splits(dataset_name: str, root: str, out_dir: str,
     :func:`read_list`). Deterministic for a given seed; the pairs are disjoint and
     cover the train set. Returns the written (labeled, unlabeled) paths.
     """
-    from .datasets import open_dataset
-
     for p in partitions:  # every value checked before any work
         parse_partition(p, "--partitions")
     ds = open_dataset(dataset_name, root, split=split, list_file=list_file)

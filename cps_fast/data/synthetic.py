@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .datasets import CITYSCAPES_ID_TO_TRAINID, VOC_PALETTE, DataError
+from .common import CITYSCAPES_ID_TO_TRAINID, VOC_PALETTE, BaseDataset, DataError, read_list
 
 __all__ = ["SyntheticDataset", "render_scene", "write_voc", "write_cityscapes", "SYNTHETIC_CLASSES",
            "SYNTHETIC_TO_CITYSCAPES_ID"]
@@ -131,7 +131,7 @@ def render_scene(rng: np.random.Generator, height: int = 128, width: int = 128) 
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
-class SyntheticDataset:
+class SyntheticDataset(BaseDataset):
     """In-memory synthetic scenes (see module docstring); items as the other datasets.
 
     ``n`` scenes of ``size`` (int or (H, W)); split "train"/"val"/"test" use
@@ -176,8 +176,6 @@ class SyntheticDataset:
             raise DataError(f"synthetic root must be None, a seed, a dict or a spec string, got {spec!r}")
         ds = cls(split=split, labeled=labeled, **kw)
         if list_file is not None:
-            from .splits import read_list
-
             idx = []
             for e in read_list(list_file):
                 tail = os.path.splitext(os.path.basename(e.image))[0].rsplit("_", 1)[-1]
@@ -197,14 +195,6 @@ class SyntheticDataset:
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], self.indices[i]])
         img, lab = render_scene(rng, *self.size)
         return img, (lab if with_label and self.labeled else None)
-
-    def __getitem__(self, i: int) -> dict:
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for a dataset of {len(self)} items")
-        img, lab = self.load(i)
-        return {"image": img, "label": lab, "name": self.name(i)}
 
     def __repr__(self) -> str:
         return f"SyntheticDataset(n={self.n}, size={self.size}, seed={self.seed}, split={self.split!r})"

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from .datasets import DataError, check_label
+from .common import DataError, check_label
 from .splits import SampleSchedule, SampleSpec
 from .transforms import augment
 

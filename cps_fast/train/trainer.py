@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .. import data as cdata
 from ..config import Config, ConfigError, format_config, recipe_differences, save_config
+from ..data.datasets import Subset
 from ..errors import CheckpointError, DeviceError
 from ..eval import evaluate
 from ..models import CPSModel, convert_sync_batchnorm, param_groups
@@ -63,30 +64,6 @@ def init_distributed(device_type: str, cuda_graph: bool = False) -> tuple[int, i
 
 
 # ----------------------------------------------------------------------------- data
-
-
-class Subset:
-    """The items of ``dataset`` at ``indices``, keeping its attributes (classes, palette, paths)."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, [int(i) for i in indices]
-        for method in ("paths", "image_size", "name"):
-            if hasattr(dataset, method):
-                fn = getattr(dataset, method)
-                setattr(self, method, lambda i, fn=fn: fn(self.indices[i]))
-        if hasattr(dataset, "load"):
-            self.load = lambda i, *a, **k: dataset.load(self.indices[i], *a, **k)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
-
-    def __getattr__(self, key):  # num_classes, class_names, palette, label_format, labeled ...
-        if key in ("dataset", "indices"):
-            raise AttributeError(key)
-        return getattr(self.dataset, key)
 
 
 LIST_KEYS = ("train_labeled", "train_unlabeled", "val_list")
@@ -322,7 +299,7 @@ class Trainer:
         if self.use_graph and not self.optimizer.capturable:
             raise ConfigError(f"optimizer_impl={cfg.optimizer_impl!r} reads the learning rate on the host each step "
                               f"and cannot run inside a CUDA graph; pass --no-cuda-graph or use 'fused'")
-        self.base_lr = cfg.effective_lr()
+        self.base_lr = cfg.lr
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
 
         # device state of the step: iteration counter, learning rate, running sums for logging
@@ -415,7 +392,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
-        lr = poly_lr(self.base_lr, self.iteration, self.total_iters, cfg.poly_power, cfg.warmup_iters)
+        lr = poly_lr(self.base_lr, self.iteration, self.total_iters, cfg.poly_power)
         self.lr.copy_(lr)
         if self.scaler is not None:
             self.scaler.step(self._scaler_view)  # unscales, skips the step on inf (reads a flag: fp16 only)
