@@ -31,6 +31,13 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
+def _no_traceback_env(monkeypatch):
+    """CPS_FAST_TRACEBACK=1 (a developer's setting) makes user errors tracebacks: off in tests,
+    which check the one-line messages; a test that wants it sets it."""
+    monkeypatch.delenv("CPS_FAST_TRACEBACK", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _poison_outputs(request, monkeypatch):
     """In tests marked ``poison_outputs`` (the fused-loss suites' ``pytestmark``), every kernel
     output is filled with NaN before the launch, so an element a kernel forgets to write fails."""

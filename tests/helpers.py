@@ -3,6 +3,7 @@
 Import with ``from helpers import ...`` (pytest puts tests/ on sys.path). A module marked
 ``pytestmark = pytest.mark.poison_outputs`` gets NaN-filled kernel outputs (tests/conftest.py).
 """
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -90,3 +91,19 @@ def assert_scalars_close(got, ref):
         assert x.dtype == torch.float32, f"{name} has dtype {x.dtype}"
         assert torch.isfinite(x), f"{name} is {x}"
         torch.testing.assert_close(x.double(), r, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def user_error(capsys, argv, *culprits) -> str:
+    """``cps-fast ARGV`` (``cps_fast.cli.main`` in process) exits with status 2 and one stderr line
+    ``cps-fast: error: ...`` naming every culprit, without a traceback; returns that line."""
+    from cps_fast.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2, (stopped.value.code, err)
+    assert err.startswith("cps-fast: error: ") and "\n" not in err and "Traceback" not in err, err
+    for c in culprits:
+        assert str(c) in err, (c, err)
+    return err

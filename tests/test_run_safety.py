@@ -10,6 +10,7 @@ import torch
 from cps_fast.cli import main
 from cps_fast.config import RUN_KEYS, Config, load_preset, recipe_differences
 from cps_fast.train import load_checkpoint
+from helpers import user_error
 
 SETS = ["data_root=seed=0,n=6,size=40", "crop_size=24", "batch_size_labeled=2", "batch_size_unlabeled=2",
         "max_iters=4", "eval_max_items=1", "eval_crop_size=40", "eval_batch_size=1", "log_every=1",
@@ -19,24 +20,6 @@ OPTS = [w for s in SETS for w in ("--set", s)]
 
 def train(out, *extra):
     main(["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, *extra])
-
-
-def fails(capsys, argv, *culprits):
-    """`cps-fast ARGV` exits 2 with one line naming every culprit, without a traceback."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert stopped.value.code == 2, err
-    assert err.startswith("cps-fast: error: ") and "\n" not in err and "Traceback" not in err, err
-    for c in culprits:
-        assert str(c) in err, (c, err)
-    return err
-
-
-@pytest.fixture(autouse=True)
-def _no_traceback(monkeypatch):
-    monkeypatch.delenv("CPS_FAST_TRACEBACK", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +34,19 @@ def test_an_old_run_is_refused_without_resume_and_replaced_with_overwrite(tmp_pa
     out = tmp_path / "r"
     train(out, "--iters", "1")
     rows = (out / "log.jsonl").read_text().splitlines()
-    err = fails(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--iters", "1"],
-                out, "--resume", "--overwrite", "last.pt", "log.jsonl")
+    err = user_error(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--iters", "1"],
+                     out, "--resume", "--overwrite", "last.pt", "log.jsonl")
     assert "holds a run" in err
     assert (out / "log.jsonl").read_text().splitlines() == rows  # nothing touched
-    fails(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--resume", "--overwrite"],
-          "--resume and --overwrite")
+    user_error(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--resume", "--overwrite"],
+               "--resume and --overwrite")
     train(out, "--iters", "1", "--overwrite")
     new = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
     assert len(new) == len(rows) and [r.get("iter") for r in new if "loss" in r] == [1]  # not appended
     assert [r["iter"] for r in new if "val/miou" in r] == [1]  # validation rows carry their iteration
     assert "removed" in capsys.readouterr().out
-    fails(capsys, ["train", "demo", "--out", str(tmp_path / "empty"), "--device", "cpu", *OPTS, "--resume"],
-          tmp_path / "empty" / "last.pt", "does not exist")
+    user_error(capsys, ["train", "demo", "--out", str(tmp_path / "empty"), "--device", "cpu", *OPTS, "--resume"],
+               tmp_path / "empty" / "last.pt", "does not exist")
 
 
 def test_resume_refuses_a_changed_recipe_and_allows_run_keys(run_dir, tmp_path, capsys):
@@ -71,16 +54,16 @@ def test_resume_refuses_a_changed_recipe_and_allows_run_keys(run_dir, tmp_path, 
 
     out = tmp_path / "copy"
     shutil.copytree(run_dir, out)
-    err = fails(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--resume",
+    err = user_error(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--resume",
                          "--set", "lr=0.5", "--set", "crop_size=16"], "lr=", "crop_size=24", "16")
     assert "recipe" in err
-    fails(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--resume",
+    user_error(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--resume",
                    "--set", "max_iters=8"], "max_iters=4")
     before = load_checkpoint(out / "last.pt")["iteration"]
     train(out, "--resume", "--iters", "3", "--set", "log_every=2", "--set", "eval_max_items=2")
     assert before == 2 and load_checkpoint(out / "last.pt")["iteration"] == 3
-    fails(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--resume", "--iters", "3"],
-          "--iters 3", "already at iteration 3")
+    user_error(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--resume", "--iters", "3"],
+               "--iters 3", "already at iteration 3")
 
 
 def test_recipe_differences_compare_every_key_but_the_run_keys():
@@ -98,15 +81,15 @@ def test_recipe_differences_compare_every_key_but_the_run_keys():
 
 def test_iters_must_be_positive(tmp_path, capsys):
     for n in ("0", "-5"):
-        fails(capsys, ["train", "demo", "--out", str(tmp_path / n), "--device", "cpu", *OPTS, "--iters", n],
-              f"--iters {n}", "positive")
+        user_error(capsys, ["train", "demo", "--out", str(tmp_path / n), "--device", "cpu", *OPTS, "--iters", n],
+                   f"--iters {n}", "positive")
         assert not (tmp_path / n / "last.pt").exists()
 
 
 def test_a_finished_run_points_at_eval(tmp_path, capsys):
     out = tmp_path / "done"
     train(out, "--set", "max_iters=1")
-    fails(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--set", "max_iters=1",
+    user_error(capsys, ["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--set", "max_iters=1",
                    "--resume"], "finished its schedule", "cps-fast eval")
 
 
@@ -131,7 +114,7 @@ def test_bad_checkpoints_are_one_line_for_resume_eval_and_predict(run_dir, tmp_p
     for argv in (["train", "demo", "--out", str(out), "--device", "cpu", *OPTS, "--resume"],
                  ["eval", str(bad), "--device", "cpu"],
                  ["predict", str(bad), str(tmp_path / "x.png"), "--out", str(tmp_path / "p"), "--device", "cpu"]):
-        fails(capsys, argv, bad, expect)
+        user_error(capsys, argv, bad, expect)
 
 
 def test_best_pt_holds_no_optimiser_state(run_dir):
@@ -154,18 +137,18 @@ def test_config_json_trains_again_and_print_config(run_dir, tmp_path, capsys):
 
 def test_setting_errors_are_one_line(tmp_path, capsys):
     base = ["train", "demo", "--out", str(tmp_path / "x"), "--device", "cpu", *OPTS]
-    fails(capsys, base + ["--set", "lr=inf"], "'lr'", "finite")
-    fails(capsys, base + ["--set", "cps_weight=-1"], "cps_weight", ">= 0")
-    fails(capsys, base + ["--set", "mean=0.5,0.5"], "mean", "3 comma-separated")
-    fails(capsys, base + ["--set", "checkpoint_minutes=-1"], "checkpoint_minutes")
-    err = fails(capsys, base + ["--set", "lr_rate=1"], "lr_rate", "cps-fast presets --keys")
+    user_error(capsys, base + ["--set", "lr=inf"], "'lr'", "finite")
+    user_error(capsys, base + ["--set", "cps_weight=-1"], "cps_weight", ">= 0")
+    user_error(capsys, base + ["--set", "mean=0.5,0.5"], "mean", "3 comma-separated")
+    user_error(capsys, base + ["--set", "checkpoint_minutes=-1"], "checkpoint_minutes")
+    err = user_error(capsys, base + ["--set", "lr_rate=1"], "lr_rate", "cps-fast presets --keys")
     assert "format_config" not in err
-    fails(capsys, base + ["--set", "pretrained=nope.pth"], "nope.pth", "weights_dir")
-    fails(capsys, base + ["--set", "pretrained=r.pth", "--set", f"weights_dir={tmp_path / 'none'}"],
-          tmp_path / "none" / "r.pth")
+    user_error(capsys, base + ["--set", "pretrained=nope.pth"], "nope.pth", "weights_dir")
+    user_error(capsys, base + ["--set", "pretrained=r.pth", "--set", f"weights_dir={tmp_path / 'none'}"],
+               tmp_path / "none" / "r.pth")
     if not torch.cuda.is_available():
-        fails(capsys, base[:5] + ["cuda", *OPTS], "--device cuda", "no CUDA device")
-        fails(capsys, base + ["--data-backend", "dali-gpu"], "dali-gpu", "CUDA device")
+        user_error(capsys, base[:5] + ["cuda", *OPTS], "--device cuda", "no CUDA device")
+        user_error(capsys, base + ["--data-backend", "dali-gpu"], "dali-gpu", "CUDA device")
     capsys.readouterr()
     main(["presets", "--keys"])
     keys = capsys.readouterr().out
@@ -204,7 +187,7 @@ def test_an_empty_validation_list_fails_before_training(tmp_path, capsys):
     root = tmp_path / "pascal_voc"
     write_voc_reference(root, [f"a{i}" for i in range(4)], ["v0"])
     (root / "val.txt").write_text("")
-    fails(capsys, ["train", "voc_r50_1-8", "--out", str(tmp_path / "o"), "--data-root", str(root), "--device",
+    user_error(capsys, ["train", "voc_r50_1-8", "--out", str(tmp_path / "o"), "--data-root", str(root), "--device",
                    "cpu", "--set", "pretrained=None", "--set", "train_labeled=None", "--set", "train_unlabeled=None",
                    "--set", "partition=1/2"], "val")
     assert not (tmp_path / "o" / "last.pt").exists()
@@ -251,7 +234,7 @@ def test_overlapping_lists_are_named_in_a_warning(tmp_path, capsys, caplog):
     (root / "lab.txt").write_text("a0\na1\na2\n")
     (root / "unl.txt").write_text("a2\na3\na1\na4\n")
     (root / "val.txt").write_text("")  # stops the run in the constructor, after the lists were read
-    fails(capsys, ["train", "voc_r50_1-8", "--out", str(tmp_path / "o"), "--data-root", str(root), "--device",
+    user_error(capsys, ["train", "voc_r50_1-8", "--out", str(tmp_path / "o"), "--data-root", str(root), "--device",
                    "cpu", "--set", "pretrained=None", "--set", "train_labeled=lab.txt",
                    "--set", "train_unlabeled=unl.txt"], "val")
     warned = [r.getMessage() for r in caplog.records if "both the labeled and the unlabeled" in r.getMessage()]

@@ -375,7 +375,6 @@ def test_cli_bad_input_is_a_message_and_status_2(tmp_path, capsys, monkeypatch):
     from cps_fast.config import ConfigError
     from cps_fast.data.datasets import DataError
 
-    monkeypatch.delenv("CPS_FAST_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as e:
         main(["train", "demo", "--out", str(tmp_path), "--set", "no_such_key=1"])
     err = capsys.readouterr().err

@@ -14,6 +14,7 @@ from PIL import Image
 
 from cps_fast.cli import main
 from cps_fast.data.datasets import DataError
+from helpers import user_error
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = "seed=0,n=6,size=48"
@@ -23,32 +24,12 @@ TINY = ["--set", f"data_root={DATA}", "--set", "crop_size=32", "--set", "batch_s
         "--set", "num_workers=0", "--set", "data_backend=pytorch", "--set", "scales=1.0"]
 
 
-@pytest.fixture(autouse=True)
-def _no_traceback_env(monkeypatch):
-    monkeypatch.delenv("CPS_FAST_TRACEBACK", raising=False)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A checkpoint of a one-iteration demo run (built once for the module)."""
     out = tmp_path_factory.mktemp("run")
     main(["train", "demo", "--out", str(out), "--iters", "1", "--device", "cpu", *TINY])
     return out / "last.pt"
-
-
-def user_error(argv, capsys, *names) -> str:
-    """Run ``cps-fast argv``; it must exit 2 with one line naming each of ``names``."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, (e.value.code, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cps-fast: error: "), err
-    assert "Traceback" not in err
-    for name in names:
-        assert name in err, (name, err)
-    return err
 
 
 def image_file(path: Path, seed=0, size=(40, 36)) -> Path:
@@ -62,16 +43,16 @@ def image_file(path: Path, seed=0, size=(40, 36)) -> Path:
 
 @pytest.mark.parametrize("scales", ["abc", "0", "-1", "1.0,", "1.0,nan"])
 def test_eval_scales(ckpt, capsys, scales):
-    user_error(["eval", str(ckpt), "--device", "cpu", f"--scales={scales}"], capsys, "--scales", "positive")
+    user_error(capsys, ["eval", str(ckpt), "--device", "cpu", f"--scales={scales}"], "--scales", "positive")
 
 
 def test_eval_json_path(ckpt, tmp_path, capsys, monkeypatch):
     from cps_fast.train import run
 
     # --json into a missing folder, or naming a folder: refused before the checkpoint is read
-    user_error(["eval", str(tmp_path / "nothing.pt"), "--json", str(tmp_path / "no" / "r.json")], capsys,
+    user_error(capsys, ["eval", str(tmp_path / "nothing.pt"), "--json", str(tmp_path / "no" / "r.json")],
                "--json", str(tmp_path / "no"))
-    user_error(["eval", str(tmp_path / "nothing.pt"), "--json", str(tmp_path)], capsys, "--json", "folder")
+    user_error(capsys, ["eval", str(tmp_path / "nothing.pt"), "--json", str(tmp_path)], "--json", "folder")
     # --json PATH: written there, not beside the checkpoint
     target = tmp_path / "r.json"
     main(["eval", str(ckpt), "--device", "cpu", "--json", str(target)])
@@ -108,18 +89,18 @@ def test_predict_out_checked_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     # the checkpoint does not even exist: --out is checked first
-    user_error(["predict", str(tmp_path / "nothing.pt"), str(img), "--out", str(a_file)], capsys, "--out", str(a_file))
-    user_error(["predict", str(tmp_path / "nothing.pt"), str(img), "--out", str(a_file / "sub")], capsys, "--out")
+    user_error(capsys, ["predict", str(tmp_path / "nothing.pt"), str(img), "--out", str(a_file)], "--out", str(a_file))
+    user_error(capsys, ["predict", str(tmp_path / "nothing.pt"), str(img), "--out", str(a_file / "sub")], "--out")
 
 
 def test_predict_inputs(tmp_path, capsys):
     none = str(tmp_path / "nothing.pt")
-    user_error(["predict", none, str(tmp_path / "missing.png"), "--out", str(tmp_path / "p")], capsys, "missing.png")
+    user_error(capsys, ["predict", none, str(tmp_path / "missing.png"), "--out", str(tmp_path / "p")], "missing.png")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
-    user_error(["predict", none, str(tmp_path / "empty"), "--out", str(tmp_path / "p")], capsys, "empty", ".png")
+    user_error(capsys, ["predict", none, str(tmp_path / "empty"), "--out", str(tmp_path / "p")], "empty", ".png")
     a, b = image_file(tmp_path / "d1" / "x.png"), image_file(tmp_path / "d2" / "x.jpg", seed=1)
-    user_error(["predict", none, str(a), str(b), "--out", str(tmp_path / "p")], capsys, str(a), str(b), "x_mask.png")
+    user_error(capsys, ["predict", none, str(a), str(b), "--out", str(tmp_path / "p")], str(a), str(b), "x_mask.png")
 
 
 def test_predict_folder(ckpt, tmp_path, capsys):
@@ -182,8 +163,8 @@ def test_train_worker_data_error_is_one_line(tmp_path, capsys):
     img.write_bytes(b"not a jpeg")
     sets = [v for k, v in zip(TINY[::2], TINY[1::2]) if not v.startswith(("data_root=", "num_workers=", "partition="))]
     sets += ["dataset=voc", f"data_root={root}", "num_classes=21", "num_workers=2", "partition=2"]
-    user_error(["train", "demo", "--out", str(tmp_path / "run"), "--iters", "1", "--device", "cpu",
-                *sum((["--set", v] for v in sets), [])], capsys, img.name)
+    user_error(capsys, ["train", "demo", "--out", str(tmp_path / "run"), "--iters", "1", "--device", "cpu",
+                *sum((["--set", v] for v in sets), [])], img.name)
 
 
 def test_train_dali_decoder_error_names_the_file(tmp_path, capsys):
@@ -196,8 +177,8 @@ def test_train_dali_decoder_error_names_the_file(tmp_path, capsys):
     img.write_bytes(data[:data.find(b"\xff\xda")] + b"\xff\xd9")  # start of scan -> end of image
     sets = [v for k, v in zip(TINY[::2], TINY[1::2]) if not v.startswith(("data_root=", "data_backend=", "partition="))]
     sets += ["dataset=voc", f"data_root={root}", "num_classes=21", "data_backend=dali-cpu", "partition=2"]
-    err = user_error(["train", "demo", "--out", str(tmp_path / "run"), "--iters", "2", "--device", "cpu",
-                      *sum((["--set", v] for v in sets), [])], capsys, "DALI", "decoders.image", str(img))
+    err = user_error(capsys, ["train", "demo", "--out", str(tmp_path / "run"), "--iters", "2", "--device", "cpu",
+                      *sum((["--set", v] for v in sets), [])], "DALI", "decoders.image", str(img))
     others = [p for p in (root / "JPEGImages").glob("*.jpg") if p != img]
     assert not any(str(p) in err for p in others), err  # only the culprit, not the whole batch
 
@@ -251,7 +232,7 @@ def test_dali_source_names_the_batch(tmp_path):
     (["bench", "data", "--images", "0"], "--images"),
 ])
 def test_bench_arguments(argv, name, capsys):
-    user_error([*argv, "--device", "cpu"] if argv[1] not in ("data",) else argv, capsys, name)
+    user_error(capsys, [*argv, "--device", "cpu"] if argv[1] not in ("data",) else argv, name)
 
 
 def test_bench_default_output_is_the_current_folder(tmp_path, monkeypatch, capsys):
@@ -280,8 +261,7 @@ def test_bench_scripts_default_outside_results():
 @pytest.mark.parametrize("value", ["0", "1/0", "2/1", "abc", "1.5", "100"])
 def test_splits_partitions(tmp_path, capsys, value):
     root = _voc(tmp_path / "voc", n=6)
-    err = user_error(["splits", "voc", str(root), "--out", str(tmp_path / "lists"), "--partitions", "1/2", value],
-                     capsys, "--partitions", value)
+    err = user_error(capsys, ["splits", "voc", str(root), "--out", str(tmp_path / "lists"), "--partitions", "1/2", value], "--partitions", value)
     assert "k/n" in err or "labeled of the 6" in err
     assert not (tmp_path / "lists").exists()  # checked before writing any list
 
