@@ -1,8 +1,10 @@
-"""Helpers shared by the fused-loss tests (test_loss.py, test_ncps_loss.py, test_upsample_loss.py).
+"""Helpers shared by the tests: the fused-loss suites, the one-line-error checks, the GPU tests.
 
 Import with ``from helpers import ...`` (pytest puts tests/ on sys.path). A module marked
 ``pytestmark = pytest.mark.poison_outputs`` gets NaN-filled kernel outputs (tests/conftest.py).
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,3 +109,18 @@ def user_error(capsys, argv, *culprits) -> str:
     for c in culprits:
         assert str(c) in err, (c, err)
     return err
+
+
+@contextlib.contextmanager
+def host_syncs_raise(sync_first: bool = False):
+    """Any host synchronisation through torch inside raises (torch's sync debug mode), restored
+    however it ends. ``sync_first``: wait for the GPU on entry (a test of one phase); without it
+    the host may stay ahead of the GPU, as the training loop's must."""
+    if sync_first:
+        torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)

@@ -36,6 +36,7 @@ from cps_fast.data.transforms import crop_anchor, scaled_size
 from cps_fast.train import Trainer, load_checkpoint
 from cps_fast.train import trainer as trainer_mod
 from cps_fast.train.trainer import open_training_sets, resolve_data_lists
+from helpers import host_syncs_raise
 from test_train import _gpu_cfg
 
 
@@ -287,18 +288,6 @@ def test_dali_gpu_matches_dali_cpu(tmp_path, dataset):
 
 
 # --------------------------------------------------------------------------- the trainer
-
-
-@contextlib.contextmanager
-def host_syncs_raise():
-    """Any host synchronisation through torch inside raises (torch's sync debug mode), restored
-    however it ends. No synchronize on entry: the host must stay ahead of the GPU."""
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
 
 
 class Probe:

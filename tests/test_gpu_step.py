@@ -10,7 +10,6 @@ A capture fails on any host synchronisation inside the step, and a replay cannot
 so the no-sync checks wrap the host loop, :meth:`Trainer.run`: loading, copying in, replaying or
 stepping eagerly, and deciding when to log.
 """
-import contextlib
 import itertools
 import json
 import math
@@ -20,6 +19,7 @@ import torch
 
 from cps_fast.data import labeled_loader
 from cps_fast.train import Trainer
+from helpers import host_syncs_raise
 from test_train import _gpu_cfg  # tests/test_profiling.py's GPU tests use it too
 
 pytestmark = pytest.mark.gpu
@@ -35,18 +35,6 @@ VARIANTS = {
 
 def _quiet(*args, **kwargs):
     pass
-
-
-@contextlib.contextmanager
-def host_syncs_raise():
-    """Any host synchronisation inside raises (torch's sync debug mode), restored however it ends."""
-    torch.cuda.synchronize()
-    old = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(old)
 
 
 def _step_state(t: Trainer) -> list[torch.Tensor]:
@@ -119,13 +107,13 @@ def test_captured_step_has_no_host_sync_and_learns(tmp_path, variant):
     batches = t.batches()
     # eagerly 3 warm-up steps (cuDNN autotuning, Triton builds), the capture, then replays
     assert t.run(16, batches=batches) == 16 and t.graph is not None
-    with host_syncs_raise():  # the real loop: load, copy into the graph's inputs, replay; no log falls due
+    with host_syncs_raise(sync_first=True):  # the real loop: load, copy into the graph's inputs, replay; no log falls due
         assert t.run(24, batches=batches) == 24
     fixed = [next(batches) for _ in range(4)]
     t.sums.zero_()
     losses = []
     for stop in (34, 44, 54):
-        with host_syncs_raise():
+        with host_syncs_raise(sync_first=True):
             t.run(stop, batches=itertools.cycle(fixed))
         s = t.sums.tolist()  # a host read, outside the check: the trainer makes it once per log_every
         t.sums.zero_()
@@ -141,7 +129,7 @@ def test_eager_step_has_no_host_sync(tmp_path):
     t.model.train()
     batches = t.batches()
     t.run(2, batches=batches)  # first calls: cuDNN autotuning, Triton builds
-    with host_syncs_raise():
+    with host_syncs_raise(sync_first=True):
         assert t.run(5, batches=batches) == 5
     assert t.graph is None
     s = t.sums.tolist()
