@@ -72,15 +72,14 @@ def make_provider(name, device, dtype):
         spec = name[len("triton["):-1]
         flat = spec.startswith("flat")
         spec = spec[len("flat"):] if flat else spec
-        inner = make_provider("triton", device, dtype)
-        if isinstance(inner, str):
-            return inner
-        from cps_fast.kernels import cps_loss as triton_ops
+        reason = backends.why_unavailable("triton", device)
+        if reason:
+            return reason
+        from cps_fast.kernels.cps_loss import CPSLossConfig
 
-        if spec:
-            block_p, num_warps = (int(v) for v in spec.split("x"))
-            inner = common.with_setting(inner, triton_ops, "TILE_OVERRIDE", (block_p, num_warps))
-        return common.with_setting(inner, triton_ops, "CL_FLAT", True) if flat else inner
+        block_p, num_warps = (int(v) for v in spec.split("x")) if spec else (0, 0)
+        config = CPSLossConfig(block_p, num_warps, flat)
+        return lambda a, b, t: cps_fast.cps_loss(a, b, t, cps_weight=1.5, backend="triton", kernel_config=config)
     reason = backends.why_unavailable(name, device)
     if reason:
         return reason
@@ -155,7 +154,7 @@ def main(argv=None):
     p.add_argument("--triton-configs", default=None,
                    help="also time the triton tile kernel with these BLOCK_P:num_warps configurations, e.g. "
                         "64:8,32:1 (rows 'triton[BPxW]'; the default heuristic stays 'triton'); 'flat' or "
-                        "'flat:BP:W' times the flat channels_last kernel (kernels/cps_loss.py CL_FLAT; rows "
+                        "'flat:BP:W' times the flat channels_last kernel (CPSLossConfig(flat=True) in kernels/cps_loss.py; rows "
                         "'triton[flat]', 'triton[flatBPxW]', channels_last only)")
     args = p.parse_args(argv)
 

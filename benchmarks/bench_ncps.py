@@ -9,7 +9,7 @@ Providers:
   triton[eN]  the same with N elements of each branch's tile per thread, forced (a sweep of
            the tile heuristic; kernels/ncps_loss.py block_sizes)
   triton[BPxW]  the same with the tile kernel's BLOCK_P and num_warps forced, e.g.
-           triton[32x1] (kernels/ncps_loss.py TILE_OVERRIDE; benchmarks/NOTES.md has why)
+           triton[32x1] (NCPSLossConfig in kernels/ncps_loss.py, passed as kernel_config; benchmarks/NOTES.md has why)
   cpu      cps_fast.ncps_loss(backend="cpu")    (the C++ extension)
   torch    cps_fast.ncps_loss(backend="torch")  (the kernel contract in plain PyTorch)
 
@@ -71,14 +71,22 @@ def make_provider(name, device, dtype, ensemble):
         return lambda xs, t: fn(xs, t.long(), ensemble=ensemble)
     forced = re.fullmatch(r"triton\[(?:e(\d+)|(\d+)x(\d+))\]", name)
     if forced:  # elements per thread, or BLOCK_P x num_warps, of the tile kernel forced
-        inner = make_provider("triton", device, dtype, ensemble)
-        if isinstance(inner, str):
-            return inner
-        from cps_fast.kernels import ncps_loss as triton_ops
+        reason = backends.why_unavailable("triton", device)
+        if reason:
+            return reason
+        from cps_fast.kernels.ncps_loss import NCPSLossConfig
 
         if forced.group(1):
-            return common.with_setting(inner, triton_ops, "ELEMS_OVERRIDE", int(forced.group(1)))
-        return common.with_setting(inner, triton_ops, "TILE_OVERRIDE", (int(forced.group(2)), int(forced.group(3))))
+            config = NCPSLossConfig(elems_per_thread=int(forced.group(1)))
+        else:
+            config = NCPSLossConfig(block_p=int(forced.group(2)), num_warps=int(forced.group(3)))
+
+        def fn(xs, t):
+            if len(xs) == 2:
+                raise ValueError(f"{name} configures the n-branch kernel, which K = 2 does not run (ncps_loss runs "
+                                 "the two-branch kernel; bench_loss.py --triton-configs sweeps that one)")
+            return ncps_loss(xs, t, cps_weight=1.5, ensemble=ensemble, backend="triton", kernel_config=config)
+        return fn
     if name.startswith("triton["):
         return f"unknown provider {name!r}: expected triton[eN] or triton[BPxW], e.g. triton[e4] or triton[32x1]"
     reason = backends.why_unavailable(name, device)

@@ -7,7 +7,7 @@ Providers (forward + backward w.r.t. the low-resolution logits unless --modes sa
              widest the CPU has), e.g. --providers fused[avx512],fused[avx2],fused[scalar]
   fused[BHxBW:F:W:AX]
              the triton backend with its configuration forced (kernels/cps_upsample.py
-             CONFIG_OVERRIDE): BH x BW low-res pixels per program, F full-res pixels per step,
+             kernel_config=UpsampleConfig(...)): BH x BW low-res pixels per program, F full-res pixels per step,
              W warps, class axis AX (0: a pixel per thread, 1: lanes across classes); the GPU
              run sweeps these beside the heuristic, e.g. fused[8x8:32:8:1],fused[8x8:256:8:0]
   unfused    F.interpolate(bilinear, align_corners=True) + cps_fast.cps_loss (automatic backend)
@@ -25,7 +25,6 @@ CUDA the peak memory allocated during the call beyond the inputs
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ import common  # noqa: E402
 from bench_loss import reference_way  # noqa: E402
 
 import cps_fast  # noqa: E402
-from cps_fast import upsample_loss  # noqa: E402
+from cps_fast import fused, upsample_loss  # noqa: E402
 
 try:
     import cps_fast._C as _C  # noqa: E402
@@ -59,7 +58,7 @@ def make_provider(name, device, dtype, size, backend):
     up = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # noqa: E731
     if name == "fused":
         try:
-            chosen = upsample_loss._select_backend(device.type, backend, 21)
+            chosen = fused.select_backend("cps_loss_upsampled", device.type, backend, 21, 2, "cps_loss_upsampled")
         except Exception as exc:
             return str(exc)
         fn = lambda a, b, t: upsample_loss.cps_loss_upsampled(  # noqa: E731
@@ -70,13 +69,13 @@ def make_provider(name, device, dtype, size, backend):
         return fn
     forced = FORCED_CONFIG.fullmatch(name)
     if forced:
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not cps_fast.backends.triton_interpret():
             return f"{name} is a configuration of the triton backend, which needs CUDA tensors here"
-        from cps_fast.kernels import cps_upsample as triton_ops
+        from cps_fast.kernels.cps_upsample import UpsampleConfig
 
-        fn = common.with_setting(lambda a, b, t: upsample_loss.cps_loss_upsampled(  # noqa: E731
-            a, b, t, size=size, cps_weight=CPS_WEIGHT, backend="triton", validate=False),
-            triton_ops, "CONFIG_OVERRIDE", tuple(int(g) for g in forced.groups()))
+        config = UpsampleConfig(*(int(g) for g in forced.groups()))
+        fn = lambda a, b, t: upsample_loss.cps_loss_upsampled(  # noqa: E731
+            a, b, t, size=size, cps_weight=CPS_WEIGHT, backend="triton", validate=False, kernel_config=config)
         fn.backend = "triton"
         return fn
     if name.startswith("fused[") and name.endswith("]"):

@@ -347,19 +347,6 @@ def compiled(fn):
         return f"torch.compile unavailable: {exc}"
 
 
-def with_setting(fn, module, name: str, value):
-    """``fn`` run with ``module.<name>`` set to ``value`` for the call (a kernel override a
-    benchmark sweeps, e.g. a tile configuration), restored afterwards."""
-    def run(*args, **kwargs):
-        saved = getattr(module, name)
-        setattr(module, name, value)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            setattr(module, name, saved)
-    return run
-
-
 def try_case(what: str, bench, *args):
     """``bench(*args)``, or None after printing why the case was skipped (e.g. torch.compile failing)."""
     try:

@@ -21,6 +21,7 @@ CI checks them here (tests/test_kernel_report.py); the GPU run measures time.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -184,8 +185,9 @@ def loop_instructions(sass: str) -> int:
 # ----------------------------------------------------------------------------- the kernels
 
 
-def cps_loss_cases():
-    """(name, launches) for the fused CPS loss at the training shapes, both layouts, bf16 and fp32."""
+def cps_loss_cases(tile: tuple[int, int] | None = None):
+    """(name, launches) for the fused CPS loss at the training shapes, both layouts, bf16 and fp32;
+    ``tile``: (BLOCK_P, num_warps) forced on the tile kernels."""
     from cps_fast.kernels import cps_loss as K
 
     cases = []
@@ -198,17 +200,18 @@ def cps_loss_cases():
                 t = torch.empty(N, H * W, device="meta", dtype=torch.uint8)
                 counts = torch.empty(3, device="meta")
                 a3 = a.flatten(2)
-                # channels_last also through the flat kernel (K.CL_FLAT), which the GPU run compares
+                # channels_last also through the flat kernel (CPSLossConfig(flat=True)), which the GPU run compares
                 for flat in (False, True) if layout == "channels_last" and C <= K.MAX_TILE_C else (False,):
+                    config = K.CPSLossConfig(*(tile or (0, 0)), flat)
                     launches = intercept(K, ["_cps_loss_tile_kernel", "_cps_loss_loop_kernel", "_cps_loss_flat_kernel"],
-                                         common.with_setting(K.cps_loss_fwd, K, "CL_FLAT", flat),
+                                         functools.partial(K.cps_loss_fwd, config=config),
                                          a3, a3, t, None, None, counts, a3, a3, 1.5, 255)
                     cases.append((dict(op="cps_loss", shape_name=shape_name, shape=[N, C, H, W],
                                        dtype=_TRITON_TYPES[dtype], layout=layout), launches))
     return cases
 
 
-def ncps_loss_cases():
+def ncps_loss_cases(tile: tuple[int, int] | None = None):
     """(name, launches) for the n-CPS loss: K = 2, 3, 4, 8 with and without ensemble labels, bf16."""
     from cps_fast.kernels import ncps_loss as NK
 
@@ -221,15 +224,18 @@ def ncps_loss_cases():
                     xs = [torch.empty(N, C, H, W, device="meta", dtype=torch.bfloat16).contiguous(memory_format=fmt)
                           .flatten(2) for _ in range(K)]
                     t = torch.empty(N, H * W, device="meta", dtype=torch.uint8)
-                    launches = intercept(NK, ["_ncps_tile_kernel", "_ncps_loop_kernel"], NK.ncps_loss_fwd,
+                    config = NK.NCPSLossConfig(*tile) if tile else None
+                    launches = intercept(NK, ["_ncps_tile_kernel", "_ncps_loop_kernel"],
+                                         functools.partial(NK.ncps_loss_fwd, config=config),
                                          xs, t, [None] * K, torch.empty(K + 1, device="meta"), xs, 1.5, 255, ensemble)
                     cases.append((dict(op="ncps_loss", shape_name=shape_name, shape=[N, C, H, W], K=K,
                                        ensemble=ensemble, dtype="bf16", layout=layout), launches))
     return cases
 
 
-def cps_upsample_cases():
-    """(name, launches) for the upsample-fused loss at DeepLabv3+'s decoder resolution (1/4)."""
+def cps_upsample_cases(config: tuple[int, int, int, int, int] | None = None):
+    """(name, launches) for the upsample-fused loss at DeepLabv3+'s decoder resolution (1/4); ``config``:
+    (BH, BW, BLOCK_F, num_warps, AX) forced on the kernel."""
     from cps_fast.kernels import cps_upsample as UK
 
     cases = []
@@ -244,8 +250,9 @@ def cps_upsample_cases():
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                 a = torch.empty(N, C, h, w, device="meta", dtype=dtype).contiguous(memory_format=fmt)
                 t = torch.empty(N, H * W, device="meta", dtype=torch.uint8)
-                launches = intercept(UK, ["_cps_upsample_kernel"], UK.cps_upsample_fwd, a, a, t, None, None,
-                                     torch.empty(3, device="meta"), a, a, H, W, 1.5, 255, True)
+                launches = intercept(UK, ["_cps_upsample_kernel"],
+                                     functools.partial(UK.cps_upsample_fwd, config=UK.UpsampleConfig(*config) if config else None),
+                                     a, a, t, None, None, torch.empty(3, device="meta"), a, a, H, W, 1.5, 255, True)
                 cases.append((dict(op="cps_upsample", shape_name=shape_name, shape=[N, C, h, w], out=[H, W],
                                    dtype=_TRITON_TYPES[dtype], layout=layout), launches))
     return cases
@@ -260,35 +267,32 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/kernel_report-sm90.json)")
     p.add_argument("--tile", default=None, metavar="BP:W",
                    help="force this BLOCK_P:num_warps on the tile kernels of the CPS and n-CPS losses "
-                        "(TILE_OVERRIDE in kernels/cps_loss.py and kernels/ncps_loss.py) to compare "
+                        "(CPSLossConfig and NCPSLossConfig in kernels/cps_loss.py and kernels/ncps_loss.py) to compare "
                         "configurations, e.g. --ops cps_loss --tile 32:1 --json out.json")
     p.add_argument("--upsample-config", default=None, metavar="BHxBW:F:W:AX",
-                   help="force this configuration on the upsample-fused kernel (CONFIG_OVERRIDE in "
+                   help="force this configuration on the upsample-fused kernel (UpsampleConfig in "
                         "kernels/cps_upsample.py; bench_upsample.py's fused[BHxBW:F:W:AX]), e.g. "
                         "--ops cps_upsample --upsample-config 8x8:128:4:0 --json out.json")
     p.add_argument("--shapes", default=None, help="comma list of shape names to compile (default: all)")
     args = p.parse_args(argv)
+    forced_args = {}
     if args.tile:
-        from cps_fast.kernels import cps_loss as K
-        from cps_fast.kernels import ncps_loss as NK
-
         if not args.json:
             raise SystemExit("kernel_report: --tile needs --json (the default file is the heuristic's report)")
-        K.TILE_OVERRIDE = NK.TILE_OVERRIDE = tuple(int(v) for v in args.tile.split(":"))
+        tile = tuple(int(v) for v in args.tile.split(":"))
+        forced_args["cps_loss"] = forced_args["ncps_loss"] = {"tile": tile}
     if args.upsample_config:
-        from cps_fast.kernels import cps_upsample as UK
-
         forced = re.fullmatch(r"(\d+)x(\d+):(\d+):(\d+):([01])", args.upsample_config)
         if not forced:
             raise SystemExit(f"kernel_report: --upsample-config {args.upsample_config!r}: expected BHxBW:F:W:AX")
         if not args.json:
             raise SystemExit("kernel_report: --upsample-config needs --json (the default file is the heuristic's report)")
-        UK.CONFIG_OVERRIDE = tuple(int(g) for g in forced.groups())
+        forced_args["cps_upsample"] = {"config": tuple(int(g) for g in forced.groups())}
     rows = []
     for op in args.ops.split(","):
         if op not in CASES:
             raise SystemExit(f"kernel_report: unknown op {op!r}; expected one of {', '.join(CASES)}")
-        for meta, launches in CASES[op]():
+        for meta, launches in CASES[op](**forced_args.get(op, {})):
             if args.shapes and meta["shape_name"] not in args.shapes.split(","):
                 continue
             for launch in launches:

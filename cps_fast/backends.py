@@ -51,6 +51,26 @@ def triton_import_error() -> str | None:
     return None
 
 
+_TRITON_KERNEL_MODULES = ("cps_fast.kernels.cps_loss", "cps_fast.kernels.ncps_loss", "cps_fast.kernels.cps_upsample")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels_import_error() -> str | None:
+    """None when Triton and the package's Triton kernels (:mod:`cps_fast.kernels`) import, otherwise why not.
+
+    The triton backend is available only when its code imports: a checkout or an install without
+    the kernels, or a Triton too old for them, must not be chosen and then crash."""
+    err = triton_import_error()
+    if err:
+        return err
+    for name in _TRITON_KERNEL_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            return f"the Triton kernels do not import ({name}: {type(exc).__name__}: {exc})"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled extension module ``cps_fast._C``, or None."""
@@ -85,7 +105,7 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
-        err = triton_import_error()
+        err = triton_kernels_import_error()
         if err:
             return err
         if device.type == "cuda":
@@ -119,34 +139,40 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 # On the CPU the interpreted Triton kernels are correct but slow; prefer C++ there.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, str, str]] = set()
 
 
-def select_backend(device: torch.device | str, requested: str | None = None) -> str:
-    """Pick the backend for tensors on ``device``.
+def select_backend(device: torch.device | str, requested: str | None = None, *, op: str = "cps_loss",
+                   why=None, describe=None) -> str:
+    """Pick the backend that runs ``op`` on tensors on ``device``: the one way every fused op chooses.
 
-    ``requested`` (or ``$CPS_FAST_BACKEND`` when it is None) forces one and
-    raises :class:`BackendUnavailable` if it cannot run; otherwise the best
-    available one is chosen and the choice is logged once.
+    ``requested`` (or ``$CPS_FAST_BACKEND`` when it is None) forces one and raises
+    :class:`BackendUnavailable` with the reason if it cannot run; otherwise the best available one
+    is chosen, falling back down the list, and the choice is logged once per op and device.
+    ``why(name, device)``: why a backend cannot run this op (default :func:`why_unavailable`, the
+    install's capabilities; the fused ops add their kernels' limits); ``describe(name)``: the name
+    the log line gives the choice.
     """
     device = torch.device(device)
+    why = why or why_unavailable
     source = "backend="
     if requested is None and os.environ.get(ENV_VAR):
-        requested, source = os.environ[ENV_VAR].strip().lower(), f"${ENV_VAR}"
+        requested, source = os.environ[ENV_VAR].strip().lower(), f"${ENV_VAR}="
     if requested is not None and requested != "auto":
-        reason = why_unavailable(requested, device)
+        reason = why(requested, device)
         if reason is not None:
-            raise BackendUnavailable(f"{source}{requested!r} cannot run on {device.type} tensors: {reason}")
+            raise BackendUnavailable(f"{op}: {source}{requested!r} cannot run on {device.type} tensors: {reason}")
         return requested
     skipped = []
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        reason = why_unavailable(name, device)
+        reason = why(name, device)
         if reason is None:
-            key = (device.type, name)
+            key = (op, device.type, name)
             if key not in _logged:
                 _logged.add(key)
-                why = f" ({'; '.join(skipped)})" if skipped else ""
-                log.info("cps_fast: using the %s backend for %s tensors%s", name, device.type, why)
+                note = f" ({'; '.join(skipped)})" if skipped else ""
+                what = describe(name) if describe is not None else name
+                log.info("cps_fast: %s uses the %s backend for %s tensors%s", op, what, device.type, note)
             return name
         skipped.append(f"{name}: {reason}")
     return "torch"

@@ -19,7 +19,9 @@ ensemble's label or one branch's vote inside it is ambiguous.
 One kernel reads each branch's logits once and writes each gradient once;
 backward only scales the gradients by ``grad_output`` on the device.
 
-Every backend implements one function (see :func:`_launch`)::
+K = 2 runs the two-branch kernels of :func:`cps_fast.cps_loss` (the same loss); K > 2 the
+n-branch kernels below, through the mechanism of :mod:`cps_fast.fused`. Every backend of the
+n-branch kernels implements one function::
 
     sums = fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble)
 
@@ -49,18 +51,12 @@ the kernels; :func:`ncps_loss` rejects it first when ``validate`` is on.
 """
 from __future__ import annotations
 
-import logging
-import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from . import backends
-from .loss import (_as_ncl, _as_nl, _check_ignore_index, _check_labels, _check_logits, _dense, _fake_outputs,
-                   _grad_outputs, _keep_grads, _label_counts, _maybe_validate_labels, _scaled_saved_grads)
-
-log = logging.getLogger("cps_fast")
+from . import backends, fused
 
 # ----------------------------------------------------------------------------- checks
 
@@ -72,7 +68,7 @@ def _check_ncps_inputs(logits, target, pseudo, ignore_index, ensemble) -> None:
     K = len(logits)
     if K < 2:
         raise ValueError(f"ncps_loss: got K = {K} branch logits; expected K >= 2 branches")
-    C = _check_logits("ncps_loss", [(f"logits[{k}]", x) for k, x in enumerate(logits)], (2, 4),
+    C = fused.check_logits("ncps_loss", [(f"logits[{k}]", x) for k, x in enumerate(logits)], (2, 4),
                       "(N, C, H, W) or (P, C) logits", "all branches' logits must have one shape")
     x0 = logits[0]
     if pseudo is not None:
@@ -88,25 +84,11 @@ def _check_ncps_inputs(logits, target, pseudo, ignore_index, ensemble) -> None:
                              "ensemble=False to supervise with the given labels")
     label_shape = (x0.shape[0],) + tuple(x0.shape[2:])
     named = [("target", target)] + [(f"pseudo[{j}]", y) for j, y in enumerate(pseudo or ())]
-    _check_labels("ncps_loss", named, label_shape, x0, f"{label_shape} to match logits of shape {tuple(x0.shape)}")
-    _check_ignore_index("ncps_loss", ignore_index, C)
+    fused.check_labels("ncps_loss", named, label_shape, x0, f"{label_shape} to match logits of shape {tuple(x0.shape)}")
+    fused.check_ignore_index("ncps_loss", ignore_index, C)
 
 
-# ----------------------------------------------------------------------------- dispatch
-
-
-def _launch(backend, xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble):
-    if backend == "triton":
-        from .kernels import ncps_loss as triton_ops
-
-        return triton_ops.ncps_loss_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble)
-    if backend == "cpu":
-        return backends.extension().ncps_loss_forward(
-            list(xs), t2, list(ys), counts, list(gs) if gs is not None else None, float(cps_weight),
-            int(ignore_index), bool(ensemble))
-    if backend == "torch":
-        return _torch_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble)
-    raise ValueError(f"ncps_loss: no kernel for backend {backend!r}")
+# ----------------------------------------------------------------------------- the n-branch kernels
 
 
 def _torch_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble):
@@ -153,95 +135,53 @@ def _torch_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble):
     return torch.stack(sums)
 
 
-_logged: set[tuple[str, str]] = set()
+def _launch_triton(xs, t2, ys, counts, gs, cps_weight, ignore_index, options, config):
+    from .kernels import ncps_loss as triton_ops
+
+    return triton_ops.ncps_loss_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, bool(options[0]), config=config)
 
 
-@torch.compiler.assume_constant_result
-def _select_backend(device_type: str, requested: str | None) -> str:
-    """backends.select_backend, then the cases where this op differs from cps_loss.
-
-    There is no CUDA C++ kernel of this op: asking for ``cuda`` raises; an
-    automatic choice of it becomes ``torch``. An extension built before this op
-    existed cannot run ``cpu``.
-    """
-    name = backends.select_backend(device_type, requested)
-    explicit = (requested is not None and requested != "auto") or (
-        requested is None and bool(os.environ.get(backends.ENV_VAR)))
-    reason = None
-    if name == "cuda":
-        reason = "ncps_loss has no CUDA C++ kernel; use backend='triton' on CUDA tensors (or 'torch')"
-    elif name == "cpu" and not hasattr(backends.extension(), "ncps_loss_forward"):
-        reason = ("cps_fast._C has no ncps_loss_forward (built before this op existed); rebuild with "
-                  "`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
-    if reason is None:
-        return name
-    if explicit:
-        raise backends.BackendUnavailable(f"backend {name!r} cannot run ncps_loss: {reason}")
-    if (device_type, name) not in _logged:
-        _logged.add((device_type, name))
-        log.info("cps_fast: ncps_loss uses the torch backend for %s tensors (%s)", device_type, reason)
-    return "torch"
+def _launch_cpu(xs, t2, ys, counts, gs, cps_weight, ignore_index, options, config):
+    return backends.extension().ncps_loss_forward(list(xs), t2, list(ys), counts, list(gs) if gs is not None else None,
+                                                  float(cps_weight), int(ignore_index), bool(options[0]))
 
 
-@torch.library.custom_op("cps_fast::ncps_loss_forward", mutates_args=())
-def fused_forward(logits: list[torch.Tensor], target: Optional[torch.Tensor], pseudo: list[Optional[torch.Tensor]],
-                  cps_weight: float, ignore_index: int, ensemble: bool, need_grad: bool, backend: str
-                  ) -> list[torch.Tensor]:
-    """One kernel launch: ``[sums (K + 1), counts (K + 1), grad_1, ..., grad_K]`` (grads empty when not needed).
-
-    Registered as a custom op so that ``torch.compile`` traces through the fused
-    loss (with the fake implementation below) instead of breaking the graph.
-    """
-    if need_grad and not all(_dense(x) for x in logits):
-        # a layout empty_like cannot reproduce (e.g. a sliced view): compute on dense copies
-        logits = [x if _dense(x) else x.contiguous() for x in logits]
-    C = logits[0].shape[1]
-    xs = [_as_ncl(x) for x in logits]
-    n_rows = xs[0].shape[0]
-    t2 = _as_nl(target, n_rows)
-    ys = [_as_nl(y, n_rows) for y in pseudo]
-    numel = n_rows * xs[0].shape[2]
-    counts = _label_counts(t2, ys, C, ignore_index, numel, logits[0].device)
-    grads = _grad_outputs(logits, need_grad)
-    gs = [_as_ncl(g) for g in grads] if need_grad else None
-    sums = _launch(backend, xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble)
-    return [sums, counts] + grads
+def _launch_torch(xs, t2, ys, counts, gs, cps_weight, ignore_index, options, config):
+    return _torch_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, bool(options[0]))
 
 
-@fused_forward.register_fake
-def _fused_forward_fake(logits, target, pseudo, cps_weight, ignore_index, ensemble, need_grad, backend):
-    return _fake_outputs(logits, len(logits) + 1, need_grad)
+def _reduce(sums, counts, cps_weight, options):
+    """``(loss, sup, cps)`` from the n-branch sums and counts (the module docstring)."""
+    inv = 1.0 / counts.clamp_min(1.0)
+    sup = sums[0] * inv[0]
+    cps = (sums[1:] * inv[1:]).sum()
+    if not options[0]:  # default mode: each branch's cross term is the mean over the other K - 1 labels
+        cps = cps / (sums.shape[0] - 2)
+    return sup + cps_weight * cps, sup, cps
 
 
-class NCPSLossFunction(torch.autograd.Function):
-    """Forward computes the loss and all K gradients; backward scales them by grad_output.
+def _limit(backend, C, K):
+    if backend == "triton":
+        from .kernels.ncps_loss import MAX_K
 
-    ``apply(cps_weight, ignore_index, ensemble, backend, K, target, *pseudo, *logits)``
-    with exactly K pseudo entries (None for the argmax).
-    """
+        if K > MAX_K:
+            return f"its kernel has slots for 2 to {MAX_K} branches, got K = {K}"
+    return None
 
-    @staticmethod
-    def forward(ctx, cps_weight, ignore_index, ensemble, backend, K, target, *rest):
-        pseudo, logits = list(rest[:K]), list(rest[K:])
-        need_grad = any(ctx.needs_input_grad[6 + K:])
-        out = fused_forward(logits, target, pseudo, cps_weight, ignore_index, ensemble, need_grad, backend)
-        sums, counts, grads = out[0], out[1], out[2:]
-        inv = 1.0 / counts.clamp_min(1.0)
-        sup = sums[0] * inv[0]
-        cps = (sums[1:] * inv[1:]).sum()
-        if not ensemble:
-            cps = cps / (K - 1)
-        loss = sup + cps_weight * cps
-        _keep_grads(ctx, need_grad, grads, sup, cps)
-        ctx.K = K
-        return loss, sup, cps
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_sup, _grad_cps):
-        K = ctx.K
-        grads = _scaled_saved_grads(ctx, grad_loss, "ncps_loss")
-        needs = ctx.needs_input_grad[6 + K:]
-        return (None,) * (6 + K) + tuple(g if need else None for g, need in zip(grads, needs))
+def _config_type():
+    from .kernels.ncps_loss import NCPSLossConfig
+
+    return NCPSLossConfig
+
+
+N_BRANCH = fused.register(fused.Kernel(
+    name="ncps_loss", op="ncps_loss", launchers={"triton": _launch_triton, "cpu": _launch_cpu, "torch": _launch_torch},
+    reduce=_reduce, extension_function="ncps_loss_forward", limit=_limit, config_type=_config_type,
+))
+
+# the autograd Function of every fused loss (cps_fast.fused.FusedLossFunction)
+NCPSLossFunction = fused.FusedLossFunction
 
 
 def ncps_loss(
@@ -255,6 +195,7 @@ def ncps_loss(
     backend: str | None = None,
     return_parts: bool = False,
     validate: bool | None = None,
+    kernel_config=None,
 ):
     """Fused Cross Pseudo Supervision loss of K >= 2 branches (n-CPS).
 
@@ -272,13 +213,16 @@ def ncps_loss(
         ensemble: supervise branch k with the argmax of the other branches'
             mean softmax instead of with each other branch's argmax in turn.
         backend: ``"triton"``, ``"cpu"``, ``"torch"`` or None/"auto"
-            (``$CPS_FAST_BACKEND`` applies when None). There is no ``"cuda"``
-            C++ kernel of this op; on CUDA tensors use ``"triton"``.
+            (``$CPS_FAST_BACKEND`` applies when None); ``"cuda"`` (CUDA C++) for
+            K = 2 only, which runs the two-branch kernels of :func:`cps_fast.cps_loss`.
         return_parts: also return ``sup`` and ``cps``, detached, as device scalars.
         validate: check that labels lie in ``[0, C)`` or equal ``ignore_index``.
             Default: on for CPU tensors, off for CUDA tensors (the check reads a
             value back to the host); never done while a CUDA graph is captured or
             under ``torch.compile``.
+        kernel_config: a launch configuration forced on the Triton kernel
+            (:class:`cps_fast.kernels.ncps_loss.NCPSLossConfig`; for K = 2,
+            :class:`cps_fast.kernels.cps_loss.CPSLossConfig`), or None.
 
     Returns:
         the float32 scalar ``sup + cps_weight * cps`` (see the module docstring),
@@ -286,18 +230,15 @@ def ncps_loss(
     """
     _check_ncps_inputs(logits, target, pseudo, ignore_index, ensemble)
     K = len(logits)
-    x0 = logits[0]
-    C = x0.shape[1]
     pseudo = list(pseudo) if pseudo is not None else [None] * K
-    _maybe_validate_labels("ncps_loss", [("target", target)] + [(f"pseudo[{j}]", y) for j, y in enumerate(pseudo)],
-                           x0, validate, C, ignore_index)
-    name = _select_backend(x0.device.type, backend)
-    loss, sup, cps = NCPSLossFunction.apply(
-        float(cps_weight), int(ignore_index), bool(ensemble), name, K, target, *pseudo, *logits
-    )
-    if return_parts:
-        return loss, sup, cps
-    return loss
+    names = ["target"] + [f"pseudo[{j}]" for j in range(K)]
+    if K == 2:  # the two-branch kernels (cps_loss): for two branches both modes are that loss
+        kernel, options = fused.KERNELS["cps_loss"], ()
+    else:
+        kernel, options = N_BRANCH, (int(bool(ensemble)),)
+    return fused.run(kernel, list(logits), target, pseudo, cps_weight=cps_weight, ignore_index=ignore_index,
+                     backend=backend, return_parts=return_parts, validate=validate, label_names=names,
+                     options=options, kernel_config=kernel_config, op="ncps_loss")
 
 
 class NCPSLoss(nn.Module):

@@ -28,40 +28,21 @@ Every backend implements one launcher::
 Backends: ``triton`` (CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``; C <= 256),
 ``cpu`` (``cps_fast._C.cps_upsample_forward``), ``torch`` (plain PyTorch, materialises the
 full-resolution tensors; the fallback). There is no ``cuda`` (CUDA C++) backend for this op.
-Automatic selection: triton on CUDA tensors (torch when Triton cannot run or C > 256), cpu
-on CPU tensors when the extension has ``cps_upsample_forward``, else torch.
+Automatic selection (:mod:`cps_fast.fused`, as for every fused loss): triton on CUDA tensors
+(torch when Triton cannot run or C > 256), cpu on CPU tensors when the extension has
+``cps_upsample_forward``, else torch.
 """
 from __future__ import annotations
-
-import logging
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends
-from .loss import (
-    _check_ignore_index,
-    _check_labels,
-    _check_logits,
-    _dense,
-    _fake_outputs,
-    _grad_outputs,
-    _keep_grads,
-    _label_counts,
-    _maybe_validate_labels,
-    _scaled_saved_grads,
-    _torch_fwd as _torch_loss_fwd,
-    _two_branch_loss,
-)
-
-log = logging.getLogger("cps_fast")
+from . import backends, fused
+from .loss import _torch_fwd as _torch_loss_fwd
 
 OP = "cps_loss_upsampled"
 TRITON_MAX_C = 256  # the Triton kernel's register tile (kernels/cps_upsample.py: MAX_C)
-_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
-_logged: set[tuple[str, str]] = set()
 
 
 # ----------------------------------------------------------------------------- checks
@@ -81,83 +62,19 @@ def _parse_size(size) -> tuple[int, int]:
 
 
 def _check_inputs(low_a, low_b, target, pseudo_a, pseudo_b, size, ignore_index):
-    _check_logits(OP, (("low_a", low_a), ("low_b", low_b)), (4,), "(N, C, h, w) low-resolution logits",
+    fused.check_logits(OP, (("low_a", low_a), ("low_b", low_b)), (4,), "(N, C, h, w) low-resolution logits",
                   "the two branches' logits must have the same shape")
     N, C, h, w = low_a.shape
     if h < 1 or w < 1:
         raise ValueError(f"{OP}: the logits have spatial size {h}x{w} (shape {tuple(low_a.shape)}); expected h, w >= 1")
     H, W = size
-    _check_labels(OP, (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)), (N, H, W), low_a,
+    fused.check_labels(OP, (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)), (N, H, W), low_a,
                   f"full-resolution labels (N, H, W) = {(N, H, W)} for logits of shape {tuple(low_a.shape)} "
                   f"upsampled to size={(H, W)}")
-    _check_ignore_index(OP, ignore_index, C)
+    fused.check_ignore_index(OP, ignore_index, C)
 
 
 # ----------------------------------------------------------------------------- backends
-
-
-def why_unavailable(name: str, device: torch.device | str) -> str | None:
-    """None if backend ``name`` can run this op on ``device``, otherwise why it cannot."""
-    device = torch.device(device)
-    if name == "cuda":
-        return (f"the cuda (CUDA C++) backend does not implement {OP}; on CUDA tensors use "
-                f"backend='triton' (or 'torch')")
-    reason = backends.why_unavailable(name, device)
-    if reason is None and name == "cpu" and not hasattr(backends.extension(), "cps_upsample_forward"):
-        reason = ("cps_fast._C has no cps_upsample_forward (rebuild the extension: "
-                  "`pip install --no-build-isolation -e .`)")
-    return reason
-
-
-@torch.compiler.assume_constant_result
-def _select_backend(device_type: str, requested: str | None, C: int) -> str:
-    """Backend for this op: ``requested`` (or ``$CPS_FAST_BACKEND``) or the best available one.
-
-    A forced backend that cannot run raises :class:`cps_fast.backends.BackendUnavailable`;
-    an automatic choice falls back and logs its choice once.
-    """
-    source = "backend="
-    if requested is None and os.environ.get(backends.ENV_VAR):
-        requested, source = os.environ[backends.ENV_VAR].strip().lower(), f"${backends.ENV_VAR}"
-    if requested is not None and requested != "auto":
-        reason = why_unavailable(requested, device_type)
-        if reason is None and requested == "triton" and C > TRITON_MAX_C:
-            reason = f"its kernel supports C <= {TRITON_MAX_C} classes, got C = {C}"
-        if reason is not None:
-            raise backends.BackendUnavailable(f"{OP}: {source}{requested!r} cannot run on {device_type} tensors: {reason}")
-        return requested
-    skipped = []
-    for name in _AUTO_ORDER.get(device_type, ("torch",)):
-        reason = why_unavailable(name, device_type)
-        if reason is None and name == "triton" and C > TRITON_MAX_C:
-            reason = f"C = {C} > {TRITON_MAX_C}"
-        if reason is None:
-            if (device_type, name) not in _logged:
-                _logged.add((device_type, name))
-                why = f" ({'; '.join(skipped)})" if skipped else ""
-                simd = getattr(backends.extension(), "upsample_simd", None) if name == "cpu" else None
-                what = f"{name} ({simd()} column paths)" if simd is not None else name
-                log.info("cps_fast: %s uses the %s backend for %s tensors%s", OP, what, device_type, why)
-            return name
-        skipped.append(f"{name}: {reason}")
-    return "torch"
-
-
-def _launch(backend, a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, ignore_index, align_corners):
-    if backend == "triton":
-        from .kernels import cps_upsample as triton_ops
-
-        return triton_ops.cps_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, ignore_index,
-                                           align_corners)
-    if backend == "cpu":
-        return backends.extension().cps_upsample_forward(
-            a4, b4, t2, pa2, pb2, counts, ga4, gb4, int(H), int(W), float(cps_weight), int(ignore_index),
-            bool(align_corners),
-        )
-    if backend == "torch":
-        return torch_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, ignore_index,
-                                  align_corners)
-    raise backends.BackendUnavailable(f"{OP}: backend {backend!r} does not implement this op")
 
 
 def torch_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, ignore_index, align_corners):
@@ -177,55 +94,60 @@ def torch_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight,
     return sums
 
 
+def _launch_triton(xs, t2, ys, counts, gs, cps_weight, ignore_index, options, config):
+    from .kernels import cps_upsample as triton_ops
+
+    ga, gb = gs if gs is not None else (None, None)
+    H, W, align_corners = options
+    return triton_ops.cps_upsample_fwd(xs[0], xs[1], t2, ys[0], ys[1], counts, ga, gb, H, W, cps_weight, ignore_index,
+                                       bool(align_corners), config=config)
+
+
+def _launch_cpu(xs, t2, ys, counts, gs, cps_weight, ignore_index, options, config):
+    ga, gb = gs if gs is not None else (None, None)
+    H, W, align_corners = options
+    return backends.extension().cps_upsample_forward(xs[0], xs[1], t2, ys[0], ys[1], counts, ga, gb, int(H), int(W),
+                                                     float(cps_weight), int(ignore_index), bool(align_corners))
+
+
+def _launch_torch(xs, t2, ys, counts, gs, cps_weight, ignore_index, options, config):
+    ga, gb = gs if gs is not None else (None, None)
+    H, W, align_corners = options
+    return torch_upsample_fwd(xs[0], xs[1], t2, ys[0], ys[1], counts, ga, gb, H, W, cps_weight, ignore_index,
+                              bool(align_corners))
+
+
+def _limit(backend, C, K):
+    if backend == "triton" and C > TRITON_MAX_C:
+        return f"its kernel supports C <= {TRITON_MAX_C} classes, got C = {C}"
+    return None
+
+
+def _describe(backend):
+    simd = getattr(backends.extension(), "upsample_simd", None) if backend == "cpu" else None
+    return f"{backend} ({simd()} column paths)" if simd is not None else backend
+
+
+def _config_type():
+    from .kernels.cps_upsample import UpsampleConfig
+
+    return UpsampleConfig
+
+
+UPSAMPLED = fused.register(fused.Kernel(
+    name="cps_loss_upsampled", op=OP,
+    launchers={"triton": _launch_triton, "cpu": _launch_cpu, "torch": _launch_torch},
+    reduce=fused.two_branch_reduce, view=lambda x: x, pixels=lambda xs, options: xs[0].shape[0] * options[0] * options[1],
+    extension_function="cps_upsample_forward", limit=_limit, config_type=_config_type, describe=_describe,
+))
+
+
+def why_unavailable(name: str, device: torch.device | str, C: int = 21) -> str | None:
+    """None if backend ``name`` can run this op on ``device`` for C classes, otherwise why it cannot."""
+    return fused.why_unavailable(UPSAMPLED, name, device, C, 2)
+
+
 # ----------------------------------------------------------------------------- op
-
-
-@torch.library.custom_op("cps_fast::cps_loss_upsampled_forward", mutates_args=())
-def fused_upsampled_forward(low_a: torch.Tensor, low_b: torch.Tensor, target: torch.Tensor | None,
-                            pseudo_a: torch.Tensor | None, pseudo_b: torch.Tensor | None, out_h: int, out_w: int,
-                            cps_weight: float, ignore_index: int, align_corners: bool, need_grad: bool,
-                            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch: ``(sums[3], counts[3], grad_a, grad_b)`` (grads empty when not needed).
-
-    A custom op with a fake implementation, so ``torch.compile`` traces through it.
-    """
-    if need_grad and not (_dense(low_a) and _dense(low_b)):
-        low_a, low_b = low_a.contiguous(), low_b.contiguous()
-    N, C = low_a.shape[:2]
-    t2, pa2, pb2 = (None if y is None else y.reshape(N, -1) for y in (target, pseudo_a, pseudo_b))
-    counts = _label_counts(t2, (pa2, pb2), C, ignore_index, N * out_h * out_w, low_a.device)
-    grad_a, grad_b = _grad_outputs((low_a, low_b), need_grad)
-    ga4, gb4 = (grad_a, grad_b) if need_grad else (None, None)
-    sums = _launch(backend, low_a, low_b, t2, pa2, pb2, counts, ga4, gb4, out_h, out_w, cps_weight, ignore_index,
-                   align_corners)
-    return sums, counts, grad_a, grad_b
-
-
-@fused_upsampled_forward.register_fake
-def _fused_upsampled_forward_fake(low_a, low_b, target, pseudo_a, pseudo_b, out_h, out_w, cps_weight, ignore_index,
-                                  align_corners, need_grad, backend):
-    return tuple(_fake_outputs((low_a, low_b), 3, need_grad))
-
-
-class CPSLossUpsampledFunction(torch.autograd.Function):
-    """Forward computes the loss and both low-res gradients; backward scales them by grad_output."""
-
-    @staticmethod
-    def forward(ctx, low_a, low_b, target, pseudo_a, pseudo_b, out_h, out_w, cps_weight, ignore_index,
-                align_corners, backend):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        sums, counts, grad_a, grad_b = fused_upsampled_forward(
-            low_a, low_b, target, pseudo_a, pseudo_b, out_h, out_w, cps_weight, ignore_index, align_corners,
-            need_grad, backend)
-        loss, sup, cps = _two_branch_loss(sums, counts, cps_weight)
-        _keep_grads(ctx, need_grad, (grad_a, grad_b), sup, cps)
-        return loss, sup, cps
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_sup, _grad_cps):
-        grad_a, grad_b = _scaled_saved_grads(ctx, grad_loss, OP)
-        return (grad_a if ctx.needs_input_grad[0] else None,
-                grad_b if ctx.needs_input_grad[1] else None) + (None,) * 9
 
 
 def cps_loss_upsampled(
@@ -242,6 +164,7 @@ def cps_loss_upsampled(
     backend: str | None = None,
     return_parts: bool = False,
     validate: bool | None = None,
+    kernel_config=None,
 ):
     """CPS loss of two branches' low-resolution logits, bilinearly upsampled to ``size`` inside the kernel.
 
@@ -260,23 +183,18 @@ def cps_loss_upsampled(
         align_corners: bilinear convention of ``F.interpolate`` (True in DeepLabv3+).
         backend: ``"triton"``, ``"cpu"``, ``"torch"`` or None/``"auto"``; ``"cuda"`` is not
             implemented for this op and raises.
+        kernel_config: a launch configuration forced on the Triton kernel
+            (:class:`cps_fast.kernels.cps_upsample.UpsampleConfig`; benchmarks sweep these), or None.
 
     Returns:
         the float32 scalar ``sup + cps_weight * cps``, or ``(loss, sup, cps)``.
     """
     H, W = _parse_size(size)
     _check_inputs(low_a, low_b, target, pseudo_a, pseudo_b, (H, W), ignore_index)
-    C = low_a.shape[1]
-    _maybe_validate_labels(OP, (("target", target), ("pseudo_a", pseudo_a), ("pseudo_b", pseudo_b)),
-                           low_a, validate, C, ignore_index)
-    name = _select_backend(low_a.device.type, backend, C)
-    loss, sup, cps = CPSLossUpsampledFunction.apply(
-        low_a, low_b, target, pseudo_a, pseudo_b, H, W, float(cps_weight), int(ignore_index), bool(align_corners),
-        name,
-    )
-    if return_parts:
-        return loss, sup, cps
-    return loss
+    return fused.run(UPSAMPLED, [low_a, low_b], target, [pseudo_a, pseudo_b], cps_weight=cps_weight,
+                     ignore_index=ignore_index, backend=backend, return_parts=return_parts, validate=validate,
+                     label_names=("target", "pseudo_a", "pseudo_b"), options=(H, W, int(bool(align_corners))),
+                     kernel_config=kernel_config)
 
 
 class CPSLossUpsampled(nn.Module):

@@ -21,6 +21,8 @@ computes bfloat16 arithmetic wrongly otherwise).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -245,8 +247,8 @@ def _cps_loss_flat_kernel(
 
     The flat elements (offsets ``f`` from the program's first pixel, valid below ``pixels * C``) are
     addressed as a ``[BLOCK_P, BLOCK_C]`` block ``f = r * BLOCK_C + c``, the tile's own shape, and
-    :func:`_pin_layout` keeps the gathered tile in that load's register layout. Off by default
-    (``CL_FLAT``): benchmarks/NOTES.md has the compile evidence and what the GPU must decide."""
+    :func:`_pin_layout` keeps the gathered tile in that load's register layout. Chosen by
+    ``CPSLossConfig(flat=True)``."""
     pid, n, l = _image_block(L, BLOCK_P, WIDE)
     pmask = l < L
     c = tl.arange(0, BLOCK_C)
@@ -364,62 +366,71 @@ def _cps_scale_grad_kernel(g_ptr, s_ptr, numel, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------- launchers
 
 
-# (BLOCK_P, num_warps) forced for the tile path, or None; benchmarks set it to sweep
-# configurations (bench_loss.py --triton-configs), nothing else should.
-TILE_OVERRIDE: tuple[int, int] | None = None
+class CPSLossConfig(NamedTuple):
+    """A launch configuration forced on the tile path (benchmarks sweep these); 0 derives the value from C.
 
-# Dense channels_last logits through the flat kernel (_cps_loss_flat_kernel: 128-bit accesses and a
-# shared-memory transpose) instead of the [pixels, classes] tile's 16-bit ones. Off until a GPU
-# measures which is faster (benchmarks/NOTES.md); bench_loss.py's "triton[flat]" rows turn it on.
-CL_FLAT = False
+    ``flat``: dense channels_last logits through :func:`_cps_loss_flat_kernel` (128-bit accesses and a
+    shared-memory transpose) instead of the ``[pixels, classes]`` tile's narrower ones; off by default
+    until a GPU has measured which is faster (benchmarks/NOTES.md).
+    """
+
+    block_p: int = 0
+    num_warps: int = 0
+    flat: bool = False
 
 
-def _block_sizes(C: int, class_contiguous: bool = False) -> tuple[int, int, int, bool]:
+def _block_sizes(C: int, class_contiguous: bool = False, config: CPSLossConfig | None = None,
+                 ) -> tuple[int, int, int, bool]:
     """(BLOCK_P, BLOCK_C, num_warps, tiled) for a class axis of size C.
 
-    Tile path: a [BLOCK_P, BLOCK_C] tile of TILE_ELEMS elements per tensor, spread so
-    that each thread holds 8 elements of it. Compiled for sm_90, this keeps the tile
-    kernel at <= 128 registers with no spills (NCHW, 16 warps) where 4 warps needed
-    255 registers and spilled (benchmarks/kernel_report.py; tests/test_kernel_report.py).
-    channels_last with 129 to 256 classes takes 8-pixel tiles (8 warps): the
-    16-pixel tile spilled 160 B when compiled by triton 3.6, the GPU machine's.
-    Loop path: 64 pixels per program when pixels are contiguous (NCHW: coalesced
-    along pixels); 16 when classes are (channels_last), where 64 spilled 2 KB.
+    Tile path: a ``[BLOCK_P, BLOCK_C]`` tile of ``TILE_ELEMS`` elements per tensor, 8 elements per
+    thread, which keeps the kernel within 128 registers without spills on sm_90 (NCHW, 16 warps;
+    tests/test_kernel_report.py). channels_last with 129 to 256 classes takes 8-pixel tiles at 8 warps
+    (the 16-pixel tile spills). Loop path: 64 pixels per program when pixels are contiguous (NCHW:
+    coalesced along pixels), 16 when classes are (channels_last). benchmarks/NOTES.md has the
+    measurements behind each choice.
     """
     if C <= MAX_TILE_C:
         block_c = triton.next_power_of_2(C)
         block_p = max(16, min(256, TILE_ELEMS // block_c))
         if class_contiguous and block_c >= 256:
-            block_p = 8  # 16 x 256 at 16 warps spills 160 B with triton 3.6; 8 x 256 at 8 warps does not
-        if TILE_OVERRIDE is not None:
-            block_p, num_warps = TILE_OVERRIDE
-            return block_p, block_c, num_warps, True
+            block_p = 8
+        if config is not None and config.block_p:
+            block_p = config.block_p
         num_warps = max(1, min(16, block_p * block_c // 256))
+        if config is not None and config.num_warps:
+            num_warps = config.num_warps
         return block_p, block_c, num_warps, True
     return (16 if class_contiguous else 64), LOOP_BLOCK_C, 4, False
 
 
-def _label_args(y, dummy):
+def label_args(y, dummy):
+    """A kernel's label arguments ``(pointer, stride_n, stride_l, HAS)``: a dummy pointer that is never
+    read when ``y`` is None."""
     if y is None:
         return dummy, 0, 0, False
     return y, y.stride(0), y.stride(1), True
 
 
-def cps_loss_fwd(a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index):
-    """Launch the fused kernel on ``(N, C, L)`` views; returns the float32 ``[3]`` sums."""
+def cps_loss_fwd(a3, b3, t2, pa2, pb2, counts, ga3, gb3, cps_weight, ignore_index,
+                 config: CPSLossConfig | None = None):
+    """Launch the fused kernel on ``(N, C, L)`` views; returns the float32 ``[3]`` sums.
+
+    ``config``: a forced launch configuration (:class:`CPSLossConfig`), or None to derive it from C.
+    """
     N, C, L = a3.shape
-    block_p, block_c, num_warps, tiled = _block_sizes(C, class_contiguous=a3.stride(1) == 1 and L > 1)
+    block_p, block_c, num_warps, tiled = _block_sizes(C, class_contiguous=a3.stride(1) == 1 and L > 1, config=config)
     grid = (N * triton.cdiv(L, block_p),)  # programs walk image by image (see _image_block)
     # int32 offsets inside one image unless some tensor's image spans 2**31 elements
     wide = max(_image_span(x) for x in (a3, b3, ga3, gb3) if x is not None) >= 2**31
     partials = torch.empty((grid[0], 3), dtype=torch.float32, device=a3.device)
     write_grad = ga3 is not None
-    t, s_tn, s_tl, has_t = _label_args(t2, counts)
-    pa, s_pan, s_pal, has_pa = _label_args(pa2, counts)
-    pb, s_pbn, s_pbl, has_pb = _label_args(pb2, counts)
+    t, s_tn, s_tl, has_t = label_args(t2, counts)
+    pa, s_pan, s_pal, has_pa = label_args(pa2, counts)
+    pb, s_pbn, s_pbl, has_pb = label_args(pb2, counts)
     if not tiled:
         kernel = _cps_loss_loop_kernel
-    elif CL_FLAT and all(x.stride(1) == 1 and x.stride(2) == C for x in (a3, b3)):
+    elif config is not None and config.flat and all(x.stride(1) == 1 and x.stride(2) == C for x in (a3, b3)):
         kernel = _cps_loss_flat_kernel  # rows of C classes back to back: the flat vectors cover them
     else:
         kernel = _cps_loss_tile_kernel

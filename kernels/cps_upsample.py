@@ -26,8 +26,8 @@ Work decomposition (a gather formulation: no atomics on the gradient):
   each pixel's row and column weights), on ``tl.dot``. ``input_precision`` is "ieee"
   (exact float32 FMA) for float32 logits and "tf32" (tensor cores, operands rounded to
   10 mantissa bits, float32 accumulation) for bfloat16/float16 logits, whose gradient is
-  rounded to 7/10 mantissa bits on output anyway; "tf32x3" was tried and spills
-  registers on sm_90.
+  rounded to 7/10 mantissa bits on output anyway (benchmarks/NOTES.md has the
+  variants tried).
 * Loss sums count each full-resolution pixel once, in the program that owns its
   ``(i0, j0)`` corner; per-program partial sums are added afterwards.
 
@@ -46,25 +46,22 @@ a ``ValueError`` (the ``torch`` and ``cpu`` backends have no such limit).
 """
 from __future__ import annotations
 
-import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .cps_loss import LOG2E, _grad_weights, _label_hits, _load_labels, _pseudo_labels, _tile_grads, _tile_stats
+from ..backends import triton_interpret
+from .cps_loss import (LOG2E, _grad_weights, _label_hits, _load_labels, _pseudo_labels, _tile_grads, _tile_stats,
+                       label_args)
 
 MAX_C = 256
 
-# BLOCK_C -> (BH, BW, BLOCK_F, num_warps, AX). Compile-only evidence (sm_90a, bf16, C = 21;
-# benchmarks/NOTES.md): with Triton >= 3.9, up to 32 classes, AX = 0 and one warp of 16 full-res
-# pixels gets two lanes per pixel, each thread holding 16 classes of one pixel, so the class
-# reductions are in registers plus one shuffle: about a third of the instructions per owned
-# low-res pixel of the lanes-across-classes layout (AX = 1, 8x8:32:8), without spilling. Triton 3.6
-# (the GPU machine's) lays the same gathers out with lanes across the classes anyway and then
-# spills, while it compiles AX = 1 to half the instructions Triton 3.9 does: there AX = 1 stays.
-# Wider class axes spill in AX = 0 and keep AX = 1. Not yet timed on a GPU (the GPU run sweeps both).
+# BLOCK_C -> (BH, BW, BLOCK_F, num_warps, AX): up to 32 classes with Triton >= 3.9, AX = 0 and one
+# warp of 16 full-res pixels (two lanes per pixel, the class reductions in registers plus one
+# shuffle); otherwise lanes across the classes (AX = 1). benchmarks/NOTES.md has the compile evidence.
 _PIXEL_MAJOR = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
 _CONFIGS = {
     16: (4, 8, 16, 1, 0) if _PIXEL_MAJOR else (8, 8, 32, 8, 1),
@@ -73,8 +70,8 @@ _CONFIGS = {
     128: (4, 4, 16, 16, 1),
     256: (4, 4, 16, 16, 1),
 }
-# float32 logits: the gradient pull-back's tl.dot runs as exact float32 FMAs (no tensor cores),
-# whose operand tiles spill in 4x8 (about 80 bytes); 4x4 owned pixels do not spill
+# float32 logits: the gradient pull-back's tl.dot runs as exact float32 FMAs (no tensor cores) on
+# smaller owned blocks (benchmarks/NOTES.md)
 _CONFIGS_FP32 = {16: (4, 4, 16, 1, 0), 32: (4, 4, 16, 1, 0)} if _PIXEL_MAJOR else {}
 
 
@@ -276,9 +273,17 @@ def source_scale(in_size: int, out_size: int, align_corners: bool) -> np.float32
     return np.float32(in_size) / np.float32(out_size)
 
 
-# (BH, BW, BLOCK_F, num_warps, AX) forced for every class width, or None for _CONFIGS: for tests and
-# the GPU run's configuration sweep (benchmarks/bench_upsample.py, providers fused[BHxBW:F:W:AX])
-CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None
+class UpsampleConfig(NamedTuple):
+    """A launch configuration forced for every class width (benchmarks/bench_upsample.py sweeps these):
+    ``BH x BW`` low-res pixels per program, ``block_f`` full-res pixels per step, ``num_warps``, and
+    the tile orientation ``ax`` (0: ``[classes, pixels]`` tiles, 1: ``[pixels, classes]``)."""
+
+    bh: int
+    bw: int
+    block_f: int
+    num_warps: int
+    ax: int
+
 
 # Under TRITON_INTERPRET=1 every op is a numpy call with a fixed Python overhead, so fewer,
 # larger chunks of full-res pixels run much faster; registers do not matter there.
@@ -286,13 +291,15 @@ INTERPRET_BLOCK_F = 256
 
 
 def block_config(C: int, interpret: bool | None = None, dtype: torch.dtype = torch.bfloat16,
-                 ) -> tuple[int, int, int, int, int, int]:
-    """(BH, BW, BLOCK_F, BLOCK_C, num_warps, AX) for a class axis of size C (C <= MAX_C) of ``dtype`` logits."""
+                 config: UpsampleConfig | None = None) -> tuple[int, int, int, int, int, int]:
+    """(BH, BW, BLOCK_F, BLOCK_C, num_warps, AX) for a class axis of size C (C <= MAX_C) of ``dtype``
+    logits; ``config`` forces all but BLOCK_C."""
     if interpret is None:
-        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        interpret = triton_interpret()
     block_c = max(16, triton.next_power_of_2(C))  # tl.dot needs every dimension >= 16
-    if CONFIG_OVERRIDE is not None:
-        return (*CONFIG_OVERRIDE[:3], block_c, *CONFIG_OVERRIDE[3:])
+    if config is not None:
+        bh, bw, block_f, num_warps, ax = config
+        return bh, bw, block_f, block_c, num_warps, ax
     configs = _CONFIGS_FP32 if dtype == torch.float32 and block_c in _CONFIGS_FP32 else _CONFIGS
     bh, bw, block_f, num_warps, ax = configs[block_c]
     if interpret and INTERPRET_BLOCK_F:
@@ -306,18 +313,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _label_args(y, dummy):
-    if y is None:
-        return dummy, 0, 0, False
-    return y, y.stride(0), y.stride(1), True
-
-
-def cps_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, ignore_index, align_corners):
+def cps_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, ignore_index, align_corners,
+                     config: UpsampleConfig | None = None):
     """Launch the upsample-fused kernel; returns the float32 ``[3]`` full-resolution loss sums.
 
     ``a4``, ``b4``: ``(N, C, h, w)`` low-res logits (any strides); ``t2``, ``pa2``, ``pb2``:
     ``(N, H*W)`` labels or None; ``ga4``, ``gb4``: gradient outputs with the logits'
-    shapes and strides, or None. See :mod:`cps_fast.upsample_loss` for the contract.
+    shapes and strides, or None; ``config``: a forced :class:`UpsampleConfig`, or None. See
+    :mod:`cps_fast.upsample_loss` for the contract.
     """
     N, C, h, w = a4.shape
     if C > MAX_C:
@@ -334,7 +337,7 @@ def cps_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, i
             raise ValueError(f"cps_upsample (triton): {name} has more than 2**31 elements per image")
     if H * W >= 2**31:
         raise ValueError(f"cps_upsample (triton): output size {H}x{W} has more than 2**31 pixels")
-    bh, bw, block_f, block_c, num_warps, ax = block_config(C, dtype=a4.dtype)
+    bh, bw, block_f, block_c, num_warps, ax = block_config(C, dtype=a4.dtype, config=config)
     n_bands, n_tiles = triton.cdiv(h, bh), triton.cdiv(w, bw)
     n_prog = N * n_bands * n_tiles
     if n_prog == 0:
@@ -347,9 +350,9 @@ def cps_upsample_fwd(a4, b4, t2, pa2, pb2, counts, ga4, gb4, H, W, cps_weight, i
     inv_h = float(1.0 / float(scale_h)) if scale_h > 0 else -1.0
     inv_w = float(1.0 / float(scale_w)) if scale_w > 0 else -1.0
     write_grad = ga4 is not None
-    t, s_tn, s_tl, has_t = _label_args(t2, counts)
-    pa, s_pan, s_pal, has_pa = _label_args(pa2, counts)
-    pb, s_pbn, s_pbl, has_pb = _label_args(pb2, counts)
+    t, s_tn, s_tl, has_t = label_args(t2, counts)
+    pa, s_pan, s_pal, has_pa = label_args(pa2, counts)
+    pb, s_pbn, s_pbl, has_pb = label_args(pb2, counts)
     _cps_upsample_kernel[(n_prog,)](
         a4, b4, ga4 if write_grad else a4, gb4 if write_grad else b4, t, pa, pb, counts, partials,
         C, h, w, H, W, n_bands, n_tiles,

@@ -24,22 +24,28 @@ is float32.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .cps_loss import MAX_TILE_C, TILE_ELEMS, _gather, _image_block, _image_span, _load_labels, _online_stats
+from .cps_loss import (LOG2E, MAX_TILE_C, TILE_ELEMS, _gather, _image_block, _image_span, _load_labels, _online_stats,
+                       _tile_stats)
 
 MAX_K = 8  # pointer slots of the kernels
 TILE_SET_ELEMS = TILE_ELEMS  # elements of all K register tiles together
 LOOP_BLOCK_C = 64  # class block of the online-softmax path
 LOOP_BLOCK_P = 32
-# elements of each branch's tile per thread, forced, or None; benchmarks set it to sweep
-# (bench_ncps.py provider "triton[eN]"), nothing else should
-ELEMS_OVERRIDE: int | None = None
-# (BLOCK_P, num_warps) forced for the tile path, or None; benchmarks set it to sweep
-# configurations (bench_ncps.py provider "triton[BPxW]", kernel_report.py --tile), nothing else should
-TILE_OVERRIDE: tuple[int, int] | None = None
+
+
+class NCPSLossConfig(NamedTuple):
+    """A launch configuration forced on the tile path (benchmarks sweep these); 0 derives the value
+    from C and K. ``elems_per_thread``: elements of each branch's tile per thread."""
+
+    block_p: int = 0
+    num_warps: int = 0
+    elems_per_thread: int = 0
 
 
 @triton.jit
@@ -55,6 +61,13 @@ def _branch_labels(ys, yns, yls, n, l, pmask, ignore_index, C, ARG, HAS_Y: tl.co
         Y = Y + (y,)
         V = V + (v,)
     return Y, V
+
+
+@triton.jit
+def _exp_shifted(x, m):
+    """``exp(x - m)`` of a ``[BLOCK_P, BLOCK_C]`` tile and its per-pixel max, as :func:`_tile_stats`
+    computes it (so the softmax and its normaliser agree to the last bit)."""
+    return tl.math.exp2(x * LOG2E - (m * LOG2E)[:, None])
 
 
 @triton.jit
@@ -115,13 +128,11 @@ def _ncps_tile_kernel(
     for k in tl.static_range(K):
         x = tl.load(xs[k] + n * sns[k] + l[:, None] * sls[k] + c[None, :] * scs[k], mask=m2,
                     other=float("-inf")).to(tl.float32)
-        m = tl.where(pmask, tl.max(x, axis=1), 0.0)
-        arg = tl.min(tl.where(x == m[:, None], c[None, :], BLOCK_C), axis=1).to(tl.int32)
-        s = tl.where(pmask, tl.sum(tl.exp(x - m[:, None]), axis=1), 1.0)  # padding rows: finite log, division
+        m, arg, _, s, lse = _tile_stats(x, c, pmask, BLOCK_C, 1)  # the exp tile is recomputed below
         X = X + (x,)
         M = M + (m,)
         S = S + (s,)
-        LSE = LSE + (m + tl.log(s),)
+        LSE = LSE + (lse,)
         ARG = ARG + (arg,)
 
     t, vt = _load_labels(t_ptr, n, l, s_tn, s_tl, pmask, ignore_index, C, HAS_T)
@@ -133,13 +144,13 @@ def _ncps_tile_kernel(
         if K == 2:  # the mean softmax of one branch: its argmax, exactly as torch.argmax
             Y = (ARG[1], ARG[0])
         else:
-            tot = tl.exp(X[0] - M[0][:, None]) * (1.0 / S[0])[:, None]
+            tot = _exp_shifted(X[0], M[0]) * (1.0 / S[0])[:, None]
             for j in tl.static_range(1, K):
-                tot += tl.exp(X[j] - M[j][:, None]) * (1.0 / S[j])[:, None]
+                tot += _exp_shifted(X[j], M[j]) * (1.0 / S[j])[:, None]
             Y = ()
             for k in tl.static_range(K):
                 # the other branches' summed softmax; padding classes stay 0, below any real mean
-                q = tot - tl.exp(X[k] - M[k][:, None]) * (1.0 / S[k])[:, None]
+                q = tot - _exp_shifted(X[k], M[k]) * (1.0 / S[k])[:, None]
                 qm = tl.max(q, axis=1)
                 Y = Y + (tl.min(tl.where(q == qm[:, None], c[None, :], BLOCK_C), axis=1).to(tl.int32),)
         V = ()
@@ -175,7 +186,7 @@ def _ncps_tile_kernel(
                 if (ENSEMBLE and j == k) or (not ENSEMBLE and j != k):
                     coef += W[j]
                     hits += tl.where(c[None, :] == Y[j][:, None], W[j][:, None], 0.0)
-            g = tl.exp(X[k] - M[k][:, None]) * (coef / S[k])[:, None] - hits
+            g = _exp_shifted(X[k], M[k]) * (coef / S[k])[:, None] - hits
             tl.store(gs[k] + n * sns[k] + l[:, None] * sls[k] + c[None, :] * scs[k],
                      g.to(gs[k].dtype.element_ty), mask=m2)
 
@@ -298,27 +309,27 @@ def _ncps_loop_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 
-def block_sizes(C: int, K: int, class_contiguous: bool = False) -> tuple[int, int, int, bool]:
+def block_sizes(C: int, K: int, class_contiguous: bool = False, config: NCPSLossConfig | None = None,
+                ) -> tuple[int, int, int, bool]:
     """(BLOCK_P, BLOCK_C, num_warps, tiled) for K branches with a class axis of size C.
 
-    Tile path: the K tiles together hold ``TILE_SET_ELEMS`` elements (BLOCK_P shrinks
-    as K grows) and each thread holds 8 elements of each branch's tile for K <= 4
-    (4 for more branches): 8 contiguous NCHW pixels per thread make 128-bit bf16
-    accesses, and K x 8 values in flight per thread keep enough bytes moving to cover
-    the memory latency (benchmarks/NOTES.md, n-CPS v2). Compiled for sm_90 this needs
-    up to 255 registers at K = 4 and spills at most 8 B (benchmarks/kernel_report.py).
-    Loop path: 16 pixels per program when classes are contiguous (channels_last),
-    32 otherwise.
+    Tile path: the K tiles together hold ``TILE_SET_ELEMS`` elements (BLOCK_P shrinks as K grows);
+    each thread holds 8 elements of each branch's tile for K <= 4, 4 for more branches (8 contiguous
+    NCHW pixels make 128-bit bf16 accesses, and K x 8 values in flight per thread cover the memory
+    latency). Loop path: 16 pixels per program when classes are contiguous (channels_last), 32
+    otherwise. benchmarks/NOTES.md (n-CPS) has the measurements and register counts behind these.
     """
     if C <= MAX_TILE_C:
         block_c = triton.next_power_of_2(C)
         k2 = triton.next_power_of_2(K)
         block_p = max(2, min(256, TILE_SET_ELEMS // (k2 * block_c)))
-        if TILE_OVERRIDE is not None:
-            block_p, num_warps = TILE_OVERRIDE
-            return block_p, block_c, num_warps, True
-        per_thread = ELEMS_OVERRIDE or (8 if K <= 4 else 4)
+        if config is not None and config.block_p:
+            block_p = config.block_p
+        per_thread = (config.elems_per_thread if config is not None and config.elems_per_thread
+                      else 8 if K <= 4 else 4)
         num_warps = max(1, min(16, block_p * block_c // (per_thread * 32)))
+        if config is not None and config.num_warps:
+            num_warps = config.num_warps
         return block_p, block_c, num_warps, True
     block_p = (16 if class_contiguous else LOOP_BLOCK_P) // (1 if K <= 2 else 2 if K <= 4 else 4)
     return block_p, LOOP_BLOCK_C, 4, False
@@ -329,13 +340,13 @@ def _slots(values, fill):
     return values + [fill] * (MAX_K - len(values))
 
 
-def ncps_loss_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble):
+def ncps_loss_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble, config: NCPSLossConfig | None = None):
     """Launch the fused kernel on ``K`` ``(N, C, L)`` views; returns the float32 ``[K + 1]`` sums.
 
     ``xs``: the branches' logits views; ``t2``: ``(N, L)`` labels or None; ``ys``:
     ``K`` entries, each ``(N, L)`` pseudo labels or None (argmax); ``counts``:
     float32 ``[K + 1]``; ``gs``: ``K`` gradient views with the logits' strides, or
-    None to skip the gradients.
+    None to skip the gradients; ``config``: a forced launch configuration, or None.
     """
     K = len(xs)
     if not 2 <= K <= MAX_K:
@@ -347,7 +358,7 @@ def ncps_loss_fwd(xs, t2, ys, counts, gs, cps_weight, ignore_index, ensemble):
             if g.stride() != x.stride():
                 raise ValueError(f"ncps_loss (triton): gradient {k} has strides {g.stride()} but its logits "
                                  f"have {x.stride()}; the kernel writes gradients with the logits' strides")
-    block_p, block_c, num_warps, tiled = block_sizes(C, K, class_contiguous=xs[0].stride(1) == 1 and L > 1)
+    block_p, block_c, num_warps, tiled = block_sizes(C, K, class_contiguous=xs[0].stride(1) == 1 and L > 1, config=config)
     grid = (N * triton.cdiv(L, block_p),)  # programs walk image by image (see cps_loss._image_block)
     # int32 offsets inside one image unless some tensor's image spans 2**31 elements
     wide = max(_image_span(x) for x in list(xs) + list(gs or [])) >= 2**31

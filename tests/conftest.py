@@ -42,9 +42,9 @@ def _poison_outputs(request, monkeypatch):
     """In tests marked ``poison_outputs`` (the fused-loss suites' ``pytestmark``), every kernel
     output is filled with NaN before the launch, so an element a kernel forgets to write fails."""
     if request.node.get_closest_marker("poison_outputs") is not None:
-        from cps_fast import loss
+        from cps_fast import fused
 
-        monkeypatch.setattr(loss, "POISON_OUTPUTS", True)
+        monkeypatch.setattr(fused, "POISON_OUTPUTS", True)
 
 
 def _shard(items):

@@ -132,7 +132,7 @@ TRITON_DEVICES = [d for d in DEVICES if "triton" in backends.available_backends(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("given_pseudo", [False, True])
 def test_channels_last_flat_kernel(device, C, shape, dtype, given_pseudo, monkeypatch):
-    """The flat channels_last kernel (CL_FLAT, 128-bit accesses and a gather) against the reference;
+    """The flat channels_last kernel (CPSLossConfig(flat=True): 128-bit accesses and a gather) against the reference;
     with 3 x 37 x 41 = 4551 pixels of 21 classes, tiles of 128 pixels end mid-image and mid-row."""
     from cps_fast.kernels import cps_loss as triton_ops
 
@@ -144,7 +144,6 @@ def test_channels_last_flat_kernel(device, C, shape, dtype, given_pseudo, monkey
             launched.append(grid)
             return flat[grid]
 
-    monkeypatch.setattr(triton_ops, "CL_FLAT", True)
     monkeypatch.setattr(triton_ops, "_cps_loss_flat_kernel", Spy())
     N, H, W = shape
     a = make_logits("channels_last", N, C, H, W, dtype, device)
@@ -154,7 +153,7 @@ def test_channels_last_flat_kernel(device, C, shape, dtype, given_pseudo, monkey
     kw = dict(cps_weight=1.5, ignore_index=ii)
     if given_pseudo:
         kw["pseudo_b"] = make_labels((N, H, W), C, 0.4, device, dtype=label_dtype, ignore_index=ii)
-    got = run(cps_fast.cps_loss, a, b, target, backend="triton", **kw)
+    got = run(cps_fast.cps_loss, a, b, target, backend="triton", kernel_config=triton_ops.CPSLossConfig(flat=True), **kw)
     assert launched, "the flat kernel did not run"
     assert_close_to_reference(got, a, b, target, **kw)
 
@@ -402,8 +401,8 @@ def test_the_fused_loss_suites_run_with_poisoned_outputs():
     import test_swept_configs
     import test_upsample_loss
 
-    from cps_fast import loss
+    from cps_fast import fused
 
-    assert loss.POISON_OUTPUTS
+    assert fused.POISON_OUTPUTS
     for mod in (test_ncps_loss, test_swept_configs, test_upsample_loss):
         assert mod.pytestmark.name == "poison_outputs", mod.__name__

@@ -8,7 +8,6 @@ top two ensemble scores are closer than 1e-4 are redrawn (there the float32
 kernels and the float64 reference may honestly disagree); argmax ties of the
 logits themselves are exact in every precision and kept.
 """
-import importlib
 import itertools
 
 import pytest
@@ -23,7 +22,6 @@ from helpers import assert_grads_close, assert_scalars_close, make_labels, make_
 pytestmark = pytest.mark.poison_outputs  # NaN-filled kernel outputs (tests/conftest.py)
 
 # the module, not the function cps_fast re-exports under the same name
-ncps_mod = importlib.import_module("cps_fast.ncps_loss")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -312,12 +310,23 @@ def test_forced_backend_that_cannot_run_says_why(monkeypatch):
 
 
 def test_cuda_backend_is_refused_with_the_reason(monkeypatch):
-    """There is no CUDA C++ kernel of this op: an explicit 'cuda' says so, an automatic one falls back."""
-    monkeypatch.setattr(backends, "select_backend", lambda device, requested=None: "cuda")
-    with pytest.raises(backends.BackendUnavailable, match="ncps_loss has no CUDA C\\+\\+ kernel; use backend='triton'"):
-        ncps_mod._select_backend("cuda", "cuda")
+    """There is no CUDA C++ kernel of the n-branch op: an explicit 'cuda' says so, an automatic choice
+    passes over it; the Triton kernel's branch slots bound K. K = 2 runs the two-branch kernels,
+    which have one."""
+    from cps_fast import fused
+
+    monkeypatch.setattr(backends, "why_unavailable", lambda name, device: None)  # as if all were installed
     monkeypatch.delenv("CPS_FAST_BACKEND", raising=False)
-    assert ncps_mod._select_backend("cuda", None) == "torch"
+    n_branch = fused.KERNELS["ncps_loss"]
+    assert fused.why_unavailable(n_branch, "cuda", "cuda", 21, 3).startswith("ncps_loss has no CUDA C++ kernel")
+    assert fused.why_unavailable(fused.KERNELS["cps_loss"], "cuda", "cuda", 21, 2) is None
+    with pytest.raises(backends.BackendUnavailable, match=r"ncps_loss: backend='cuda' cannot run on cuda tensors: "
+                                                          r"ncps_loss has no CUDA C\+\+ kernel"):
+        fused.select_backend("ncps_loss", "cuda", "cuda", 21, 3, "ncps_loss")
+    assert fused.select_backend("ncps_loss", "cuda", None, 21, 3, "ncps_loss") == "triton"
+    assert fused.select_backend("ncps_loss", "cuda", None, 21, 9, "ncps_loss") == "torch"  # 8 slots
+    with pytest.raises(backends.BackendUnavailable, match="slots for 2 to 8 branches, got K = 9"):
+        fused.select_backend("ncps_loss", "cuda", "triton", 21, 9, "ncps_loss")
 
 
 def test_extension_kernel_checks_its_arguments():

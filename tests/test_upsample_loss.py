@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import cps_fast
-from cps_fast import backends, loss as loss_mod
+from cps_fast import backends, fused
 from cps_fast import upsample_loss as up_mod
 from cps_fast.reference import cps_loss_upsampled_reference
 from cps_fast.upsample_loss import CPSLossUpsampled, cps_loss_upsampled
@@ -78,7 +78,7 @@ def assert_close_to_reference(got, a, b, target, grad_scale=1.0, backend=None, *
         lowp, floor = run(lowp_reference, a, b, target, grad_scale=grad_scale, **kw), 1e-3 * gmax
     for name, g, r, lp, x in (("grad_a", got[3], ref[3], lowp[3], a), ("grad_b", got[4], ref[4], lowp[4], b)):
         assert g.dtype == x.dtype and g.shape == x.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
-        assert g.stride() == x.stride() or not loss_mod._dense(x), f"{name} strides {g.stride()} != logits strides {x.stride()}"
+        assert g.stride() == x.stride() or not fused.dense(x), f"{name} strides {g.stride()} != logits strides {x.stride()}"
         assert torch.isfinite(g).all(), f"{name} has non-finite values (an unwritten, poisoned element?)"
         extra = g.double().abs() * 2.0**-7 if interp_trunc else 0.0  # one bf16 ulp of the value
         err = ((g.double() - r).abs() - extra).max().item()
@@ -193,19 +193,22 @@ def test_class_axis_widths(backend, C):
                          ids=["heuristic", "8x8:32:8:1", "4x8:64:2:0", "8x4:32:1:1"])
 @pytest.mark.parametrize("C", [21, 64])
 def test_triton_with_the_gpu_block_sizes(backend, config, C, monkeypatch):
-    """The interpreter normally walks 256 full-res pixels per step; the GPU sizes run here too, in
+    """The interpreter normally walks 256 full-res pixels per step; the GPU sizes (forced through
+    ``kernel_config``, which the interpreter's larger step does not override) run here too, in
     both class-axis orientations (AX = 0: a pixel per thread; AX = 1: lanes across classes) and
     with non-square owned blocks."""
     need(backend)
     from cps_fast.kernels import cps_upsample
 
-    monkeypatch.setattr(cps_upsample, "INTERPRET_BLOCK_F", 0)
-    monkeypatch.setattr(cps_upsample, "CONFIG_OVERRIDE", config)
     a = make_low(1, C, 9, 10, layout="channels_last", size=(33, 37))
     b = make_low(1, C, 9, 10, size=(33, 37))
     target = make_labels((1, 33, 37), C, 0.2)
     kw = dict(size=(33, 37), cps_weight=1.5)
-    got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
+    if config is None:  # the heuristic's GPU configuration (without the interpreter's larger step)
+        bh, bw, block_f, _, num_warps, ax = cps_upsample.block_config(C, interpret=False, dtype=a.dtype)
+        config = (bh, bw, block_f, num_warps, ax)
+    got = run(cps_loss_upsampled, a, b, target, backend=backend, kernel_config=cps_upsample.UpsampleConfig(*config),
+              **kw)
     assert_close_to_reference(got, a, b, target, **kw)
 
 
@@ -342,17 +345,21 @@ def test_torch_compile_fullgraph_torch_backend():
 # ----------------------------------------------------------------------------- backends and bad input
 
 
+def _select(device_type, C):
+    return fused.select_backend("cps_loss_upsampled", device_type, None, C, 2, "cps_loss_upsampled")
+
+
 def test_backend_selection(monkeypatch, caplog):
     monkeypatch.delenv("CPS_FAST_BACKEND", raising=False)
-    monkeypatch.setattr(up_mod, "_logged", set())
+    monkeypatch.setattr(backends, "_logged", set())
     has_cpu = backends.extension() is not None and hasattr(backends.extension(), "cps_upsample_forward")
     with caplog.at_level("INFO", logger="cps_fast"):
-        assert up_mod._select_backend("cpu", None, 21) == ("cpu" if has_cpu else "torch")
+        assert _select("cpu", 21) == ("cpu" if has_cpu else "torch")
     if has_cpu and hasattr(backends.extension(), "upsample_simd"):  # the log names the column paths in use
         simd = backends.extension().upsample_simd()
         assert f"the cpu ({simd} column paths) backend" in caplog.text, caplog.text
     a = make_low(1, 3, 2, 2)
-    with pytest.raises(backends.BackendUnavailable, match="does not implement cps_loss_upsampled"):
+    with pytest.raises(backends.BackendUnavailable, match="cps_loss_upsampled has no CUDA C\\+\\+ kernel"):
         cps_loss_upsampled(a, a, size=(4, 4), backend="cuda")
     if not has_cpu:
         with pytest.raises(backends.BackendUnavailable, match="no cps_upsample_forward"):
@@ -360,11 +367,11 @@ def test_backend_selection(monkeypatch, caplog):
     monkeypatch.setenv("CPS_FAST_BACKEND", "cuda")
     with pytest.raises(backends.BackendUnavailable, match=r"\$CPS_FAST_BACKEND"):
         cps_loss_upsampled(a, a, size=(4, 4))
-    if backends.triton_import_error() is None:
+    if backends.triton_kernels_import_error() is None:
         monkeypatch.delenv("CPS_FAST_BACKEND")
         # on CUDA tensors the automatic choice is triton, and torch beyond the kernel's class tile
-        assert up_mod._select_backend("cuda", None, 21) == "triton"
-        assert up_mod._select_backend("cuda", None, 300) == "torch"
+        assert _select("cuda", 21) == "triton"
+        assert _select("cuda", 300) == "torch"
 
 
 def _bad(match, *args, exc=(ValueError, TypeError), **kw):
