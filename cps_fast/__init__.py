@@ -39,6 +39,7 @@ def _load_checkout_kernels() -> None:
     except BaseException:
         del _sys.modules["cps_fast.kernels"]
         raise
+    globals()["kernels"] = module  # what the import system sets on a parent package
 
 
 _load_checkout_kernels()

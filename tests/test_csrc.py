@@ -281,37 +281,30 @@ def test_has_cuda_says_whether_the_cuda_kernels_are_in_the_binary():
     assert (b"cps_loss_reduce_kernel" in blob) == _C.has_cuda(), _C.__file__
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (lambda k: k.update(a3=k["a3"][0]), r"a3 \(logits_a\) has shape \[5, 7\].*expected \(N, C, L\)"),
-        (lambda k: k.update(b3=k["b3"][:, :, :6]), r"a3 has shape \[2, 5, 7\] but b3 has shape \[2, 5, 6\]"),
-        (lambda k: k.update(a3=k["a3"].long(), b3=k["b3"].long()), r"has dtype Long; expected float32"),
-        (lambda k: k.update(b3=k["b3"].double()), r"b3 \(logits_b\) has dtype Double"),
-        (lambda k: k.update(b3=k["b3"].half()), r"a3 has dtype Float but b3 has dtype Half"),
-        (lambda k: k.update(t2=k["t2"][:, :5]), r"t2 \(target\) has shape \[2, 5\]; expected \(N, L\) = \(2, 7\)"),
-        (lambda k: k.update(pa2=k["t2"].float()), r"pa2 \(pseudo_a\) has dtype Float; expected integer labels"),
-        (lambda k: k.update(pb2=k["t2"].to(torch.int16)), r"pb2 \(pseudo_b\) has dtype Short"),
-        (lambda k: k.update(counts=torch.ones(2)), r"counts has dtype Float and shape \[2\]; expected float32 of shape \[3\]"),
-        (lambda k: k.update(counts=torch.ones(3, dtype=torch.float64)), r"counts has dtype Double"),
-        (lambda k: k.update(grad_a3=torch.empty(2, 5, 6)), r"grad_a3 has shape \[2, 5, 6\]; expected the shape of a3"),
-        (lambda k: k.update(grad_b3=k["grad_b3"].half()), r"grad_b3 has dtype Half; expected the logits' dtype Float"),
-        (lambda k: k.update(grad_a3=torch.empty(1, 1, 1).expand(2, 5, 7)), r"grad_a3 .* share memory"),
-        (lambda k: k.update(grad_a3=k["a3"]), r"grad_a3 overlaps the memory of a3"),
-        (lambda k: k.update(cps_weight=float("nan")), r"cps_weight = nan; expected a finite number"),
-    ],
-)
-def test_argument_errors(change, message):
-    kw = _good_args()
-    change(kw)
-    with pytest.raises(RuntimeError, match=message):
-        _call(**kw)
+# what only the extension sees (the op's entry checks the user's arguments, tests/test_loss.py):
+# the buffers the Python layer makes, and memory the kernel must not write through
+GUARDED = [
+    lambda k: k.update(counts=torch.ones(2)),
+    lambda k: k.update(counts=torch.ones(3, dtype=torch.float64)),
+    lambda k: k.update(grad_a3=torch.empty(2, 5, 6)),
+    lambda k: k.update(grad_b3=k["grad_b3"].half()),
+    lambda k: k.update(grad_a3=torch.empty(1, 1, 1).expand(2, 5, 7)),
+    lambda k: k.update(grad_a3=k["a3"]),
+    lambda k: k.update(a3=k["a3"][0]),
+    lambda k: k.update(cps_weight=float("nan")),
+]
 
 
-def test_single_class_is_rejected():
-    kw = _good_args(C=1)
-    with pytest.raises(RuntimeError, match=r"C = 1 classes .*expected C >= 2"):
-        _call(**kw)
+def test_the_extension_guards_its_arguments():
+    """The C++ TORCH_CHECKs are the extension's own guard when it is called directly: each bad call
+    raises, naming the function (the messages are the op's entry's to test, not repeated here)."""
+    for change in GUARDED:
+        kw = _good_args()
+        change(kw)
+        with pytest.raises(RuntimeError, match=r"cps_fast\._C\.cps_loss_forward: "):
+            _call(**kw)
+    with pytest.raises(RuntimeError, match=r"cps_fast\._C\.cps_loss_forward: .*C = 1 classes"):
+        _call(**_good_args(C=1))
 
 
 # ----------------------------------------------------------------------------- CUDA: compile check

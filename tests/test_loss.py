@@ -406,3 +406,20 @@ def test_the_fused_loss_suites_run_with_poisoned_outputs():
     assert fused.POISON_OUTPUTS
     for mod in (test_ncps_loss, test_swept_configs, test_upsample_loss):
         assert mod.pytestmark.name == "poison_outputs", mod.__name__
+
+
+def test_kernel_config_is_checked():
+    """A forced launch configuration applies to the Triton kernel only, and must be the kernel's own."""
+    a = torch.randn(1, 3, 2, 2)
+    with pytest.raises(ValueError, match="cps_loss: kernel_config applies to the triton backend, but the torch "
+                                         "backend runs"):
+        cps_fast.cps_loss(a, a, backend="torch", kernel_config=(16, 1, False))
+    if backends.triton_kernels_import_error() is None and backends.why_unavailable("triton", "cpu") is None:
+        from cps_fast.kernels.ncps_loss import NCPSLossConfig
+
+        with pytest.raises(TypeError, match=r"cps_loss: kernel_config must be a cps_fast\.kernels\.cps_loss\."
+                                            r"CPSLossConfig for these inputs, got NCPSLossConfig"):
+            cps_fast.cps_loss(a, a, backend="triton", kernel_config=NCPSLossConfig(16, 1))
+        with pytest.raises(TypeError, match=r"ncps_loss: kernel_config must be a .*CPSLossConfig"):
+            cps_fast.ncps_loss([a, a], backend="triton", kernel_config=NCPSLossConfig(16, 1))  # K = 2: two-branch
+

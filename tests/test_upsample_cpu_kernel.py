@@ -348,7 +348,7 @@ def test_matches_python_reference_when_available():
 # ----------------------------------------------------------------------------- argument checks
 
 
-def test_bad_arguments():
+def test_the_extension_guards_its_arguments():
     N, C, h, w, H, W = 2, 5, 4, 3, 8, 6
     a = make_low(N, C, h, w)
     b = make_low(N, C, h, w)
@@ -362,28 +362,14 @@ def test_bad_arguments():
         return _C.cps_upsample_forward(**args)
 
     call()  # the baseline is accepted
-    cases = [
-        (dict(a4=a.flatten(2)), r"a4 \(low_a\) has shape .* expected \(N, C, h, w\)"),
-        (dict(a4=a.double(), b4=b.double()), r"dtype Double; expected float32, float16 or bfloat16"),
-        (dict(b4=make_low(N, C, h + 1, w)), r"a4 has shape .* but b4 has shape"),
-        (dict(b4=b.half()), r"a4 has dtype Float but b4 has dtype Half"),
-        (dict(a4=make_low(N, 1, h, w), b4=make_low(N, 1, h, w)), r"C = 1 classes"),
-        (dict(a4=make_low(N, C, 0, w), b4=make_low(N, C, 0, w)), r"expected h >= 1 and w >= 1"),
-        (dict(H=0), r"output size \(H, W\) = \(0, 6\)"),
-        (dict(t2=t2[:, :-1]), r"t2 \(target\) has shape .* expected full-resolution labels of shape \(N, H\*W\)"),
-        (dict(pa2=t2.float()), r"pa2 \(pseudo_a\) has dtype Float; expected integer labels"),
-        (dict(counts=torch.ones(3, dtype=torch.float64)), r"counts has dtype Double"),
-        (dict(counts=torch.ones(2)), r"expected float32 of shape \[3\]"),
-        (dict(grad_a4=torch.empty_like(a).half()), r"grad_a4 has dtype Half; expected the logits' dtype"),
-        (dict(grad_b4=torch.empty(N, C, h, w + 1)), r"grad_b4 has shape .* expected the shape of b4"),
-        (dict(grad_a4=a), r"grad_a4 overlaps the memory of a4"),
-        (dict(grad_a4=torch.empty(1).expand(N, C, h, w)), r"grad_a4 .* has elements that share memory"),
-        (dict(cps_weight=float("inf")), r"cps_weight = inf; expected a finite number"),
-    ]
+    # what only the extension sees (the op's entry checks the user's arguments, tests/test_upsample_loss.py):
+    # the buffers the Python layer makes, and memory the kernel must not write through
     shared = torch.empty_like(a)
-    cases.append((dict(grad_a4=shared, grad_b4=shared), r"grad_a4 and grad_b4 share memory"))
-    for kw, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
+    for kw in (dict(counts=torch.ones(3, dtype=torch.float64)), dict(counts=torch.ones(2)),
+               dict(grad_a4=torch.empty_like(a).half()), dict(grad_b4=torch.empty(N, C, h, w + 1)), dict(grad_a4=a),
+               dict(grad_a4=torch.empty(1).expand(N, C, h, w)), dict(grad_a4=shared, grad_b4=shared),
+               dict(a4=a.flatten(2)), dict(H=0), dict(cps_weight=float("inf"))):
+        with pytest.raises(RuntimeError, match=r"cps_fast\._C\.cps_upsample_forward: "):
             call(**kw)
 
 
