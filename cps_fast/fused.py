@@ -24,6 +24,7 @@ backward only scales the stored gradients by ``grad_output`` on the device.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -221,7 +222,7 @@ def register(kernel: Kernel) -> Kernel:
 
     op = torch.library.custom_op(f"cps_fast::{kernel.name}_forward", forward, mutates_args=())
     op.register_fake(_fake)
-    object.__setattr__(kernel, "forward", op)
+    kernel = dataclasses.replace(kernel, forward=op)
     KERNELS[kernel.name] = kernel
     return kernel
 
