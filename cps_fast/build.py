@@ -176,6 +176,15 @@ class Build:
     directory: Path
 
     @property
+    def kernels(self) -> str:
+        """Which kernels this build compiles, in words."""
+        if self.with_cuda:
+            return f"C++ and CUDA kernels (sm_{self.recipe['archs']})"
+        if self.recipe["cuda"]:
+            return "C++ kernels only: this torch has CUDA, but nvcc is not found (set CUDA_HOME)"
+        return "C++ kernels"
+
+    @property
     def library(self) -> Path:
         return self.directory / "_C.so"  # torch's load names it after the module, `_C`
 
@@ -290,7 +299,7 @@ def compile_extension(build: Build) -> str | None:
         return f"compiling it failed: {detail}"
     stamp = {"identity": build.identity, "with_cuda": build.with_cuda, "seconds": round(time.monotonic() - start, 1),
              **json.loads(done[-1].split(" ", 1)[1])}
-    tmp = build.stamp.with_suffix(".tmp")
+    tmp = build.stamp.with_name(f"built.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(stamp, indent=1) + "\n")
     os.replace(tmp, build.stamp)
     return None
@@ -343,37 +352,63 @@ def load(*, jit: bool | None = None, cache: str | os.PathLike | None = None,
     if not jit:
         return Extension(None, f"{missing}; compile it once with `python -m cps_fast.build` (cached in "
                          f"{build.directory.parent}), or set {JIT_ENV}=1 to compile it on first use", "")
-    try:
-        earlier = json.loads(build.failure.read_text())["detail"]
-    except (OSError, ValueError, KeyError, TypeError):
-        earlier = None
-    if earlier is not None:
-        return Extension(None, f"{missing}, and compiling it failed before: {earlier}; "
-                         "`python -m cps_fast.build` tries again", "")
+    if _earlier_failure(build) is not None:
+        return _failed(f"{missing}, and compiling it failed before: {_earlier_failure(build)}; "
+                       "`python -m cps_fast.build` tries again")
     why = missing_tools(build)
     if why is not None:
-        reason = f"{missing}, and {JIT_ENV}=1 cannot compile it here: {why}"
-        log.warning("cps_fast: %s", reason)
-        return Extension(None, reason, "")
-    log.warning("cps_fast: compiling the extension %s (%s=1, first use) into %s: once for this torch, Python, "
-                "sources and flags; this takes minutes", MODULE, JIT_ENV, build.directory)
-    return _compile_and_import(build, missing, register)
-
-
-def _compile_and_import(build: Build, missing: str, register: bool) -> Extension:
+        return _failed(f"{missing}, and {JIT_ENV}=1 cannot compile it here: {why}")
+    log.warning("cps_fast: compiling the extension %s (%s=1, first use; %s) into %s: once for this torch, "
+                "Python, sources and flags; this takes minutes", MODULE, JIT_ENV, build.kernels, build.directory)
     start = time.monotonic()
-    why = compile_extension(build)
-    if why is None:
-        try:
-            module = import_built(build, register)
-        except ImportError as exc:
-            why = f"its build {build.library} does not import ({exc})"
-    if why is not None:
-        reason = f"{missing}, and {why}"
-        log.warning("cps_fast: %s", reason)
-        return Extension(None, reason, "")
+    module, why = _compile_and_import(build, register, retry=False)
+    if module is None:
+        return _failed(f"{missing}, and {why}")
     log.info("cps_fast: compiled %s in %.0f s (%s)", MODULE, time.monotonic() - start, build.library)
     return Extension(module, None, f"compiled: {build.library}")
+
+
+def _earlier_failure(build: Build) -> str | None:
+    try:
+        return json.loads(build.failure.read_text())["detail"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _failed(reason: str) -> Extension:
+    """A first-use build that was asked for and did not happen: said once, as a warning."""
+    log.warning("cps_fast: %s", reason)
+    return Extension(None, reason, "")
+
+
+def _compile_and_import(build: Build, register: bool, retry: bool) -> tuple[ModuleType | None, str | None]:
+    """Compile ``build`` and load it: the module, or None and why not. One process at a time per
+    cache folder: the ranks of a job (or two jobs) that start together wait for the first one's
+    build and load it. ``retry``: compile even where an earlier attempt failed."""
+    try:
+        build.directory.mkdir(parents=True, exist_ok=True)
+        lock = open(build.directory / ".cps_fast.lock", "w")  # not `lock`: torch's load takes that name
+    except OSError as exc:
+        return None, f"its cache folder {build.directory} cannot be written ({exc})"
+    with lock:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if build.built():  # another process finished it while this one waited
+            why = None
+        elif not retry and _earlier_failure(build) is not None:
+            why = f"compiling it failed: {_earlier_failure(build)}"
+        else:
+            why = compile_extension(build)
+    if why is not None:
+        return None, why
+    try:
+        return import_built(build, register), None
+    except ImportError as exc:
+        return None, f"its build {build.library} does not import ({exc})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -409,14 +444,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m cps_fast.build") 
     if why is not None:
         print(f"{MODULE}: cannot be compiled here: {why}", file=sys.stderr)
         return 1
-    cuda = "with" if build.with_cuda else "without"
-    print(f"{MODULE}: compiling {cuda} CUDA kernels into {build.directory} (log: {build.log}); this takes minutes",
+    print(f"{MODULE}: compiling {build.kernels} into {build.directory} (log: {build.log}); this takes minutes",
           file=sys.stderr)
-    found = _compile_and_import(build, f"the extension {MODULE} is not built", register=True)
-    if found.module is None:
-        print(f"{MODULE}: {found.error}", file=sys.stderr)
+    module, why = _compile_and_import(build, register=True, retry=True)
+    if module is None:
+        print(f"{MODULE}: {why}", file=sys.stderr)
         return 1
-    print(f"{MODULE}: {found.origin}")
+    print(f"{MODULE}: compiled: {build.library}")
     return 0
 
 

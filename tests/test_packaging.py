@@ -255,7 +255,8 @@ def test_a_failed_compile_is_one_line_with_its_log_and_is_not_retried_on_use(
     assert found.module is None and "\n" not in found.error
     assert found.error.endswith(f"and compiling it failed: c++: error: this toolchain is broken (log: {b.log})")
     messages = [r.getMessage() for r in caplog.records]
-    assert messages[0].startswith(f"cps_fast: compiling the extension cps_fast._C (CPS_FAST_JIT=1, first use) into {b.directory}")
+    assert messages[0].startswith(f"cps_fast: compiling the extension cps_fast._C (CPS_FAST_JIT=1, first use; "
+                                  f"{b.kernels}) into {b.directory}")
     assert messages[1:] == [f"cps_fast: {found.error}"]
     assert b.failure.is_file() and not b.stamp.exists()
 
@@ -295,3 +296,10 @@ def test_python_m_cps_fast_build_status_compiles_nothing(capsys, tmp_path, no_in
     out = capsys.readouterr().out.strip()
     assert out.startswith("cps_fast._C: unavailable: the extension cps_fast._C is not built")
     assert "\n" not in out and not list(tmp_path.iterdir())
+
+
+def test_python_m_cps_fast_build_without_a_compiler_says_so(capsys, tmp_path, monkeypatch, no_installed_extension):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert build.main(["--cache", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"cps_fast._C: cannot be compiled here: no C++ compiler: CXX='{tmp_path / 'no-such-compiler'}' is not found"
