@@ -1,10 +1,20 @@
 """Build and install cps-fast.
 
-The extension ``cps_fast._C`` is compiled from ``csrc/`` with ninja:
-the C++ (CPU) sources always, the CUDA sources when torch was built with CUDA
-and nvcc is found.
+Two kinds of install:
 
-Environment switches:
+* ``pip install .``, ``pip wheel .``, ``pip install git+URL`` (pip's isolated build, which has no
+  torch): a pure-Python wheel that installs beside whichever torch the user has. It carries the
+  extension's sources as ``cps_fast/csrc/``; ``python -m cps_fast.build`` (or ``CPS_FAST_JIT=1``,
+  on first use) compiles them into a cache (cps_fast/build.py). Until then the triton and torch
+  backends run, and the cpu/cuda ones say why they cannot.
+* ``pip install --no-build-isolation [-e] .`` after torch (the README's commands, CI): the
+  extension ``cps_fast._C`` is compiled now, with ninja, against that torch: the C++ (CPU)
+  sources always, the CUDA sources when torch was built with CUDA and nvcc is found.
+
+Environment switches (the recipe, sources and flags, is cps_fast/build.py's, shared with the
+first-use build):
+  CPS_FAST_BUILD_EXT=auto|1|0  compile cps_fast._C: when torch imports (auto, the default), always
+                               (1: an error where torch does not import), or never (0: pure Python)
   CPS_FAST_SKIP_CUDA_BUILD=1   build the CPU part only
   CPS_FAST_CUDA_ARCHS="80;90a" CUDA targets (default: sm_80 and sm_90a)
   CPS_FAST_PORTABLE=1          no -march=native (for wheels that run on other CPUs)
@@ -19,95 +29,48 @@ Environment switches:
                                benchmarks/gpu/install.sh): while the file still has that checksum
                                the build skips its own probe (a second import of torch and CUDA
                                start-up); the stamp's checks still run
-
-Install with ``pip install --no-build-isolation -e .`` after torch, so that
-pip builds against the torch already installed instead of pulling another.
 """
-import glob
 import hashlib
+import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _gencode_flags(archs: str) -> list[str]:
-    flags = []
-    for arch in archs.replace(",", ";").split(";"):
-        arch = arch.strip().replace("sm_", "").replace(".", "")
-        if arch:
-            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    return flags
+def _recipe_module():
+    """cps_fast/build.py, loaded by its path (not as part of the package, which imports torch): the
+    one recipe (sources, flags) and identity of the extension, shared with its first-use build."""
+    spec = importlib.util.spec_from_file_location("cps_fast_build_recipe", os.path.join(ROOT, "cps_fast", "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_build = _recipe_module()
+_gencode_flags = _build.gencode_flags
+_cpu_model = _build.cpu_model
 
 
 def _recipe(torch) -> dict:
-    """What a build with the current switches compiles: sources, whether CUDA, and the exact flags."""
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    if not cpp:
-        raise RuntimeError(f"no C++ sources found in {os.path.join(ROOT, 'csrc')}")
-    # CUDA kernels are asked for when torch has CUDA and they are not switched off; compiling
-    # them also needs nvcc (CUDA_HOME), which a prebuilt extension does not
-    cuda = bool(cu) and torch.version.cuda is not None and os.environ.get("CPS_FAST_SKIP_CUDA_BUILD", "0") != "1"
-    portable = os.environ.get("CPS_FAST_PORTABLE", "0") == "1"
-    cxx = ["-O3", "-std=c++17"]
-    # A source install compiles on the machine that runs it: use its vector units (AVX2 /
-    # AVX-512 make the CPU loss kernel about 1.6x faster than baseline SSE2). Set
-    # CPS_FAST_PORTABLE=1 when building a wheel for other machines.
-    if not portable:
-        cxx.append("-march=native")
-    openmp = ["-fopenmp"]
-    archs = os.environ.get("CPS_FAST_CUDA_ARCHS", "80;90a") if cuda else None
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode_flags(archs) if cuda else None
-    return {"cpp": cpp, "cu": cu, "cuda": cuda, "archs": archs, "portable": portable,
-            "cxx": cxx + openmp, "nvcc": nvcc, "ld": openmp}
+    """What a build with the current switches compiles: sources (relative to the project), whether CUDA, the flags."""
+    return _build.recipe(torch, "csrc")
 
 
 def _sources_sha256() -> str:
     """One hash of every file in csrc/ (names and contents): the sources an extension was built from."""
-    h = hashlib.sha256()
-    folder = os.path.join(ROOT, "csrc")
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                h.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
-    return h.hexdigest()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _build.sources_sha256(os.path.join(ROOT, "csrc"))
 
 
 def _identity(torch, recipe: dict) -> dict:
     """The stamp fields a prebuilt extension must match to stand in for the build ``recipe`` describes."""
-    return {
-        "module": "cps_fast._C",
-        "torch": torch.__version__,
-        "torch_git": torch.version.git_version,
-        "cuda": torch.version.cuda,
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-        "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
-        "archs": recipe["archs"],
-        "portable": recipe["portable"],
-        "cpu": None if recipe["portable"] else _cpu_model(),  # -march=native runs only where it was built
-        "sources_sha256": _sources_sha256(),
-        "flags": {"cxx": recipe["cxx"], "nvcc": recipe["nvcc"], "ld": recipe["ld"]},
-    }
+    return _build.identity(torch, recipe, os.path.join(ROOT, "csrc"))
 
 
 # loads a built extension beside torch in a child process, so a bad binary cannot take setup down
@@ -201,18 +164,45 @@ def _build_ext(BuildExtension, torch, recipe: dict):
     return build_ext_or_prebuilt
 
 
+def _ext_switch() -> str:
+    """``CPS_FAST_BUILD_EXT``: ``1`` (compile cps_fast._C, torch must import), ``0`` (never), or
+    ``auto`` (the default: compile when torch imports, else a pure-Python package)."""
+    value = os.environ.get("CPS_FAST_BUILD_EXT", "").strip().lower() or "auto"
+    if value not in ("auto", "0", "1"):
+        raise SystemExit(f"cps-fast: CPS_FAST_BUILD_EXT={value!r}: expected 1 (compile cps_fast._C), "
+                         "0 (a pure-Python package) or auto")
+    return value
+
+
 def _extensions():
+    """The extension modules and build command to build, or ``([], {})`` for a pure-Python package,
+    which carries the sources for a first-use build (cps_fast/build.py); the choice, said in one line."""
+    os.chdir(ROOT)  # sources and package folders are given relative to the project root
+    switch = _ext_switch()
+    prebuilt = os.environ.get("CPS_FAST_PREBUILT", "")
+    if switch == "0":
+        if prebuilt:
+            raise SystemExit("cps-fast: CPS_FAST_PREBUILT installs an extension, CPS_FAST_BUILD_EXT=0 asks for none")
+        print("cps-fast: CPS_FAST_BUILD_EXT=0: not compiling cps_fast._C (pure-Python package; "
+              "`python -m cps_fast.build` compiles it later)", file=sys.stderr)
+        return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
-        # never build without the extension by accident (pip's isolated build env has no torch)
-        raise RuntimeError(
-            f"cps-fast builds its extension against the installed torch, but torch does not import "
-            f"here ({exc}). Install torch first, then `pip install --no-build-isolation -e .`"
-        ) from exc
+        if switch == "1" or prebuilt:
+            why = "CPS_FAST_PREBUILT" if prebuilt else "CPS_FAST_BUILD_EXT=1"
+            raise RuntimeError(
+                f"cps-fast: {why} asks for the extension, which builds against the installed torch, but torch "
+                f"does not import here ({exc}). Install torch first, then `pip install --no-build-isolation -e .`"
+            ) from exc
+        # pip's isolated build environment has no torch (and must not fetch one: the wheel has to
+        # work beside whichever torch the user has), so the wheel is pure Python
+        print(f"cps-fast: torch does not import here ({exc}; an isolated build), so cps_fast._C is not compiled: "
+              "the package carries its sources for `python -m cps_fast.build` or CPS_FAST_JIT=1 (cached), "
+              "or install after torch with --no-build-isolation to compile it now", file=sys.stderr)
+        return [], {}
 
-    os.chdir(ROOT)  # sources are given relative to the project root
     recipe = _recipe(torch)
     with_cuda = recipe["cuda"] and CUDA_HOME is not None
     if with_cuda:
@@ -242,9 +232,11 @@ if __name__ == "__main__":
         long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=find_packages(include=["cps_fast", "cps_fast.*"]) + ["cps_fast.kernels"],
-        package_dir={"cps_fast.kernels": "kernels"},
-        package_data={"cps_fast": ["configs/*.py", "data/paper_splits/*", "data/paper_splits/*/*",
+        # csrc/ travels as cps_fast/csrc/ (sources only) for the first-use build of a pure-Python wheel
+        packages=find_packages(include=["cps_fast", "cps_fast.*"]) + ["cps_fast.kernels", "cps_fast.csrc"],
+        package_dir={"cps_fast.kernels": "kernels", "cps_fast.csrc": "csrc"},
+        package_data={"cps_fast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh", "*.inc"],
+                      "cps_fast": ["configs/*.py", "data/paper_splits/*", "data/paper_splits/*/*",
                                    "data/paper_splits/*/*/*", "data/paper_splits/*/*/*/*"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
@@ -259,6 +251,7 @@ if __name__ == "__main__":
             "tensorboard": ["tensorboard>=2.10"],
             "test": ["pytest>=7.0", "scipy>=1.7"],
             "prepare": ["scipy>=1.7"],  # cps-fast prepare voc: SBD's MATLAB labels
+            "jit": ["ninja"],  # compiling cps_fast._C after install (python -m cps_fast.build, CPS_FAST_JIT=1)
         },
         entry_points={"console_scripts": ["cps-fast=cps_fast.cli:main"]},
         zip_safe=False,

@@ -73,23 +73,19 @@ def triton_kernels_import_error() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def extension():
-    """The compiled extension module ``cps_fast._C``, or None."""
-    try:
-        return importlib.import_module("cps_fast._C")
-    except ImportError:
-        return None
+    """The compiled extension module ``cps_fast._C``, or None (cps_fast.build: installed, or
+    built into the cache by `python -m cps_fast.build` or ``CPS_FAST_JIT=1``)."""
+    from . import build
+
+    return build.current().module
 
 
 @functools.lru_cache(maxsize=None)
 def extension_import_error() -> str | None:
-    try:
-        importlib.import_module("cps_fast._C")
-    except ImportError as exc:
-        return (
-            f"the extension cps_fast._C is not built ({exc}); "
-            "install with `pip install --no-build-isolation -e .`"
-        )
-    return None
+    """None when :func:`extension` has the module, otherwise the one-line reason it does not."""
+    from . import build
+
+    return build.current().error
 
 
 def extension_has_cuda() -> bool:

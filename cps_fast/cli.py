@@ -8,6 +8,7 @@
     cps-fast splits ...                        seeded labeled/unlabeled partitions
     cps-fast prepare {voc,cityscapes} ...      the presets' data folders from the official archives
     cps-fast presets                           the paper's presets, one line each
+    cps-fast build-ext [--status]              compile the extension cps_fast._C into the cache (cps_fast.build)
 """
 from __future__ import annotations
 
@@ -77,6 +78,14 @@ def _cmd_demo(args, rest):
     from .train.demo import demo_main
 
     demo_main(args)
+
+
+def _cmd_build_ext(args, rest):
+    from . import build
+
+    code = build.main(rest, prog="cps-fast build-ext")
+    if code:
+        raise SystemExit(code)
 
 
 def _cmd_eval(args, rest):
@@ -162,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--keys", action="store_true", help="list every config key (for --set) with its type, "
                     "default and help instead")
     ps.set_defaults(func=_cmd_presets)
+
+    be = sub.add_parser("build-ext", help="compile the extension cps_fast._C from the installed sources into the "
+                        "cache, where none is installed (python -m cps_fast.build; arguments go to it)")
+    be.set_defaults(func=_cmd_build_ext)
     return p
 
 
@@ -171,7 +184,7 @@ def run(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # bench and splits pass everything after their name to the script's own parser
-    if argv and argv[0] in ("bench", "splits", "prepare"):
+    if argv and argv[0] in ("bench", "splits", "prepare", "build-ext"):
         head = argv[:2] if argv[0] == "bench" else argv[:1]
         args = parser.parse_args(head)
         return args.func(args, argv[len(head):])
