@@ -146,9 +146,9 @@ except cps_fast.BackendUnavailable as exc:
     reason = lines[0].removeprefix("reason: ")
     assert reason.startswith("the extension cps_fast._C is not built (No module named 'cps_fast._C')")
     assert "`python -m cps_fast.build`" in reason and str(tmp_path / "cache") in reason
-    assert [line for line in lines if "backend" in line and "using" in line] == [
-        f"cps_fast: using the torch backend for cpu tensors (cpu: {reason})"]
-    assert f"explicit: backend='cpu' cannot run on cpu tensors: {reason}" in lines
+    assert [line for line in lines if "backend for" in line] == [
+        f"cps_fast: cps_loss uses the torch backend for cpu tensors (cpu: {reason})"]
+    assert f"explicit: cps_loss: backend='cpu' cannot run on cpu tensors: {reason}" in lines
     assert not (tmp_path / "cache").exists()  # nothing compiled, nothing cached
 
 
