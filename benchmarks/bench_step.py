@@ -17,8 +17,8 @@ Variants, each adding one thing to the one before:
   +dali          DALI data pipeline (dali-gpu on a GPU, dali-cpu on the CPU)
   +cuda_graph    the whole step captured once and replayed (GPU only)
 
-Each variant's settings are config keys, and ``step`` (which loss module the trainer builds) and
-``tf32``. Each variant trains ``--iters`` iterations of the preset's step (VOC R50 1/8 CutMix by
+A variant's settings are config keys, plus ``step`` (the loss module the trainer builds:
+``cps``, or ``reference`` for the baseline) and ``tf32``. Each variant trains ``--iters`` iterations of the preset's step (VOC R50 1/8 CutMix by
 default: 8 labeled + 8 unlabeled at 512^2 on a GPU; a small ResNet-18 setting on the CPU)
 on synthetic images (JPEGs in the VOC layout for VOC presets; 2048x1024 PNGs in the
 Cityscapes layout, label ids mapped in the pipeline, for Cityscapes ones), data loading included, after ``--warmup``
