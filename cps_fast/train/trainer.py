@@ -3,10 +3,10 @@
 Read :meth:`Trainer.train` top to bottom for one run. The step itself is
 :meth:`Trainer._step`: the loss module (:class:`cps_fast.train.step.CPSStep`, which
 also draws the CutMix boxes), backward, the poly learning rate computed on the
-device, and :class:`SGD`. On a
-GPU it is captured once in a CUDA graph and replayed, with each batch copied
-into static input buffers; nothing in it reads a value back to the host, and
-losses are summed on the device and read every ``log_every`` iterations.
+device, and :class:`SGD`. On a GPU it is captured once in a CUDA graph and
+replayed, with each batch copied into static input buffers; nothing in it reads a
+value back to the host, and losses are summed on the device and read every
+``log_every`` iterations.
 """
 from __future__ import annotations
 
