@@ -2,19 +2,23 @@
 
 Variants, each adding one thing to the one before:
 
-  reference      fp32, NCHW, eager, PyTorch DataLoader, unfused loss (argmax + 4 cross-entropies),
-                 with torch's default TF32 convolutions on Ampere and newer GPUs
+  reference      fp32, NCHW, eager, PyTorch DataLoader, the reference code's unfused loss (argmax +
+                 4 cross-entropies on full-resolution logits: ``step=reference``, the step
+                 class of benchmarks/reference_step.py), with torch's default TF32 convolutions
+                 on Ampere and newer GPUs
   (strict fp32)  the same with TF32 off, as the reference code ran on V100s (GPU only; its
                  speed-up column is not the baseline, "reference" is)
   +channels_last
   +bf16          autocast bf16 (GPU; on the CPU too when asked with --cpu-bf16)
-  +fused_loss    cps_fast.cps_loss (one pass, gradients in the forward)
+  +fused_loss    the trainer's own step (``step=cps``) with cps_fast.cps_loss (one pass,
+                 gradients in the forward)
   +fused_upsample  cps_fast.cps_loss_upsampled on decoder-resolution logits (no full-size
                  student logits or gradients)
   +dali          DALI data pipeline (dali-gpu on a GPU, dali-cpu on the CPU)
   +cuda_graph    the whole step captured once and replayed (GPU only)
 
-Each variant trains ``--iters`` iterations of the preset's step (VOC R50 1/8 CutMix by
+A variant's settings are config keys, plus ``step`` (the loss module the trainer builds:
+``cps``, or ``reference`` for the baseline) and ``tf32``. Each variant trains ``--iters`` iterations of the preset's step (VOC R50 1/8 CutMix by
 default: 8 labeled + 8 unlabeled at 512^2 on a GPU; a small ResNet-18 setting on the CPU)
 on synthetic images (JPEGs in the VOC layout for VOC presets; 2048x1024 PNGs in the
 Cityscapes layout, label ids mapped in the pipeline, for Cityscapes ones), data loading included, after ``--warmup``
@@ -61,9 +65,13 @@ import common  # noqa: E402
 from cps_fast.config import list_presets, load_preset  # noqa: E402
 from cps_fast.data import write_cityscapes, write_voc  # noqa: E402
 from cps_fast.data.loaders import resolve_backend  # noqa: E402
-from cps_fast.train import Trainer  # noqa: E402
+from cps_fast.train import CPSStep, Trainer  # noqa: E402
 from cps_fast.train.profiling import ProfileWindow, format_summary  # noqa: E402
+from reference_step import ReferenceStep  # noqa: E402
 from torch.utils._pytree import tree_map  # noqa: E402
+
+STEPS = {"cps": CPSStep, "reference": ReferenceStep}  # a variant's ``step`` setting: the loss module
+NOT_CONFIG = ("step", "tf32")  # the settings of a variant that are not config keys
 
 # labeled images of the published partitions (VOC train_aug 10582, Cityscapes train 2975)
 TRAIN_SIZES = {"voc": 10582, "cityscapes": 2975}
@@ -75,13 +83,13 @@ def variants(device: torch.device, cpu_bf16: bool) -> list[tuple[str, dict]]:
     gpu = device.type == "cuda"
     dali = "dali-gpu" if gpu else "dali-cpu"
     steps = [
-        ("reference", dict(amp="fp32", channels_last=False, loss_backend="reference", data_backend="pytorch",
+        ("reference", dict(step="reference", amp="fp32", channels_last=False, data_backend="pytorch",
                            cuda_graph=False, fused_upsample=False)),
         ("+channels_last", dict(channels_last=True)),
     ]
     if gpu or cpu_bf16:
         steps.append(("+bf16", dict(amp="bf16")))
-    steps += [("+fused_loss", dict(loss_backend=None)), ("+fused_upsample", dict(fused_upsample=True)),
+    steps += [("+fused_loss", dict(step="cps")), ("+fused_upsample", dict(fused_upsample=True)),
               ("+dali", dict(data_backend=dali))]
     if gpu:
         steps.append(("+cuda_graph", dict(cuda_graph=True)))
@@ -136,16 +144,18 @@ def with_ratios(rows: list[dict], env: dict, preset: str, gpu: bool) -> list[dic
 
 
 class LossProbe:
-    """Records the first call of the step's loss methods (``CPSStep._cross``, or ``_reference_loss``
-    for the reference variant) and re-times that call alone, forward + backward, on copies of its
-    arguments: the loss's share of the step, whichever backend and path the step took."""
+    """Records the first call of the step's loss methods (``CPSStep._cross``, or
+    ``ReferenceStep._reference_loss`` for the reference variant) and re-times that call alone,
+    forward + backward, on copies of its arguments: the loss's share of the step, whichever
+    backend and path the step took."""
 
     METHODS = ("_cross", "_reference_loss")
 
     def __init__(self, step_module):
         self.call = None  # (method, args, kwargs), detached copies
         for name in self.METHODS:
-            setattr(step_module, name, self._wrap(getattr(step_module, name)))
+            if hasattr(step_module, name):
+                setattr(step_module, name, self._wrap(getattr(step_module, name)))
 
     @staticmethod
     def _saved(x) -> bool:
@@ -222,14 +232,14 @@ def _profile(trainer, batches, device, out_dir: Path, iters: int) -> dict:
 
 
 def measure_variant(cfg, device, root: str, warmup: int, iters: int, breakdown: bool = True,
-                    trace_dir: Path | None = None, trace_iters: int = 3, publish=None) -> dict:
-    """The variant's row. ``publish(row)``, if given, is called with it before any profiling, so
-    the measured numbers are saved even if the profiler takes the process down; the profile
-    summary is then added to the same dict."""
+                    trace_dir: Path | None = None, trace_iters: int = 3, publish=None, step: str = "cps") -> dict:
+    """The variant's row. ``step``: the loss module (a key of ``STEPS``). ``publish(row)``, if
+    given, is called with it before any profiling, so the measured numbers are saved even if the
+    profiler takes the process down; the profile summary is then added to the same dict."""
     cfg = cfg.replace(data_root=root, train_labeled=None, train_unlabeled=None, val_list=None,
                       pretrained=None, max_iters=10_000, log_every=10_000, eval_every=0)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(cfg, out, device=device.type, print_fn=lambda *a, **k: None)
+        trainer = Trainer(cfg, out, device=device.type, print_fn=lambda *a, **k: None, step_class=STEPS[step])
         trainer.model.train()
         probe = LossProbe(trainer.step_module) if breakdown else None
         batches = trainer.batches()
@@ -366,10 +376,10 @@ def main(argv=None):
                     print(f"{r['variant']:>15}: {r['median_ms']:.1f} ms/iter, {r['images_per_s']:.1f} images/s",
                           file=sys.stderr)
 
-                measure_variant(cfg.replace(**{k: v for k, v in change.items() if k != "tf32"}), device, root,
-                                warmup, iters, breakdown=not args.no_breakdown,
+                measure_variant(cfg.replace(**{k: v for k, v in change.items() if k not in NOT_CONFIG}), device,
+                                root, warmup, iters, breakdown=not args.no_breakdown,
                                 trace_dir=Path(args.trace) / name if traced else None,
-                                trace_iters=args.trace_iters, publish=publish)
+                                trace_iters=args.trace_iters, publish=publish, step=change.get("step", "cps"))
                 save()  # with the profile, if any
             except Exception as exc:  # one failing variant must not lose the others
                 print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -104,9 +104,8 @@ class Config:
     # --- optimisation
     lr: float = _f(0.0025, "optim", "base learning rate of SGD, for the global batch (set it anew for another batch)")
     momentum: float = _f(0.9, "optim", "SGD momentum")
-    optimizer_impl: Literal["auto", "fused", "foreach", "apex"] = _f(
-        "auto", "optim", "SGD kernels: torch's fused SGD (auto where available), foreach, or NVIDIA apex "
-        "FusedSGD (host learning rate: no CUDA graph)")
+    optimizer_impl: Literal["auto", "fused", "foreach"] = _f(
+        "auto", "optim", "SGD kernels: torch's fused SGD (auto: where torch has it for the device), or foreach")
     weight_decay: float = _f(1e-4, "optim", "SGD weight decay (not applied to normalisation parameters and biases)")
     poly_power: float = _f(0.9, "optim", "poly schedule: lr * (1 - it / total) ** power, per iteration")
     epochs: int = _f(34, "optim", "epochs over the unlabeled set (the labeled list is repeated to match)")
@@ -124,16 +123,16 @@ class Config:
     sup_loss: Literal["ce", "ohem"] = _f("ce", "loss", "supervised loss: cross-entropy or OHEM cross-entropy")
     ohem_thresh: float = _f(0.7, "loss", "OHEM: keep pixels whose true-class probability is below this")
     ohem_min_kept: int = _f(50000, "loss", "OHEM: keep at least this many pixels per labeled image")
-    loss_backend: Optional[str] = _f(None, "loss", "force a cps_loss backend (triton|cuda|cpu|torch), or 'reference' for the reference "
-        "code's unfused cross-entropies (a benchmark baseline); None = auto")
+    loss_backend: Optional[str] = _f(None, "loss", "force a backend of the fused loss (triton|cuda|cpu|torch); None = auto")
 
     # --- performance
     amp: Literal["bf16", "fp16", "fp32"] = _f("bf16", "perf", "autocast dtype (fp16 uses a GradScaler)")
     channels_last: bool = _f(True, "perf", "channels-last memory format end to end")
     cuda_graph: bool = _f(True, "perf", "capture the training step in a CUDA graph")
-    fused_upsample: bool = _f(True, "perf", "compute the CPS loss from decoder-resolution logits with the bilinear "
-                              "upsampling fused in (cps_loss_upsampled; two branches, not with loss_backend "
-                              "'reference' or 'cuda')")
+    fused_upsample: Union[Literal["auto"], bool] = _f(
+        "auto", "perf", "compute the CPS loss from decoder-resolution logits with the bilinear upsampling fused in "
+        "(cps_loss_upsampled): 'auto' where it applies (two branches, loss_backend not 'cuda'), true (refused "
+        "where it does not apply) or false")
     compile: bool = _f(False, "perf", "torch.compile the model")
     profile_iters: int = _f(0, "perf", "record this many iterations with torch.profiler and write "
                             "OUT/profile/ (trace, operator table, summary); 0: off")
@@ -167,6 +166,7 @@ class Config:
         hints = _type_hints()
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            _refuse_removed_value(f.name, value)
             try:
                 coerced = _coerce(value, hints[f.name])
             except ConfigError as e:
@@ -207,15 +207,16 @@ class Config:
         need(self.max_iters is None or self.max_iters >= 1, "max_iters", "None or at least 1")
         need(self.cps_weight >= 0, "cps_weight", ">= 0")
         need(2 <= self.branches <= 8, "branches", "from 2 to 8")
-        need(self.branches == 2 or self.loss_backend != "reference", "branches",
-             "2 with loss_backend='reference' (the reference code has two branches)")
         need(self.cutmix_n_boxes >= 1, "cutmix_n_boxes", "at least 1")
         lo, hi = self.cutmix_prop_range
         need(0 <= lo <= hi <= 1, "cutmix_prop_range", "(low, high) with 0 <= low <= high <= 1")
         need(0 < self.ohem_thresh <= 1, "ohem_thresh", "a probability in (0, 1]")
         need(self.ohem_min_kept >= 0, "ohem_min_kept", ">= 0")
-        need(self.loss_backend in (None, "triton", "cuda", "cpu", "torch", "reference"), "loss_backend",
-             "None or one of 'triton', 'cuda', 'cpu', 'torch', 'reference'")
+        need(self.loss_backend in (None, "triton", "cuda", "cpu", "torch"), "loss_backend",
+             "None or one of 'triton', 'cuda', 'cpu', 'torch'")
+        why_not = fused_upsample_unavailable(self.branches, self.loss_backend)
+        need(self.fused_upsample is not True or why_not is None, "fused_upsample",
+             f"'auto' or false, since the upsample-fused loss (cps_loss_upsampled) {why_not}")
         need(self.eval_every >= 0, "eval_every", ">= 0")
         need(self.eval_crop_size is None or self.eval_crop_size >= 1, "eval_crop_size", "None or a positive size")
         need(0 < self.eval_stride_rate <= 1, "eval_stride_rate", "a fraction in (0, 1]")
@@ -248,7 +249,15 @@ class Config:
             raise ConfigError(f"{source}: expected a mapping of config keys, got {type(d).__name__}")
         d = _drop_removed_keys(d, source)
         _check_keys(d, source)
-        return cls(**d)
+        if d.get("fused_upsample") is True and fused_upsample_unavailable(d.get("branches", 2),
+                                                                          d.get("loss_backend")) is not None:
+            # written before 'auto' existed, when true (the default) meant "where it applies"; no
+            # later version writes true where it does not apply (refused), so this is that meaning
+            d = {**d, "fused_upsample": "auto"}
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @property
     def eval_crop(self) -> int:
@@ -319,9 +328,9 @@ def _describe(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
         inner = [a for a in args if a is not type(None)]
-        return " or ".join(_describe(a) for a in inner) + " or None"
+        return " or ".join(_describe(a) for a in inner) + (" or None" if type(None) in args else "")
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
         elem = getattr(args[0], "__name__", str(args[0]))
         if len(args) == 2 and args[1] is Ellipsis:
@@ -338,7 +347,14 @@ def _coerce(value, tp):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0])
+        if len(inner) == 1:
+            return _coerce(value, inner[0])
+        for alternative in inner:  # in order: Literal["auto"] before bool
+            try:
+                return _coerce(value, alternative)
+            except ConfigError:
+                pass
+        raise ConfigError(f"expected {_describe(tp)}, got {value!r}")
     if origin is Literal:
         if isinstance(value, bool) or value not in args:
             raise ConfigError(f"expected {_describe(tp)}, got {value!r}")
@@ -404,10 +420,14 @@ def _parse(text: str, tp):
     """Parse an override's text as type ``tp``; raise ValueError when it does not fit."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
-        if text.strip().lower() in _NONE:
+        if type(None) in args and text.strip().lower() in _NONE:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _parse(text, inner[0])
+        for alternative in [a for a in args if a is not type(None)]:  # in order: 'auto' before a bool
+            try:
+                return _parse(text, alternative)
+            except ValueError:
+                pass
+        raise ValueError
     if origin is Literal:
         kind = type(args[0])
         value = _parse_scalar(text, kind)
@@ -465,6 +485,35 @@ def _drop_removed_keys(d: dict, source: str) -> dict:
     return out
 
 
+# Values that a key held in earlier versions and no longer takes: a config.json, checkpoint,
+# preset or override holding one is refused with what to do instead (not a bare "expected").
+_REMOVED_VALUES = {
+    ("loss_backend", "reference"): (
+        "the reference code's unfused loss is now the step benchmark's baseline, `cps-fast bench step "
+        "--variants reference`, in benchmarks/reference_step.py",
+        "use None (automatic) or one of 'triton', 'cuda', 'cpu', 'torch'"),
+    ("optimizer_impl", "apex"): (
+        "NVIDIA apex's FusedSGD took the learning rate on the host and could not run in a CUDA graph",
+        "use 'auto' or 'fused' (torch's fused SGD, the same update from a device learning rate), or 'foreach'"),
+}
+
+
+def _refuse_removed_value(key: str, value) -> None:
+    if isinstance(value, str) and (key, value) in _REMOVED_VALUES:
+        why, instead = _REMOVED_VALUES[key, value]
+        raise ConfigError(f"config key {key!r} = {value!r} was removed from cps-fast ({why}); {instead}")
+
+
+def fused_upsample_unavailable(branches: int, loss_backend: Optional[str]) -> Optional[str]:
+    """Why the upsample-fused loss cannot run with these settings, or None where it can
+    (``fused_upsample="auto"`` turns it on exactly there, and ``True`` is refused elsewhere)."""
+    if branches != 2:
+        return f"takes two branches, not branches={branches}"
+    if loss_backend == "cuda":
+        return "has no 'cuda' backend (the CUDA C++ extension has no upsample kernel): loss_backend='cuda'"
+    return None
+
+
 # ---------------------------------------------------------------- public helpers
 
 
@@ -489,6 +538,10 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
             key = key[2:]
         _check_keys([key], f"override {item!r}")
         tp = hints[key]
+        try:
+            _refuse_removed_value(key, _parse_scalar(text, str))
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
         try:
             changes[key] = _parse(text, tp)
         except (ValueError, ZeroDivisionError):

@@ -1,12 +1,13 @@
 """Tests of cps_fast.config: presets, overrides, errors, round trips."""
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from cps_fast.config import (
-    Config, ConfigError, apply_overrides, format_config, list_presets, load_config, load_preset, recipe_differences,
-    save_config,
+    Config, ConfigError, apply_overrides, format_config, keys_table, list_presets, load_config, load_preset,
+    recipe_differences, save_config,
 )
 
 # Published mIoU (CPS paper, Tables 1-2), partitions 1/16, 1/8, 1/4, 1/2.
@@ -28,6 +29,9 @@ ROWS = [(ds, bb, cm, i, r) for (ds, bb, cm) in PAPER for i, r in enumerate((16, 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "presets.json").read_text())
 # keys that Config no longer has, with the only value they ever held in a preset
 REMOVED = {"lr_scaling": "none", "lr_reference_batch": 8, "warmup_iters": 0}
+# keys whose default changed since, (the golden value, today's): fused_upsample's old default True
+# meant "where it applies", which is today's "auto" (true is now refused where it cannot apply)
+CHANGED = {"fused_upsample": (True, "auto")}
 
 
 def test_all_presets_listed():
@@ -73,7 +77,8 @@ def test_preset_matches_golden_key_by_key(name):
     assert set(golden) == set(now) | set(REMOVED), f"{name}: keys added {set(now) - set(golden)}, " \
                                                    f"removed {set(golden) - set(now) - set(REMOVED)}"
     for key, value in now.items():
-        assert (value, type(value)) == (golden[key], type(golden[key])), f"{name}: {key}"
+        want = CHANGED[key][1] if key in CHANGED and golden[key] == CHANGED[key][0] else golden[key]
+        assert (value, type(value)) == (want, type(want)), f"{name}: {key}"
     for key, default in REMOVED.items():
         assert golden[key] == default, f"{name}: removed key {key} held {golden[key]!r}"
 
@@ -82,7 +87,7 @@ def test_removed_keys_load_at_their_old_default(tmp_path):
     """A config.json or checkpoint written before lr_scaling, lr_reference_batch and warmup_iters
     were removed loads when they hold their defaults, and is refused, naming the key, otherwise."""
     old = GOLDEN["voc_r50_1-8_cutmix"]
-    cfg = load_preset("voc_r50_1-8_cutmix")
+    cfg = load_preset("voc_r50_1-8_cutmix").replace(fused_upsample=True)  # the old default, kept as written
     assert Config.from_dict(old) == cfg
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert load_config(tmp_path / "config.json") == cfg == load_preset(str(tmp_path / "config.json"))
@@ -232,3 +237,53 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(Exception):
         cfg.lr = 1.0  # type: ignore[misc]
+
+
+def test_fused_upsample_is_auto_true_or_false(tmp_path):
+    """'auto' (the default) turns the upsample-fused loss on where it applies; an explicit true is
+    refused where it cannot apply, naming the key and why; a config written before 'auto' existed
+    (true, the old default, meaning "where it applies") loads as it meant."""
+    cfg = Config()
+    assert cfg.fused_upsample == "auto" and apply_overrides(cfg, ["branches=3"]).fused_upsample == "auto"
+    for text, value in [("auto", "auto"), ("'auto'", "auto"), ("true", True), ("yes", True), ("false", False),
+                        ("0", False)]:
+        got = apply_overrides(cfg, [f"fused_upsample={text}"]).fused_upsample
+        assert (got, type(got)) == (value, type(value)), text
+    assert apply_overrides(cfg, ["branches=3", "fused_upsample=false"]).fused_upsample is False
+    with pytest.raises(ConfigError, match=r"fused_upsample expects 'auto' or a bool \(true/false\), got 'maybe'"):
+        apply_overrides(cfg, ["fused_upsample=maybe"])
+    with pytest.raises(ConfigError, match=r"'fused_upsample' = True: expected 'auto' or false.*two branches, "
+                                          r"not branches=3"):
+        apply_overrides(cfg, ["fused_upsample=true", "branches=3"])
+    with pytest.raises(ConfigError, match=r"'fused_upsample' = True.*no 'cuda' backend"):
+        Config(loss_backend="cuda", fused_upsample=True)
+    with pytest.raises(ConfigError, match=r"'fused_upsample': expected 'auto' or a bool"):
+        Config(fused_upsample="on")
+    assert "fused_upsample = 'auto'  ('auto' or a bool (true/false))" in keys_table()
+    line = next(ln for ln in format_config(apply_overrides(cfg, ["fused_upsample=false"])).splitlines()
+                if "fused_upsample" in ln)
+    assert line.lstrip().startswith("*") and line.rstrip().endswith("= False"), line
+    for value in ("auto", True, False):  # each round-trips through config.json
+        save_config(cfg.replace(fused_upsample=value), tmp_path / "config.json")
+        assert load_config(tmp_path / "config.json").fused_upsample == value
+    old = {**GOLDEN["demo"], "branches": 3}  # an n-CPS run's config.json of before: true, its default
+    del old["lr_scaling"], old["lr_reference_batch"], old["warmup_iters"]
+    assert old["fused_upsample"] is True and Config.from_dict(old).fused_upsample == "auto"
+    assert Config.from_dict({**old, "branches": 2}).fused_upsample is True
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("loss_backend", "reference", "cps-fast bench step --variants reference"),
+    ("optimizer_impl", "apex", "use 'auto' or 'fused'"),
+])
+def test_removed_values_are_refused_saying_what_instead(tmp_path, key, value, says):
+    """Values that were removed (the reference loss went to the step benchmark, apex's SGD went)
+    are refused wherever a config comes from: an override, a config.json, a checkpoint's dict."""
+    with pytest.raises(ConfigError, match=rf"override '{key}={value}': config key '{key}' = '{value}' was "
+                                          rf"removed from cps-fast \(.*{re.escape(says)}"):
+        apply_overrides(Config(), [f"{key}={value}"])
+    (tmp_path / "config.json").write_text(json.dumps({**Config().to_dict(), key: value}))
+    with pytest.raises(ConfigError, match=rf"config.json: config key '{key}' = '{value}' was removed"):
+        load_config(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match=rf"'{key}' = '{value}' was removed"):
+        Config(**{key: value})

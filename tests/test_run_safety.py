@@ -239,3 +239,37 @@ def test_overlapping_lists_are_named_in_a_warning(tmp_path, capsys, caplog):
                    "--set", "train_unlabeled=unl.txt"], "val")
     warned = [r.getMessage() for r in caplog.records if "both the labeled and the unlabeled" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("warning: 2 images") and "a1" in warned[0], warned
+
+
+def test_removed_and_inapplicable_settings_are_one_line(tmp_path, capsys):
+    """`fused_upsample=true` where it cannot apply, and the removed `loss_backend=reference` and
+    `optimizer_impl=apex`, are refused naming the key and what to do; `branches=3` alone resolves
+    fused_upsample 'auto' to off, as it always did."""
+    base = ["train", "demo", "--print-config", *OPTS]
+    user_error(capsys, base + ["--set", "fused_upsample=true", "--set", "branches=3"],
+               "'fused_upsample' = True", "two branches", "branches=3", "'auto' or false")
+    user_error(capsys, base + ["--set", "fused_upsample=true", "--set", "loss_backend=cuda"],
+               "'fused_upsample' = True", "loss_backend='cuda'")
+    user_error(capsys, base + ["--set", "loss_backend=reference"], "'loss_backend' = 'reference' was removed",
+               "cps-fast bench step --variants reference")
+    user_error(capsys, base + ["--set", "optimizer_impl=apex"], "'optimizer_impl' = 'apex' was removed",
+               "CUDA graph", "'fused'")
+    capsys.readouterr()
+    main(base + ["--set", "branches=3"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if " fused_upsample " in x)
+    assert line.rstrip().endswith("= 'auto'"), line
+
+
+def test_an_old_checkpoint_with_a_removed_value_is_one_line(run_dir, tmp_path, capsys):
+    """A checkpoint written when loss_backend took 'reference' names itself and the key; one holding
+    the old default fused_upsample=true (two branches) evaluates as before."""
+    state = load_checkpoint(run_dir / "last.pt")
+    cfg = json.loads(state["config"])
+    assert cfg["fused_upsample"] == "auto"
+    for name, change in (("ref.pt", {"loss_backend": "reference"}), ("old.pt", {"fused_upsample": True})):
+        torch.save({**state, "config": json.dumps({**cfg, **change})}, tmp_path / name)
+    user_error(capsys, ["eval", str(tmp_path / "ref.pt"), "--device", "cpu"], tmp_path / "ref.pt",
+               "'loss_backend' = 'reference' was removed", "bench step")
+    capsys.readouterr()
+    main(["eval", str(tmp_path / "old.pt"), "--device", "cpu", "--json", str(tmp_path / "old.json")])
+    assert "mIoU" in capsys.readouterr().out

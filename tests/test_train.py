@@ -129,8 +129,9 @@ def test_three_branch_cutmix_step_matches_ncps_formulation():
         ref_sup = sum(F.cross_entropy(n(img_l), label) for n in nets)
     torch.testing.assert_close(cps, ref_cps, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sup, ref_sup, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="two-branch"):
-        CPSStep(model, loss_backend="reference")
+    assert not CPSStep(model, fused_upsample="auto").fused_upsample  # "auto": where it applies, two branches
+    with pytest.raises(ValueError, match="fused_upsample=True: the upsample-fused loss takes two branches"):
+        CPSStep(model, fused_upsample=True)
 
 
 def test_three_branch_cutmix_ensemble_step_matches_formulation():
@@ -190,6 +191,53 @@ def test_step_runs_branches_in_the_reference_order(cutmix):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
+def test_step_draws_the_cutmix_boxes_from_its_generator():
+    """Without a mask the step draws the boxes from ``mask_generator`` (the trainer's, checkpointed
+    as rng "mask"), with the config's box count and area range: the same loss as the boxes drawn
+    by hand from an equally seeded generator, and the generator moves on by one draw."""
+    from cps_fast.data import box_masks
+
+    torch.manual_seed(6)
+    model = tiny_model().eval()
+    img_l, u0, u1 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    label = torch.randint(0, 7, (2, 32, 32))
+    gen = torch.Generator().manual_seed(11)
+    step = CPSStep(model, cutmix=True, cps_weight=1.0, cutmix_n_boxes=2, cutmix_prop_range=(0.3, 0.4),
+                   mask_generator=gen)
+    drawn = step(img_l, label, u0, u1)
+    by_hand = torch.Generator().manual_seed(11)
+    mask = box_masks(2, 32, 32, n_boxes=2, prop_range=(0.3, 0.4), generator=by_hand)
+    assert 0 < float(mask.mean()) < 1
+    for x, y in zip(drawn, step(img_l, label, u0, u1, mask)):
+        assert torch.equal(x, y)
+    assert torch.equal(gen.get_state(), by_hand.get_state())
+
+
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_reference_step_equals_the_fused_step(cutmix):
+    """The step benchmark's baseline (benchmarks/reference_step.py: argmax and four cross-entropies)
+    computes the value of the fused step on full-resolution logits; it takes no fused upsampling."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from reference_step import ReferenceStep
+
+    torch.manual_seed(7)
+    model = tiny_model().eval()
+    img_l, u0, u1 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    label = torch.randint(0, 7, (2, 32, 32))
+    label[:, :4] = 255
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    args = (img_l, label, u0, u1 if cutmix else None, mask if cutmix else None)
+    ref = ReferenceStep(model, cutmix=cutmix, cps_weight=1.5, fused_upsample="auto")
+    assert not ref.fused_upsample
+    fused = CPSStep(model, cutmix=cutmix, cps_weight=1.5, fused_upsample=False)
+    for x, y in zip(ref(*args), fused(*args)):
+        torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fused_upsample=True.*not the reference code's"):
+        ReferenceStep(model, fused_upsample=True)
+    with pytest.raises(ValueError, match="two-branch"):
+        ReferenceStep(CPSModel("resnet18", 7, 16, False, None, seeds=(0, 1, 2)))
+
+
 @pytest.mark.parametrize("impl", ["fused", "foreach", "auto"])
 def test_sgd_matches_torch_sgd(impl):
     torch.manual_seed(0)
@@ -200,7 +248,7 @@ def test_sgd_matches_torch_sgd(impl):
     model.eval()
     ref.eval()
     ours = SGD(param_groups(model, 1e-3), momentum=0.9, impl=impl)
-    assert ours.impl in ("fused", "foreach") and ours.capturable
+    assert ours.impl in ("fused", "foreach")
     theirs = torch.optim.SGD([{"params": g["params"], "weight_decay": g["weight_decay"]}
                               for g in param_groups(ref, 1e-3)], lr=0.05, momentum=0.9)
     x = torch.randn(2, 3, 32, 32)
@@ -218,46 +266,11 @@ def test_sgd_matches_torch_sgd(impl):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
-class _FakeApexFusedSGD(torch.optim.SGD):
-    """Stands in for apex.optimizers.FusedSGD (not installable here): same constructor and state layout."""
-
-    def step(self):
-        for group in self.param_groups:
-            assert isinstance(group["lr"], float)  # apex takes a host learning rate
-            for p in group["params"]:
-                # our buffers are handed over as apex's momentum_buffer state: no first-step branch
-                assert self.state[p]["momentum_buffer"] is not None
-        return super().step()
-
-
-def test_sgd_apex_impl_shares_buffers_and_refuses_graphs(monkeypatch):
-    import sys
-    import types
-
-    with pytest.raises(RuntimeError, match="needs NVIDIA apex"):
-        monkeypatch.setitem(sys.modules, "apex", None)
+def test_sgd_refuses_unknown_and_removed_impls():
+    with pytest.raises(ValueError, match="impl='apex' was removed.*use 'fused'"):
         SGD(param_groups(tiny_model(), 1e-3), impl="apex")
-    apex = types.ModuleType("apex")
-    apex.optimizers = types.SimpleNamespace(FusedSGD=_FakeApexFusedSGD)
-    monkeypatch.setitem(sys.modules, "apex", apex)
-    monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)
-    torch.manual_seed(0)
-    model, ref = tiny_model().eval(), tiny_model().eval()
-    ref.load_state_dict(model.state_dict())
-    ours = SGD(param_groups(model, 1e-3), momentum=0.9, impl="apex")
-    theirs = SGD(param_groups(ref, 1e-3), momentum=0.9, impl="foreach")
-    assert not ours.capturable
-    x = torch.randn(2, 3, 32, 32)
-    for _ in range(2):
-        for net, opt in ((model, ours), (ref, theirs)):
-            opt.zero_grad()
-            net(x).square().mean().backward()
-            opt.step(torch.tensor(1e-3))
-    for p, q in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    assert ours.state_dict()["buffers"][0][0].abs().sum() > 0  # the shared buffers moved
     with pytest.raises(ValueError, match="impl="):
-        SGD(param_groups(model, 1e-3), impl="adam")
+        SGD(param_groups(tiny_model(), 1e-3), impl="adam")
 
 
 def test_poly_lr():

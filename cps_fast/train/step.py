@@ -1,7 +1,8 @@
 """One CPS training step: the loss computation, OHEM, SGD with a device learning rate.
 
 :class:`CPSStep` is an ``nn.Module`` whose ``forward`` is the whole loss of one
-step, read top to bottom like the reference script. Keeping it one module call
+step, read top to bottom: pseudo labels (the CutMix boxes drawn, the teachers run),
+student logits, loss. Keeping it one module call
 means DDP sees exactly one forward and one backward per step (the reference's
 several ``model(x, step=k)`` calls per step do not fit DDP's reducer), and the
 trainer can capture forward, backward and :class:`SGD` in one CUDA graph: no
@@ -13,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import fused_upsample_unavailable
+from ..data.cutmix import box_masks
 from ..loss import cps_loss
 from ..ncps_loss import ncps_loss
-from ..upsample_loss import cps_loss_upsampled
 from ..reference import masked_cross_entropy
+from ..upsample_loss import cps_loss_upsampled
 
 
 def kth_smallest(x: torch.Tensor, k: int, *, method: str = "auto") -> torch.Tensor:
@@ -91,18 +94,20 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, thresh: fl
 class CPSStep(nn.Module):
     """The loss of one step for ``method`` "cps" (plain or CutMix, K >= 2 branches) or "supervised".
 
-    ``forward(img_l, label_l, u0=None, u1=None, mask=None) -> (loss, sup, cps)``:
+    ``forward(img_l, label_l, u0=None, u1=None, mask=None) -> (loss, sup, cps)`` reads in three
+    parts: :meth:`pseudo_labels`, :meth:`student_logits`, :meth:`loss`.
 
     * supervised: ``sup = CE(a(img_l), label_l)``; the other branches are unused.
     * plain CPS: every branch on the labeled and the unlabeled images; one fused
       loss on the concatenated logits, target ``ignore`` on unlabeled rows,
       pseudo labels = argmax over all rows (the reference's ``pred_l = cat(...)``).
-    * CPS + CutMix: teachers (no grad) on u0 and u1, pseudo labels mixed by the box
-      ``mask``; students on [labeled; mixed] images; one fused loss with the
-      mixed pseudo labels (ignore on labeled rows).
+    * CPS + CutMix: the box ``mask`` drawn here from ``mask_generator`` (unless given);
+      teachers (no grad) on u0 and u1, pseudo labels mixed by the mask; students on
+      [labeled; mixed] images; one fused loss with the mixed pseudo labels (ignore on
+      labeled rows).
 
-    Two branches use :func:`cps_fast.cps_loss`, or with ``fused_upsample`` (the
-    default) :func:`cps_fast.cps_loss_upsampled` on the decoder-resolution logits, so
+    Two branches use :func:`cps_fast.cps_loss`, or with ``fused_upsample``
+    :func:`cps_fast.cps_loss_upsampled` on the decoder-resolution logits, so
     full-resolution student logits and their gradients never exist. More branches
     use :func:`cps_fast.ncps_loss` (n-CPS; ``ncps_ensemble`` picks its ensemble mode).
 
@@ -117,27 +122,136 @@ class CPSStep(nn.Module):
     def __init__(self, model: nn.Module, *, method: str = "cps", cutmix: bool = False, cps_weight: float = 1.5,
                  sup_loss: str = "ce", ohem_thresh: float = 0.7, ohem_min_kept: int = 50000,
                  ignore_index: int = 255, loss_backend: str | None = None, autocast_dtype=None,
-                 fused_upsample: bool = False, ncps_ensemble: bool = False):
-        """``loss_backend``: a loss backend, None for automatic, or ``"reference"`` for the
-        reference code's unfused cross-entropies (the benchmark's baseline; two branches)."""
+                 fused_upsample: bool | str = False, ncps_ensemble: bool = False, cutmix_n_boxes: int = 3,
+                 cutmix_prop_range: tuple[float, float] = (0.25, 0.5),
+                 mask_generator: torch.Generator | None = None):
+        """``loss_backend``: a backend of the fused losses, None for automatic. ``fused_upsample``:
+        True, False or "auto" (on where it applies: two branches, ``loss_backend`` not "cuda").
+        ``mask_generator``: where the CutMix boxes are drawn from (on the images' device; None:
+        torch's default generator); inside a CUDA-graph capture they come from the default CUDA
+        generator, which is graph-safe, so each replay draws new boxes."""
         super().__init__()
         if method not in ("cps", "supervised"):
             raise ValueError(f"method={method!r}; expected 'cps' or 'supervised'")
         if sup_loss not in ("ce", "ohem"):
             raise ValueError(f"sup_loss={sup_loss!r}; expected 'ce' or 'ohem'")
+        if loss_backend == "reference":
+            raise ValueError("loss_backend='reference': the reference code's loss is the step benchmark's "
+                             "baseline now (benchmarks/reference_step.py); use None or a fused-loss backend")
+        if fused_upsample not in (True, False, "auto"):
+            raise ValueError(f"fused_upsample={fused_upsample!r}; expected True, False or 'auto'")
         self.model = model
         self.num_branches = len(model.branches)
-        if self.num_branches > 2 and loss_backend == "reference":
-            raise ValueError(f"loss_backend='reference' is the two-branch reference code's loss; this model has "
-                             f"{self.num_branches} branches")
+        why_not = self._upsample_unavailable(loss_backend)
+        if fused_upsample is True and why_not is not None:
+            raise ValueError(f"fused_upsample=True: the upsample-fused loss {why_not}; pass 'auto' or False")
         self.method, self.cutmix, self.cps_weight = method, bool(cutmix), float(cps_weight)
         self.sup_loss, self.ohem_thresh, self.ohem_min_kept = sup_loss, float(ohem_thresh), int(ohem_min_kept)
         self.ignore_index, self.loss_backend = int(ignore_index), loss_backend
         self.autocast_dtype = autocast_dtype  # None: no autocast
-        # the upsample-fused loss has triton / cpu / torch backends and two branches
-        self.fused_upsample = (bool(fused_upsample) and self.num_branches == 2
-                               and loss_backend not in ("reference", "cuda"))
+        self.fused_upsample = why_not is None and fused_upsample in (True, "auto")
         self.ncps_ensemble = bool(ncps_ensemble)
+        # n-CPS ensemble labels with CutMix: the teachers' labels come from their own passes on u0 and
+        # u1, so each branch's label (the argmax of the other branches' mean softmax) is made here,
+        # and no fused kernel takes one label per branch: K cross-entropies over the unlabeled rows
+        self.own_labels = self.cutmix and self.ncps_ensemble and self.num_branches > 2
+        self.cutmix_n_boxes, self.cutmix_prop_range = int(cutmix_n_boxes), tuple(cutmix_prop_range)
+        self.mask_generator = mask_generator
+
+    def _upsample_unavailable(self, loss_backend) -> str | None:
+        """Why the upsample-fused loss cannot run in this step, or None."""
+        return fused_upsample_unavailable(self.num_branches, loss_backend)
+
+    def forward(self, img_l, label_l, u0=None, u1=None, mask=None):
+        if self.method == "supervised":
+            with self._autocast(img_l):
+                logits = self.model.branches[0](img_l)
+            sup = self._sup(logits, label_l)
+            return sup, sup.detach(), torch.zeros_like(sup)
+        pseudo, u = self.pseudo_labels(u0, u1, mask)
+        out_l, out_u = self.student_logits(img_l, u)
+        return self.loss(out_l, out_u, label_l, pseudo)
+
+    def draw_mask(self, u0: torch.Tensor) -> torch.Tensor:
+        """CutMix box masks ``(N, 1, H, W)`` of 0/1 in ``u0``'s dtype, 1 taking the pixel from u1."""
+        capturing = u0.is_cuda and torch.cuda.is_current_stream_capturing()
+        h, w = u0.shape[-2:]
+        return box_masks(u0.shape[0], h, w, n_boxes=self.cutmix_n_boxes, prop_range=self.cutmix_prop_range,
+                         generator=None if capturing else self.mask_generator, device=u0.device).to(u0.dtype)
+
+    def pseudo_labels(self, u0, u1=None, mask=None):
+        """``(pseudo, u)``: the teachers' pseudo labels and the students' unlabeled images.
+
+        Plain CPS: ``(None, u0)``; the fused loss takes the argmax of the students' own logits.
+        CutMix: one label map per branch for the mixed images ``u0 * (1 - mask) + u1 * mask``
+        (``mask`` drawn by :meth:`draw_mask` when None): ``pseudo[k]`` is made by branch k and
+        supervises the others, or with ``own_labels`` is the label branch k learns from.
+        """
+        if not self.cutmix:
+            return None, u0
+        if mask is None:
+            mask = self.draw_mask(u0)
+        with torch.no_grad(), self._autocast(u0):
+            # argmax of logits mixed by a 0/1 mask == the mask's choice between the two argmaxes
+            m = mask[:, 0].bool()
+            pseudo = []
+            for net in self.model.branches:  # u0 before u1, as the reference (BatchNorm running statistics)
+                t0 = net(u0)
+                t1 = net(u1)
+                if self.own_labels:  # the softmax of the mixed logits
+                    pseudo.append(torch.where(m.unsqueeze(1), t1, t0).float().softmax(1))
+                else:
+                    pseudo.append(torch.where(m, t1.argmax(1), t0.argmax(1)))
+            if self.own_labels:  # pseudo[k]: the argmax of the other branches' mean softmax
+                total = sum(pseudo)
+                pseudo = [(total - p).argmax(1) for p in pseudo]
+        return pseudo, u0 * (1 - mask) + u1 * mask
+
+    def student_logits(self, img_l, u) -> tuple[list, list]:
+        """``(out_l, out_u)``: every branch's logits on the labeled and the unlabeled images, at the
+        decoder's resolution with ``fused_upsample`` (the loss upsamples on the fly), else full."""
+        nets, low = self.model.branches, self.fused_upsample
+        # in the reference's order (BatchNorm running statistics): with CutMix, every student on the mixed
+        # images, then on the labeled ones; plain CPS, branch by branch, labeled then unlabeled
+        with self._autocast(img_l):
+            if self.cutmix:
+                out_u = [net(u, return_low=low) for net in nets]
+                out_l = [net(img_l, return_low=low) for net in nets]
+            else:
+                out_l, out_u = [], []
+                for net in nets:
+                    out_l.append(net(img_l, return_low=low))
+                    out_u.append(net(u, return_low=low))
+        return out_l, out_u
+
+    def loss(self, out_l, out_u, label_l, pseudo):
+        """``(sup + cps_weight * cps, sup, cps)``, the last two detached.
+
+        With cross-entropy, one fused call on the concatenated [labeled; unlabeled] logits holds
+        both terms. OHEM is not part of the fused kernels, and ``own_labels`` give each branch its
+        own label, which no fused kernel takes: then the supervised terms are computed apart.
+        """
+        ignore = self.ignore_index
+        size = tuple(label_l.shape[-2:])
+        if self.sup_loss == "ce" and not self.own_labels:
+            logits = [torch.cat([x_l, x_u]) for x_l, x_u in zip(out_l, out_u)]
+            n_u = out_u[0].shape[0]
+            target = torch.cat([label_l, torch.full((n_u,) + size, ignore, dtype=label_l.dtype,
+                                                    device=label_l.device)])
+            if pseudo is not None:  # CutMix: no cross term on the labeled rows
+                ignore_l = torch.full_like(label_l, ignore)
+                pseudo = [torch.cat([ignore_l.to(p.dtype), p]) for p in pseudo]
+            return self._cross(logits, pseudo, target, size, weight=self.cps_weight, return_parts=True)
+        full = (lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=True)) \
+            if self.fused_upsample else (lambda x: x)
+        sup = sum(self._sup(full(x), label_l) for x in out_l)
+        if self.own_labels:
+            cps = sum(masked_cross_entropy(x.float(), e, ignore) for x, e in zip(out_u, pseudo))
+        elif self.cutmix:
+            cps = self._cross(out_u, pseudo, None, size)
+        else:  # the pseudo labels are the argmax over all rows, as the fused call's
+            cps = self._cross([torch.cat([x_l, x_u]) for x_l, x_u in zip(out_l, out_u)], None, None, size)
+        return sup + self.cps_weight * cps, sup.detach(), cps.detach()
 
     def _autocast(self, x: torch.Tensor):
         if self.autocast_dtype is None:
@@ -166,99 +280,6 @@ class CPSStep(nn.Module):
         return cps_loss(logits[0], logits[1], target, pseudo_a=pa, pseudo_b=pb, cps_weight=weight,
                         ignore_index=ignore, backend=backend, return_parts=return_parts)
 
-    def forward(self, img_l, label_l, u0=None, u1=None, mask=None):
-        nets = self.model.branches
-        ignore = self.ignore_index
-        if self.method == "supervised":
-            with self._autocast(img_l):
-                logits = nets[0](img_l)
-            sup = self._sup(logits, label_l)
-            return sup, sup.detach(), torch.zeros_like(sup)
-
-        pseudo_u = None
-        # n-CPS ensemble labels with CutMix: the teachers' labels come from their own passes on u0 and
-        # u1, so each branch's label (the argmax of the other branches' mean softmax) is made here
-        ensemble_u = self.cutmix and self.ncps_ensemble and self.num_branches > 2
-        if self.cutmix:
-            with torch.no_grad(), self._autocast(u0):
-                # argmax of logits mixed by a 0/1 mask == the mask's choice between the two argmaxes;
-                # pseudo_u[k] is made by branch k and supervises the others
-                m = mask[:, 0].bool()
-                pseudo_u = []
-                for net in nets:  # u0 before u1, as the reference (BatchNorm running statistics)
-                    t0 = net(u0)
-                    t1 = net(u1)
-                    if ensemble_u:  # the softmax of the mixed logits
-                        pseudo_u.append(torch.where(m.unsqueeze(1), t1, t0).float().softmax(1))
-                    else:
-                        pseudo_u.append(torch.where(m, t1.argmax(1), t0.argmax(1)))
-                if ensemble_u:  # pseudo_u[k]: the label branch k learns from
-                    total = sum(pseudo_u)
-                    pseudo_u = [(total - p).argmax(1) for p in pseudo_u]
-            u = u0 * (1 - mask) + u1 * mask
-        else:
-            u = u0
-
-        low = self.fused_upsample  # decoder-resolution logits; the loss upsamples on the fly
-        size = tuple(img_l.shape[-2:])
-        # each branch in the reference's order (BatchNorm running statistics): with CutMix, every student on
-        # the mixed images, then on the labeled ones; plain CPS, branch by branch, labeled then unlabeled
-        with self._autocast(img_l):
-            if self.cutmix:
-                out_u = [net(u, return_low=low) for net in nets]
-                out_l = [net(img_l, return_low=low) for net in nets]
-            else:
-                out_l, out_u = [], []
-                for net in nets:
-                    out_l.append(net(img_l, return_low=low))
-                    out_u.append(net(u, return_low=low))
-
-        if self.loss_backend == "reference":
-            return self._reference_loss(out_l, out_u, label_l, pseudo_u)
-
-        if self.sup_loss == "ohem" or ensemble_u:
-            # OHEM is not part of the fused kernels: supervised terms apart, cross terms fused. Ensemble
-            # labels with CutMix give each branch its own label, which no fused kernel takes: K
-            # cross-entropies over the unlabeled rows.
-            full = (lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=True)) if low else (
-                lambda x: x)
-            sup = sum(self._sup(full(x), label_l) for x in out_l)
-            if ensemble_u:
-                cps = sum(masked_cross_entropy(x.float(), e, ignore) for x, e in zip(out_u, pseudo_u))
-            elif self.cutmix:
-                cps = self._cross(out_u, pseudo_u, None, size)
-            else:
-                cps = self._cross([torch.cat([x_l, x_u]) for x_l, x_u in zip(out_l, out_u)], None, None, size)
-            return sup + self.cps_weight * cps, sup.detach(), cps.detach()
-
-        logits = [torch.cat([x_l, x_u]) for x_l, x_u in zip(out_l, out_u)]
-        target = torch.cat([label_l, torch.full((u.shape[0],) + size, ignore, dtype=label_l.dtype,
-                                                device=label_l.device)])
-        pseudo = None
-        if self.cutmix:
-            ignore_l = torch.full_like(label_l, ignore)
-            pseudo = [torch.cat([ignore_l.to(p.dtype), p]) for p in pseudo_u]
-        return self._cross(logits, pseudo, target, size, weight=self.cps_weight, return_parts=True)
-
-    def _reference_loss(self, out_l, out_u, label_l, pseudo_u):
-        """The reference code's way: argmax and four separate cross-entropies (benchmark baseline)."""
-        ignore = self.ignore_index
-        (a_l, b_l), (a_u, b_u) = out_l, out_u
-        if self.cutmix:
-            pseudo_a_u, pseudo_b_u = pseudo_u
-            cps = (F.cross_entropy(a_u.float(), pseudo_b_u.long()) + F.cross_entropy(b_u.float(), pseudo_a_u.long()))
-        else:
-            pred_a, pred_b = torch.cat([a_l, a_u]).float(), torch.cat([b_l, b_u]).float()
-            cps = (F.cross_entropy(pred_a, pred_b.detach().argmax(1))
-                   + F.cross_entropy(pred_b, pred_a.detach().argmax(1)))
-        if self.sup_loss == "ohem":
-            sup = self._sup(a_l, label_l) + self._sup(b_l, label_l)
-        else:
-            lab = label_l.long()
-            sup = (F.cross_entropy(a_l.float(), lab, ignore_index=ignore)
-                   + F.cross_entropy(b_l.float(), lab, ignore_index=ignore))
-        return sup + self.cps_weight * cps, sup.detach(), cps.detach()
-
 
 class SGD:
     """SGD with momentum and per-group weight decay, driven by a device-tensor learning rate.
@@ -271,15 +292,17 @@ class SGD:
     * ``"fused"``: ``torch._fused_sgd_`` (one multi-tensor kernel per group reading
       the learning rate from device memory; CUDA, and CPU in recent torch);
     * ``"foreach"``: four ``torch._foreach_*`` launches per group (any device);
-    * ``"apex"``: NVIDIA apex's ``FusedSGD`` when apex is installed; it takes the
-      learning rate as a Python float, so each step reads ``lr`` to the host and
-      cannot be captured in a CUDA graph;
     * ``"auto"``: fused where torch has it for the device, else foreach.
+
+    Both read the learning rate on the device, so every step can be captured.
     """
 
-    IMPLS = ("auto", "fused", "foreach", "apex")
+    IMPLS = ("auto", "fused", "foreach")
 
     def __init__(self, groups: list[dict], momentum: float = 0.9, impl: str = "auto"):
+        if impl == "apex":
+            raise ValueError("SGD impl='apex' was removed (apex's FusedSGD takes a host learning rate and "
+                             "cannot be captured in a CUDA graph); use 'fused', the same update")
         if impl not in self.IMPLS:
             raise ValueError(f"SGD impl={impl!r}; expected one of {self.IMPLS}")
         self.groups = [{"params": list(g["params"]), "weight_decay": float(g["weight_decay"]),
@@ -294,12 +317,6 @@ class SGD:
             raise RuntimeError(f"SGD impl='fused': this torch ({torch.__version__}) has no fused SGD kernel "
                                f"for {device.type} tensors; use impl='foreach'")
         self.impl = impl
-        self._apex = _apex_fused_sgd(self.groups, self.buffers, self.momentum) if impl == "apex" else None
-
-    @property
-    def capturable(self) -> bool:
-        """Whether a step can be captured in a CUDA graph (no host read of the learning rate)."""
-        return self.impl != "apex"
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -308,12 +325,6 @@ class SGD:
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor) -> None:
-        if self._apex is not None:
-            lr_host = float(lr)  # apex takes a float: one host read per step
-            for group in self._apex.param_groups:
-                group["lr"] = lr_host
-            self._apex.step()
-            return
         for g, bufs in zip(self.groups, self.buffers):
             pairs = [(p, b) for p, b in zip(g["params"], bufs) if p.grad is not None]
             if not pairs:
@@ -370,22 +381,6 @@ def _probe_fused_sgd(device_type: str) -> bool:
         except (RuntimeError, NotImplementedError):
             _FUSED_PROBED[device_type] = False
     return _FUSED_PROBED[device_type]
-
-
-def _apex_fused_sgd(groups: list[dict], buffers: list[list[torch.Tensor]], momentum: float):
-    """apex.optimizers.FusedSGD over ``groups``, sharing our momentum buffers (checkpoints stay ours)."""
-    try:
-        from apex.optimizers import FusedSGD
-    except ImportError as err:
-        raise RuntimeError("SGD impl='apex' needs NVIDIA apex (github.com/NVIDIA/apex, built with "
-                           "--cpp_ext --cuda_ext); the PyPI package named apex is unrelated. Use impl='fused'"
-                           ) from err
-    opt = FusedSGD([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups], lr=0.0,
-                   momentum=momentum, dampening=0.0, nesterov=False)
-    for g, bufs in zip(groups, buffers):
-        for p, b in zip(g["params"], bufs):
-            opt.state[p]["momentum_buffer"] = b  # a zero buffer: m * 0 + g == g, as a first step
-    return opt
 
 
 def poly_lr(base_lr: float, iteration: torch.Tensor, total: int, power: float = 0.9,

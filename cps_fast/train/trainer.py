@@ -1,11 +1,12 @@
 """The CPS trainer: data, model, optimiser, the (graph-captured) step, evaluation, checkpoints.
 
 Read :meth:`Trainer.train` top to bottom for one run. The step itself is
-:meth:`Trainer._step`: the loss module (:class:`cps_fast.train.step.CPSStep`),
-backward, the poly learning rate computed on the device, and :class:`SGD`. On a
-GPU it is captured once in a CUDA graph and replayed, with each batch copied
-into static input buffers; nothing in it reads a value back to the host, and
-losses are summed on the device and read every ``log_every`` iterations.
+:meth:`Trainer._step`: the loss module (:class:`cps_fast.train.step.CPSStep`, which
+also draws the CutMix boxes), backward, the poly learning rate computed on the
+device, and :class:`SGD`. On a GPU it is captured once in a CUDA graph and
+replayed, with each batch copied into static input buffers; nothing in it reads a
+value back to the host, and losses are summed on the device and read every
+``log_every`` iterations.
 """
 from __future__ import annotations
 
@@ -227,7 +228,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: str | os.PathLike, *, device: str | None = None,
                  resume: bool = False, overwrite: bool = False, max_iters: int | None = None,
-                 print_fn=print):
+                 print_fn=print, step_class: type = CPSStep):
+        """``step_class``: the loss module, built as ``CPSStep`` is (benchmarks/reference_step.py
+        passes the reference code's unfused loss, the step benchmark's baseline)."""
         self.cfg = cfg
         self.out = Path(out_dir)
         if max_iters is not None and int(max_iters) < 1:
@@ -263,11 +266,14 @@ class Trainer:
         self.batch_l, self.batch_u = cfg.per_rank_batch(self.world)
 
         self.model = self._build_model()
-        self.step_module = CPSStep(
+        mask_gen = torch.Generator(device=self.device)  # the CutMix boxes' (checkpointed as rng "mask")
+        mask_gen.manual_seed(cfg.seed * 7919 + self.rank)
+        self.step_module = step_class(
             self.model, method=cfg.method, cutmix=cfg.cutmix, cps_weight=cfg.cps_weight, sup_loss=cfg.sup_loss,
             ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept, ignore_index=cfg.ignore_index,
             loss_backend=cfg.loss_backend, autocast_dtype=self.amp_dtype, fused_upsample=cfg.fused_upsample,
-            ncps_ensemble=cfg.ncps_ensemble)
+            ncps_ensemble=cfg.ncps_ensemble, cutmix_n_boxes=cfg.cutmix_n_boxes,
+            cutmix_prop_range=cfg.cutmix_prop_range, mask_generator=mask_gen)
         self.step_fn = self.step_module
         if cfg.method == "supervised":  # only branch a is trained: the others take no gradients
             for branch in self.model.branches[1:]:
@@ -296,9 +302,6 @@ class Trainer:
             others = {id(p) for branch in self.model.branches[1:] for p in branch.parameters()}
             groups = [dict(g, params=[p for p in g["params"] if id(p) not in others]) for g in groups]
         self.optimizer = SGD(groups, momentum=cfg.momentum, impl=cfg.optimizer_impl)
-        if self.use_graph and not self.optimizer.capturable:
-            raise ConfigError(f"optimizer_impl={cfg.optimizer_impl!r} reads the learning rate on the host each step "
-                              f"and cannot run inside a CUDA graph; pass --no-cuda-graph or use 'fused'")
         self.base_lr = cfg.lr
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
 
@@ -308,8 +311,6 @@ class Trainer:
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, sup, cps, steps
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._scaler_view = _ScalerView(self.optimizer, self.lr) if self.scaler is not None else None
-        self.mask_gen = torch.Generator(device=self.device)
-        self.mask_gen.manual_seed(cfg.seed * 7919 + self.rank)
         self.start_iter = 0
         self.best_miou = float("nan")
         self.history: list[dict] = []
@@ -380,14 +381,7 @@ class Trainer:
         """Forward, backward, learning rate and SGD on the device. No host synchronisation."""
         cfg = self.cfg
         self.optimizer.zero_grad()
-        mask = None
-        if cfg.cutmix and cfg.method == "cps":
-            h, w = u0.shape[-2:]
-            # the default CUDA generator is graph-safe: each replay draws new boxes
-            gen = None if self.graph_capturing else self.mask_gen
-            mask = cdata.box_masks(u0.shape[0], h, w, n_boxes=cfg.cutmix_n_boxes, prop_range=cfg.cutmix_prop_range,
-                                   generator=gen, device=self.device).to(u0.dtype)
-        loss, sup, cps = self.step_fn(img_l, label_l, u0, u1, mask)
+        loss, sup, cps = self.step_fn(img_l, label_l, u0, u1)  # CutMix: the step draws the boxes
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -405,8 +399,6 @@ class Trainer:
         self.sums[3].add_(1)
         self.iteration.add_(1)
 
-    graph_capturing = False
-
     def _capture(self, batch_fn) -> None:
         """Warm up eagerly on a side stream, then capture :meth:`_step` into a CUDA graph."""
         self.static = [None if t is None else self._to_device(t).clone() for t in batch_fn()]
@@ -422,13 +414,9 @@ class Trainer:
         self.optimizer.zero_grad()
         self._copy_in(batch_fn())
         self.graph = torch.cuda.CUDAGraph()
-        self.graph_capturing = True
-        try:
-            # thread_local: loader threads (pin-memory, DALI's executor) keep calling CUDA during capture
-            with torch.cuda.graph(self.graph, stream=self._side, capture_error_mode="thread_local"):
-                self._step(*self.static)
-        finally:
-            self.graph_capturing = False
+        # thread_local: loader threads (pin-memory, DALI's executor) keep calling CUDA during capture
+        with torch.cuda.graph(self.graph, stream=self._side, capture_error_mode="thread_local"):
+            self._step(*self.static)
         self.graph.replay()  # capture records but does not run: this is the step of the batch just copied in
         return warmup + 1
 
@@ -610,7 +598,7 @@ class Trainer:
             "iteration": int(it),
             "total_iters": int(self.total_iters),
             "data_position": int(it),  # batches consumed per loader; the loaders resume there
-            "rng": {"torch": torch.get_rng_state(), "mask": self.mask_gen.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "mask": self.step_module.mask_generator.get_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "best_miou": self.best_miou,
             "history": json.dumps(self.history),
@@ -682,7 +670,7 @@ class Trainer:
         self.start_iter = int(state["iteration"])
         self.iteration.fill_(self.start_iter)
         torch.set_rng_state(state["rng"]["torch"])
-        self.mask_gen.set_state(state["rng"]["mask"])
+        self.step_module.mask_generator.set_state(state["rng"]["mask"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.best_miou = float(state["best_miou"])
