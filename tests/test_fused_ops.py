@@ -65,8 +65,9 @@ class Op:
         return self.id
 
     def backends(self, device, C=21):
-        """The op's backends on ``device`` (the extension's kernel for the other device left out), and
-        for C classes where a kernel's limit is known without importing it."""
+        """The op's backends on ``device`` (the extension's kernel for the other device left out), less
+        those whose kernel cannot take C classes (the upsample's Triton tile; its own file checks the
+        refusal)."""
         kernel = fused.KERNELS[self.kernel]
         other = "cpu" if device == "cuda" else "cuda"
         names = [b for b in backends.BACKENDS if b in kernel.launchers and b != other]
@@ -86,9 +87,9 @@ class Op:
         """The pseudo labels a comparison passes (``pseudo`` unless the op needs given ones)."""
         return pseudo
 
-    def fill(self, xs, kw, pseudo, C, frac, dtype=torch.int64, ignore_index=255):
-        """Given pseudo labels (fraction ``frac`` ignored) where ``pseudo`` holds 1, argmax where 0."""
-        return [self.labels(xs, kw, C, frac, dtype, ignore_index) if p else None for p in pseudo]
+    def fill(self, xs, kw, given, C, frac, dtype=torch.int64, ignore_index=255):
+        """Pseudo labels: given ones (``frac`` of them ignored) where ``given`` is true, else None (argmax)."""
+        return [self.labels(xs, kw, C, frac, dtype, ignore_index) if g else None for g in given]
 
 
 def _limited(kernel, backend, C, K):
@@ -289,7 +290,7 @@ def test_ignore_fractions(op, device, backend, ignore_frac, layout):
     xs, kw = op.make(21, torch.float32, layout, device)
     xs[-1] = xs[-1].contiguous() if layout == "channels_last" else xs[-1].to(memory_format=torch.channels_last)
     target = op.labels(xs, kw, 21, ignore_frac)
-    pseudo = op.fill(xs, kw, [1] + [0] * (op.K - 1), 21, ignore_frac)
+    pseudo = op.fill(xs, kw, [True] + [False] * (op.K - 1), 21, ignore_frac)
     kw.update(cps_weight=6.0)
     got = run(op, xs, target, backend=backend, pseudo=pseudo, **kw)
     op.check(got, xs, target, backend=backend, pseudo=pseudo, **kw)
@@ -321,7 +322,7 @@ def test_wide_class_axis(op, device, backend, layout):
     shape = {"cps_loss": (1, 5, 7), "ncps_loss": (1, 3, 5), "cps_loss_upsampled": ((1, 3, 4), (9, 13))}[op.name]
     xs, kw = op.make(300, torch.float32, layout, device, shape=shape)
     target = op.labels(xs, kw, 300, 0.2, ignore_index=-1)
-    pseudo = op.fill(xs, kw, [0] * (op.K - 1) + [1], 300, 0.2, ignore_index=-1)
+    pseudo = op.fill(xs, kw, [False] * (op.K - 1) + [True], 300, 0.2, ignore_index=-1)
     kw.update(cps_weight=1.5, ignore_index=-1)
     got = run(op, xs, target, backend=backend, pseudo=pseudo, **kw)
     op.check(got, xs, target, backend=backend, pseudo=pseudo, **kw)
