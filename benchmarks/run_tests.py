@@ -29,16 +29,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the files with the most CUDA work (Triton builds, graphs, the step) start first
-FIRST = ("test_loss.py", "test_gpu_step.py", "test_gpu_dali.py", "test_ncps_loss.py", "test_upsample_loss.py", "test_swept_configs.py",
-         "test_csrc.py", "test_profiling.py", "test_ohem.py", "test_upsample_cpu_kernel.py", "test_data.py",
-         "test_eval.py", "test_kernel_report.py", "test_models.py", "test_train.py")
+FIRST = ("test_fused_ops.py", "test_gpu_step.py", "test_gpu_dali.py", "test_loss.py", "test_ncps_loss.py",
+         "test_upsample_loss.py", "test_swept_configs.py", "test_csrc.py", "test_profiling.py", "test_ohem.py",
+         "test_upsample_cpu_kernel.py", "test_data.py", "test_eval.py", "test_kernel_report.py", "test_models.py",
+         "test_train.py")
 
 
 # the files with the most CUDA tests, in shards run side by side (conftest.py shards the tests
-# that -m and -k selected, so every shard gets a share of the GPU tests): 14 processes, all in the
-# first wave of the GPU machine's 16
-SHARDS = {"test_loss.py": 3, "test_gpu_step.py": 3, "test_ncps_loss.py": 2, "test_upsample_loss.py": 3,
-          "test_swept_configs.py": 3}
+# that -m and -k selected, so every shard gets a share of the GPU tests): 15 processes, all in the
+# first wave of the GPU machine's 16 (the op files' shared contracts are test_fused_ops.py's)
+SHARDS = {"test_fused_ops.py": 3, "test_gpu_step.py": 3, "test_loss.py": 2, "test_ncps_loss.py": 2,
+          "test_upsample_loss.py": 2, "test_swept_configs.py": 3}
 
 NOTHING_SELECTED = 5  # pytest's exit status when the arguments select no test in a file
 

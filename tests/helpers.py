@@ -4,6 +4,7 @@ Import with ``from helpers import ...`` (pytest puts tests/ on sys.path). A modu
 ``pytestmark = pytest.mark.poison_outputs`` gets NaN-filled kernel outputs (tests/conftest.py).
 """
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -46,6 +47,21 @@ def break_upsampled_near_ties_(x, size, align_corners=True, gap=5e-4, bump=0.125
         with torch.no_grad():  # random sizes: equal raises can cycle between two near-ties (5 draws in 3000)
             x.add_((weights > 0).to(x.dtype) * (bump * (0.5 + torch.rand(x.shape, device=x.device))).to(x.dtype))
     raise AssertionError(f"argmax near-ties remain after {tries} rounds in the upsampling of {tuple(x.shape)}")
+
+
+def pairwise(*columns):
+    """Cases (one value of each column) in which every pair of values of any two columns meets,
+    without the full product: greedily, the case of the product that meets the most pairs not met
+    yet, until none is left (15 cases for 5 x 3 x 3 values, the least possible)."""
+    pairs = list(itertools.combinations(range(len(columns)), 2))
+    todo = {(i, j, a, b) for i, j in pairs for a in columns[i] for b in columns[j]}
+    cases = []
+    while todo:
+        best = max(itertools.product(*columns),
+                   key=lambda c: sum((i, j, c[i], c[j]) in todo for i, j in pairs))
+        todo -= {(i, j, best[i], best[j]) for i, j in pairs}
+        cases.append(best)
+    return cases
 
 
 def make_labels(shape, C, ignore_frac, device="cpu", dtype=torch.int64, ignore_index=255):

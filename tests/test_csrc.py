@@ -281,7 +281,7 @@ def test_has_cuda_says_whether_the_cuda_kernels_are_in_the_binary():
     assert (b"cps_loss_reduce_kernel" in blob) == _C.has_cuda(), _C.__file__
 
 
-# what only the extension sees (the op's entry checks the user's arguments, tests/test_loss.py):
+# what only the extension sees (the op's entry checks the user's arguments, tests/test_fused_ops.py):
 # the buffers the Python layer makes, and memory the kernel must not write through
 GUARDED = [
     lambda k: k.update(counts=torch.ones(2)),

@@ -1,23 +1,23 @@
-"""The fused n-branch CPS loss: every backend against the float64 reference.
+"""The fused n-branch CPS loss: what only it has, and its comparison with the float64 reference.
 
-Fresh random inputs every run (no fixed seed), K = 2, 3, 4, both label modes,
-odd shapes, both memory formats and (P, C) rows, fp32/fp16/bf16, ignored
-pixels, given pseudo labels, gradients, and outputs poisoned with NaN before
-each kernel runs. Ensemble labels are an argmax of float sums, so inputs whose
-top two ensemble scores are closer than 1e-4 are redrawn (there the float32
-kernels and the float64 reference may honestly disagree); argmax ties of the
-logits themselves are exact in every precision and kept.
+The contracts every fused loss keeps are tests/test_fused_ops.py's, for K = 3 (the n-branch
+kernels) and K = 2 (cps_loss's kernels), through :func:`make_branches` and
+:func:`assert_close_to_reference` here. Here: ensemble mode and K = 4 against the reference
+(every backend, both memory formats and (P, C) rows, fp32/fp16/bf16, ignored pixels, given
+pseudo labels, gradients, fresh random inputs, outputs poisoned with NaN), K = 2 equal to
+cps_loss, the branch-list arguments, the backends' limits (no CUDA C++ kernel, 8 Triton slots).
+Ensemble labels are an argmax of float sums, so inputs whose top two ensemble scores are closer
+than 1e-4 are redrawn (there the float32 kernels and the float64 reference may honestly
+disagree); argmax ties of the logits themselves are exact in every precision and kept.
 """
-import itertools
-
 import pytest
 import torch
 
 import cps_fast
 from cps_fast import backends
-from cps_fast.ncps_loss import NCPSLoss, ncps_loss
+from cps_fast.ncps_loss import ncps_loss
 from cps_fast.reference import ncps_loss_reference
-from helpers import assert_grads_close, assert_scalars_close, make_labels, make_logits, mean_ce
+from helpers import assert_grads_close, assert_scalars_close, make_labels, make_logits, mean_ce, pairwise
 
 pytestmark = pytest.mark.poison_outputs  # NaN-filled kernel outputs (tests/conftest.py)
 
@@ -113,73 +113,31 @@ def _shape_for(C):
     return (2, 9, 13) if C <= 32 else (1, 5, 7)
 
 
-# every (K, mode, C) once per backend; layouts and dtypes rotate through the cases
-GRID = [(K, ens, C, LAYOUTS[i % 3], DTYPES[(i // 3) % 3])
-        for i, (K, ens, C) in enumerate(itertools.product([2, 3, 4], [False, True], [2, 19, 21, 150]))]
+# the (K, mode) pairs test_fused_ops.py leaves out (K = 2 and 3 in default mode are its), with every
+# pair of (K and mode, C, layout, dtype) values in some case; and the online-softmax path of ensemble mode
+GRID = [(K, ens, C, layout, dtype) for (K, ens), C, layout, dtype in
+        pairwise([(2, True), (3, True), (4, False), (4, True)], [2, 21, 150], LAYOUTS, DTYPES)]
+GRID.append((3, True, 300, "nchw", torch.float32))
+GRID = [pytest.param(*row, id=f"K{row[0]}-{'ensemble' if row[1] else 'default'}-{row[2]}-{row[3]}-{str(row[4])[6:]}")
+        for row in GRID]
 
 
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("K,ensemble,C,layout,dtype", GRID)
-def test_matches_reference(device, backend, K, ensemble, C, layout, dtype):
+def test_more_branches_and_ensemble_match_reference(device, backend, K, ensemble, C, layout, dtype):
+    """Ensemble mode for K = 2, 3, 4 and K = 4 in default mode (with given pseudo labels for two
+    branches, the argmax for the others) against the reference."""
     N, H, W = _shape_for(C)
     xs = make_branches(K, layout, N, C, H, W, dtype, device, ensemble=ensemble)
     shape = (N * H * W,) if layout == "rows" else (N, H, W)
-    target = make_labels(shape, C, 0.2, device, dtype=torch.uint8)
-    kw = dict(cps_weight=1.5, ensemble=ensemble)
+    ii, label_dtype = (255, torch.uint8) if C <= 255 else (-1, torch.int64)
+    target = make_labels(shape, C, 0.2, device, dtype=label_dtype, ignore_index=ii)
+    kw = dict(cps_weight=1.5, ensemble=ensemble, ignore_index=ii)
+    if not ensemble:
+        kw["pseudo"] = [make_labels(shape, C, 0.3, device, dtype=torch.int32), None,
+                        make_labels(shape, C, 0.6, device, dtype=torch.int64), None]
     got = run(ncps_loss, xs, target, backend=backend, **kw)
     assert_close_to_reference(got, xs, target, **kw)
-
-
-@pytest.mark.parametrize("device,backend", CASES)
-@pytest.mark.parametrize("ignore_frac", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("ensemble", [False, True])
-def test_ignore_fractions(device, backend, ignore_frac, ensemble):
-    xs = make_branches(3, "channels_last", 2, 21, 7, 9, torch.float32, device, ensemble=ensemble)
-    target = make_labels((2, 7, 9), 21, ignore_frac, device)
-    kw = dict(cps_weight=6.0, ensemble=ensemble)
-    if not ensemble:  # given pseudo labels with the same ignore fraction, and one argmax branch
-        kw["pseudo"] = [make_labels((2, 7, 9), 21, ignore_frac, device), None,
-                        make_labels((2, 7, 9), 21, ignore_frac, device)]
-    got = run(ncps_loss, xs, target, backend=backend, **kw)
-    assert_close_to_reference(got, xs, target, **kw)
-    if ignore_frac == 1.0:
-        assert got[1].item() == 0.0  # supervised term of an all-ignored batch is 0, not NaN
-
-
-@pytest.mark.parametrize("device,backend", CASES)
-@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_given_pseudo_labels(device, backend, label_dtype, layout):
-    K, C, N, H, W = 4, 19, 2, 5, 7
-    xs = make_branches(K, layout, N, C, H, W, torch.bfloat16, device)
-    shape = (N * H * W,) if layout == "rows" else (N, H, W)
-    target = make_labels(shape, C, 0.5, device, dtype=label_dtype)
-    pseudo = [make_labels(shape, C, 0.3, device, dtype=label_dtype), None,
-              make_labels(shape, C, 0.6, device, dtype=label_dtype), None]
-    kw = dict(pseudo=pseudo, cps_weight=1.5)
-    got = run(ncps_loss, xs, target, backend=backend, **kw)
-    assert_close_to_reference(got, xs, target, **kw)
-
-
-@pytest.mark.parametrize("device,backend", CASES)
-@pytest.mark.parametrize("ensemble", [False, True])
-def test_wide_class_axis(device, backend, ensemble):
-    """C above the Triton register tile takes the online-softmax path."""
-    C = 300
-    xs = make_branches(3, "nchw", 1, C, 3, 5, torch.float32, device, ensemble=ensemble)
-    target = make_labels((1, 3, 5), C, 0.2, device, ignore_index=-1)
-    kw = dict(cps_weight=1.5, ignore_index=-1, ensemble=ensemble)
-    got = run(ncps_loss, xs, target, backend=backend, **kw)
-    assert_close_to_reference(got, xs, target, **kw)
-
-
-@pytest.mark.parametrize("device,backend", CASES)
-@pytest.mark.parametrize("grad_scale", [3.0, 0.0, -0.5])
-def test_grad_output_scaling(device, backend, grad_scale):
-    xs = make_branches(3, "nchw", 2, 21, 5, 7, torch.float16, device)
-    target = make_labels((2, 5, 7), 21, 0.2, device)
-    got = run(ncps_loss, xs, target, backend=backend, grad_scale=grad_scale)
-    assert_close_to_reference(got, xs, target, grad_scale=grad_scale)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -202,111 +160,21 @@ def test_two_branches_equal_cps_loss(device, backend, ensemble, given):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("device,backend", CASES)
-def test_argmax_ties_go_to_lowest_class(device, backend):
-    xs = [torch.randint(0, 3, (2, 7, 5, 6), device=device).float() for _ in range(3)]
-    got = run(ncps_loss, xs, None, backend=backend)
-    assert_close_to_reference(got, xs, None)
-
-
-@pytest.mark.parametrize("device,backend", CASES)
-def test_partial_grad_and_forward_only(device, backend):
-    xs = make_branches(3, "nchw", 2, 21, 5, 7, torch.float32, device)
-    target = make_labels((2, 5, 7), 21, 0.2, device)
-    leaf = xs[1].clone().requires_grad_()
-    loss = ncps_loss([xs[0], leaf, xs[2]], target, backend=backend, cps_weight=2.0)
-    loss.backward()
-    x64 = [x.double().requires_grad_(k == 1) for k, x in enumerate(xs)]
-    ref = ncps_loss_reference(x64, target, cps_weight=2.0)
-    ref.backward()
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(leaf.grad.double(), x64[1].grad, rtol=1e-4, atol=1e-6)
-    with torch.no_grad():
-        loss = ncps_loss(xs, target, backend=backend, cps_weight=2.0)
-    assert not loss.requires_grad
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-5)
-
-
-def test_module_and_return_parts():
-    xs = [torch.randn(2, 5, 3, 4) for _ in range(3)]
-    t = torch.randint(0, 5, (2, 3, 4))
-    mod = NCPSLoss(cps_weight=1.5, ensemble=True)
-    assert "cps_weight=1.5" in repr(mod) and "ensemble=True" in repr(mod)
-    loss = mod(xs, t)
-    ref = ncps_loss_reference([x.double() for x in xs], t, cps_weight=1.5, ensemble=True)
-    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
-    loss2, sup, cps = NCPSLoss(cps_weight=1.5, return_parts=True)(xs, t)
-    torch.testing.assert_close(loss2, sup + 1.5 * cps)
-    assert not sup.requires_grad and not cps.requires_grad
-
-
-def test_backward_twice_is_refused():
-    xs = [torch.randn(1, 3, 2, 2, requires_grad=True) for _ in range(3)]
-    loss = ncps_loss(xs)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        loss.backward()
-
-
-def test_torch_compile_traces_the_fused_loss_without_graph_breaks():
-    f = torch.compile(lambda xs, t: ncps_loss(xs, t, cps_weight=1.5), fullgraph=True)
-    xs = [make_logits("channels_last", 2, 5, 6, 7, torch.float32, "cpu") for _ in range(3)]
-    t = make_labels((2, 6, 7), 5, 0.2, "cpu")
-    leaves = [x.clone().requires_grad_() for x in xs]
-    loss = f(leaves, t)
-    (2 * loss).backward()
-    ref = run(ncps_loss_reference, [x.double() for x in xs], t, grad_scale=2.0, cps_weight=1.5)
-    torch.testing.assert_close(loss.double(), ref[0], rtol=2e-5, atol=2e-5)
-    for g, r in zip(leaves, ref[3]):
-        torch.testing.assert_close(g.grad.double(), r, rtol=1e-4, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- bad input
-
-
 def _bad(match, *args, exc=(ValueError, TypeError), **kw):
     with pytest.raises(exc, match=match):
         ncps_loss(*args, **kw)
 
 
-def test_bad_inputs_are_named():
+def test_bad_branch_lists_are_named():
+    """What only ncps_loss takes: lists of K branches and of K pseudo labels, and ensemble mode (the
+    checks every op shares are tests/test_fused_ops.py's)."""
     a = torch.randn(2, 5, 3, 4)
     t = torch.randint(0, 5, (2, 3, 4))
     _bad(r"got K = 1 branch logits; expected K >= 2", [a])
     _bad(r"logits must be a list or tuple of K >= 2 tensors .* got a Tensor of shape \(2, 5, 3, 4\)", a)
-    _bad(r"logits\[0\] has shape \(2, 5, 3, 4\) but logits\[2\] has shape \(2, 5, 3, 5\)",
-         [a, a, torch.randn(2, 5, 3, 5)])
-    _bad(r"logits\[0\] is torch.float32 but logits\[1\] is torch.float16", [a, a.half()])
-    _bad(r"logits\[0\] is on cpu but logits\[1\] is on meta", [a, a.to("meta")])
-    _bad(r"logits\[1\] has dtype torch.int64; expected float32, float16 or bfloat16", [a, a.long()])
-    _bad(r"C = 1 classes", [torch.randn(2, 1, 3, 4)] * 2)
-    _bad(r"target has shape \(2, 4, 3\); expected \(2, 3, 4\)", [a, a], t.transpose(1, 2))
-    _bad(r"target has dtype torch.float32; expected integer labels", [a, a], t.float())
     _bad(r"pseudo has 2 entries for K = 3 branches", [a, a, a], pseudo=[t, t])
-    _bad(r"pseudo\[1\] has shape \(2, 3\); expected \(2, 3, 4\)", [a, a], pseudo=[None, t[:, :, 0]])
+    _bad(r"pseudo must be None or a list of K = 3 label tensors", [a, a, a], pseudo=t)
     _bad(r"ensemble=True with given pseudo labels is ambiguous", [a, a, a], pseudo=[t, None, None], ensemble=True)
-    _bad(r"ignore_index=3 is also a class of the C = 5 logits", [a, a], t, ignore_index=3)
-
-
-def test_out_of_range_labels_are_reported():
-    a = torch.randn(2, 5, 3, 4)
-    t = torch.randint(0, 5, (2, 3, 4))
-    t[1, 2, 3] = 37
-    _bad(r"^ncps_loss: target has value 37 at index \(1, 2, 3\), outside \[0, 5\) and not ignore_index \(255\)",
-         [a, a, a], t)
-    p = torch.zeros(2, 3, 4, dtype=torch.long)
-    p[0, 0, 1] = -2
-    _bad(r"pseudo\[2\] has value -2 at index \(0, 0, 1\)", [a, a, a], pseudo=[None, None, p])
-    assert torch.isfinite(ncps_loss([a, a, a], t, validate=False))  # ignored, never read out of bounds
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only machine's messages")
-def test_forced_backend_that_cannot_run_says_why(monkeypatch):
-    xs = [torch.randn(1, 3, 2, 2)] * 2
-    with pytest.raises(backends.BackendUnavailable, match="'cuda' cannot run on cpu tensors"):
-        ncps_loss(xs, backend="cuda")
-    monkeypatch.setenv("CPS_FAST_BACKEND", "torch")
-    ncps_loss(xs)
 
 
 def test_cuda_backend_is_refused_with_the_reason(monkeypatch):
@@ -359,37 +227,3 @@ def test_triton_on_cuda_matches_reference(K, ensemble, layout):
     assert_close_to_reference(got, xs, target, cps_weight=1.5, ensemble=ensemble)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("ensemble", [False, True])
-def test_cuda_graph_capture_and_replay(ensemble):
-    """The loss (forward + backward) captures into a CUDA graph, which a host synchronisation
-    would make fail, and every replay on new inputs gives the reference's loss, parts and
-    gradients (written into the same ``.grad`` tensors)."""
-    K, (N, C, H, W) = 3, (2, 21, 64, 96)
-    xs = [x.requires_grad_() for x in make_branches(K, "channels_last", N, C, H, W, torch.bfloat16, "cuda",
-                                                    ensemble=ensemble)]
-    t = make_labels((N, H, W), C, 0.3, "cuda", dtype=torch.uint8)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # warm-up: compile kernels, settle the allocator
-            for x in xs:
-                x.grad = None
-            ncps_loss(xs, t, backend="triton", ensemble=ensemble).backward()
-    torch.cuda.current_stream().wait_stream(s)
-    for x in xs:
-        x.grad = None
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        loss, sup, cps = ncps_loss(xs, t, backend="triton", cps_weight=1.5, ensemble=ensemble, return_parts=True)
-        loss.backward()
-    for _ in range(2):
-        fresh = make_branches(K, "channels_last", N, C, H, W, torch.bfloat16, "cuda", ensemble=ensemble)
-        with torch.no_grad():
-            for x, f in zip(xs, fresh):
-                x.copy_(f)
-            t.copy_(make_labels((N, H, W), C, 0.3, "cuda", dtype=torch.uint8))
-        g.replay()
-        got = (loss.detach(), sup, cps, [x.grad for x in xs])
-        assert_close_to_reference(got, [x.detach() for x in xs], t, cps_weight=1.5, ensemble=ensemble)

@@ -362,7 +362,7 @@ def test_the_extension_guards_its_arguments():
         return _C.cps_upsample_forward(**args)
 
     call()  # the baseline is accepted
-    # what only the extension sees (the op's entry checks the user's arguments, tests/test_upsample_loss.py):
+    # what only the extension sees (the op's entry checks the user's arguments, tests/test_fused_ops.py):
     # the buffers the Python layer makes, and memory the kernel must not write through
     shared = torch.empty_like(a)
     for kw in (dict(counts=torch.ones(3, dtype=torch.float64)), dict(counts=torch.ones(2)),

@@ -1,13 +1,15 @@
-"""The upsample-fused CPS loss: every backend against the float64 reference.
+"""The upsample-fused CPS loss: what only it has, and its comparison with the float64 reference.
 
-Fresh random inputs every run, odd sizes and scale factors 4 and 8 (and downsampling),
-1-pixel edge cases, both memory formats, fp32/fp16/bf16, both align_corners conventions,
-ignored pixels, given pseudo labels, gradients w.r.t. the low-resolution logits, and
-outputs poisoned with NaN before each kernel runs. Triton runs in its interpreter here,
-so shapes are small.
+The contracts every fused loss keeps (every backend against the reference across class counts,
+memory formats, fp32/fp16/bf16, ignored pixels, given pseudo labels and gradients; the module;
+bad input) are tests/test_fused_ops.py's, through :func:`make_low` and
+:func:`assert_close_to_reference` here. Here, against the reference with fresh random inputs and
+outputs poisoned with NaN: odd sizes and scale factors 4 and 8 (and downsampling), 1-pixel edge
+cases, both align_corners conventions, the Triton kernel's GPU block sizes, huge logits, and the
+equality with F.interpolate + cps_loss; the output size arguments; backend selection. Triton runs
+in its interpreter here, so shapes are small.
 """
 import os
-import time
 
 import pytest
 import torch
@@ -105,85 +107,21 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", range(len(SHAPES)))
-@pytest.mark.parametrize("align_corners", [True, False])
-def test_matches_reference_fp32(backend, case, align_corners):
+# the Triton interpreter's cases (seconds each): each shape once, every align_corners x layout pair met
+TRITON_ALIGN_CORNERS = [True, False, False, True, True, False, False]
+
+
+@pytest.mark.parametrize("backend,case,align_corners",
+                         [(b, case, ac) for b in BACKENDS for case in range(len(SHAPES)) for ac in (True, False)
+                          if b != "triton" or ac == TRITON_ALIGN_CORNERS[case]])
+def test_sizes_and_align_corners(backend, case, align_corners):
+    """fp32 logits at every size of SHAPES, both align_corners conventions (the layout alternates)."""
     need(backend)
     (N, C, h, w), size = SHAPES[case]
     layout = ("nchw", "channels_last")[(case + align_corners) % 2]
     a, b = (make_low(N, C, h, w, layout=layout, size=size, align_corners=align_corners) for _ in range(2))
     target = make_labels((N, *size), C, 0.2)
     kw = dict(size=size, cps_weight=1.5, align_corners=align_corners)
-    got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
-    assert_close_to_reference(got, a, b, target, **kw)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_low_precision_with_reference_pseudo_labels(backend, dtype, layout):
-    """fp16/bf16 logits; pseudo labels from the float64 reference are passed to every side so a
-    near-tie of the argmax cannot make the comparison flaky (argmax mode is checked in fp32)."""
-    need(backend)
-    (N, C, h, w), size = SHAPES[0] if layout == "nchw" else SHAPES[1]
-    ac = layout == "nchw"
-    a, b = make_low(N, C, h, w, dtype, layout), make_low(N, C, h, w, dtype, layout)
-    target = make_labels((N, *size), C, 0.2, dtype=torch.uint8)
-    pa, pb = reference_pseudo_labels(a, b, size, ac)
-    kw = dict(size=size, pseudo_a=pa, pseudo_b=pb, cps_weight=1.5, align_corners=ac)
-    got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
-    assert_close_to_reference(got, a, b, target, backend=backend, **kw)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ignore_frac", [0.0, 0.3, 1.0])
-def test_ignore_fractions(backend, ignore_frac):
-    need(backend)
-    a, b = make_low(2, 21, 6, 7, size=(23, 27)), make_low(2, 21, 6, 7, layout="channels_last", size=(23, 27))
-    b = b.contiguous()  # a and b in different memory formats is allowed too
-    target = make_labels((2, 23, 27), 21, ignore_frac)
-    kw = dict(size=(23, 27), cps_weight=6.0)
-    got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
-    assert_close_to_reference(got, a, b, target, **kw)
-    if ignore_frac == 1.0:
-        assert got[1].item() == 0.0  # supervised term of an all-ignored batch is 0, not NaN
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
-def test_given_pseudo_labels_with_ignores(backend, label_dtype):
-    need(backend)
-    C, N, h, w, size = 19, 2, 5, 7, (19, 27)
-    a, b = make_low(N, C, h, w, torch.bfloat16, "channels_last"), make_low(N, C, h, w, torch.bfloat16, "channels_last")
-    target = make_labels((N, *size), C, 0.5, dtype=label_dtype)
-    pa = make_labels((N, *size), C, 0.3, dtype=label_dtype)
-    pb = make_labels((N, *size), C, 0.6, dtype=label_dtype)
-    kw = dict(size=size, pseudo_a=pa, pseudo_b=pb, cps_weight=1.5, align_corners=False)
-    got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
-    assert_close_to_reference(got, a, b, target, backend=backend, **kw)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("grad_scale", [3.0, 0.0, -0.5])
-def test_grad_output_scaling(backend, grad_scale):
-    need(backend)
-    a, b = (make_low(2, 21, 5, 6, layout="channels_last", size=(17, 21)) for _ in range(2))
-    target = make_labels((2, 17, 21), 21, 0.2)
-    kw = dict(size=(17, 21), cps_weight=1.5)
-    got = run(cps_loss_upsampled, a, b, target, backend=backend, grad_scale=grad_scale, **kw)
-    assert_close_to_reference(got, a, b, target, grad_scale=grad_scale, **kw)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("C", [2, 64, 150])
-def test_class_axis_widths(backend, C):
-    """C = 2 (padded to the dot's minimum width 16) and the wider register-tile configurations."""
-    need(backend)
-    a = make_low(1, C, 5, 4, size=(18, 13), align_corners=C != 64)
-    b = make_low(1, C, 5, 4, layout="channels_last", size=(18, 13), align_corners=C != 64)
-    target = make_labels((1, 18, 13), C, 0.2)
-    kw = dict(size=(18, 13), cps_weight=1.5, align_corners=C != 64)
     got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
     assert_close_to_reference(got, a, b, target, **kw)
 
@@ -209,17 +147,6 @@ def test_triton_with_the_gpu_block_sizes(backend, config, C, monkeypatch):
         config = (bh, bw, block_f, num_warps, ax)
     got = run(cps_loss_upsampled, a, b, target, backend=backend, kernel_config=cps_upsample.UpsampleConfig(*config),
               **kw)
-    assert_close_to_reference(got, a, b, target, **kw)
-
-
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_class_axis_beyond_the_triton_tile(backend):
-    need(backend)
-    C = 300
-    a, b = make_low(1, C, 3, 4, size=(9, 13)), make_low(1, C, 3, 4, size=(9, 13))
-    target = make_labels((1, 9, 13), C, 0.2, ignore_index=-1)
-    kw = dict(size=(9, 13), cps_weight=1.5, ignore_index=-1)
-    got = run(cps_loss_upsampled, a, b, target, backend=backend, **kw)
     assert_close_to_reference(got, a, b, target, **kw)
 
 
@@ -250,26 +177,6 @@ def test_large_logits(backend, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_target_partial_grad_and_forward_only(backend):
-    need(backend)
-    a = make_low(2, 21, 5, 6, size=(19, 23)).requires_grad_()
-    b = make_low(2, 21, 5, 6, size=(19, 23))  # no gradient wanted for b
-    loss, sup, cps = cps_loss_upsampled(a, b, None, size=(19, 23), cps_weight=2.0, backend=backend, return_parts=True)
-    assert sup.item() == 0.0
-    loss.backward()
-    a64 = a.detach().double().requires_grad_()
-    ref = cps_loss_upsampled_reference(a64, b.double(), None, size=(19, 23), cps_weight=2.0)
-    ref.backward()
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-4, atol=1e-6)
-    assert b.grad is None
-    with torch.no_grad():
-        loss2 = cps_loss_upsampled(a, b, None, size=(19, 23), cps_weight=2.0, backend=backend)
-    assert not loss2.requires_grad
-    torch.testing.assert_close(loss2.double(), ref.detach(), rtol=2e-5, atol=2e-5)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_equals_interpolate_then_cps_loss(backend):
     """The fused op equals F.interpolate + cps_fast.cps_loss (value and low-res gradients)."""
     need(backend)
@@ -287,62 +194,26 @@ def test_equals_interpolate_then_cps_loss(backend):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_dense_input(backend):
-    need(backend)
-    full = make_low(2, 24, 6, 14)
-    a, b = full[:, :21, :, ::2], make_low(2, 21, 6, 7, size=(22, 25))
-    break_upsampled_near_ties_(a, (22, 25))  # through the view, which stays non-dense
-    target = make_labels((2, 22, 25), 21, 0.2)
-    got = run(cps_loss_upsampled, a, b, target, size=(22, 25), backend=backend)
-    assert_close_to_reference(got, a, b, target, size=(22, 25))
-
-
-def test_module_and_return_parts():
+def test_module_takes_its_size_from_the_labels():
+    """The module's output size: forward's size, else its own, else the labels' (the module's other
+    options are tests/test_fused_ops.py's)."""
     a, b = (make_low(2, 5, 3, 4, size=(9, 13), align_corners=False) for _ in range(2))
     t = make_labels((2, 9, 13), 5, 0.1)
     mod = CPSLossUpsampled(cps_weight=1.5, align_corners=False)
-    assert "cps_weight=1.5" in repr(mod) and "align_corners=False" in repr(mod)
     loss = mod(a, b, t)  # size taken from the labels
     ref = cps_loss_upsampled_reference(a.double(), b.double(), t, size=(9, 13), cps_weight=1.5, align_corners=False)
     torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
-    loss2, sup, cps = CPSLossUpsampled(size=(9, 13), cps_weight=1.5, align_corners=False, return_parts=True)(a, b, t)
-    torch.testing.assert_close(loss2, sup + 1.5 * cps)
-    assert not sup.requires_grad and not cps.requires_grad
+    # the pseudo labels' size where no target is given; forward's size over the module's
+    p = make_labels((2, 9, 13), 5, 0.1)
+    torch.testing.assert_close(mod(a, b, pseudo_a=p).double(),
+                               cps_loss_upsampled_reference(a.double(), b.double(), pseudo_a=p, size=(9, 13),
+                                                            cps_weight=1.5, align_corners=False),
+                               rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match=r"target has shape \(2, 9, 13\); expected full-resolution labels "
+                                         r"\(N, H, W\) = \(2, 11, 13\)"):
+        CPSLossUpsampled(size=(9, 13))(a, b, t, size=(11, 13))
     with pytest.raises(ValueError, match="no output size"):
         CPSLossUpsampled()(a, b)
-
-
-def test_backward_twice_is_refused():
-    a = make_low(1, 3, 2, 2).requires_grad_()
-    loss = cps_loss_upsampled(a, a.detach(), size=(5, 5))
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        loss.backward()
-
-
-def test_torch_compile_fullgraph_torch_backend():
-    """The op is a custom op with a fake implementation: fullgraph compilation traces it."""
-    f = torch.compile(lambda a, b, t: cps_loss_upsampled(a, b, t, size=(11, 13), cps_weight=1.5, backend="torch"),
-                      fullgraph=True)
-    a, b = (make_low(2, 5, 4, 5, layout="channels_last", size=(11, 13)) for _ in range(2))
-    t = make_labels((2, 11, 13), 5, 0.2)
-    a_leaf, b_leaf = a.clone().requires_grad_(), b.clone().requires_grad_()
-    t0 = time.perf_counter()
-    try:
-        loss = f(a_leaf, b_leaf, t)
-    except Exception as exc:  # no C compiler for inductor, etc.
-        pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}")
-    if time.perf_counter() - t0 > 60:
-        pytest.skip("torch.compile took over a minute on this machine")
-    (2 * loss).backward()
-    ref = run(cps_loss_upsampled_reference, a.double(), b.double(), t, grad_scale=2.0, size=(11, 13), cps_weight=1.5)
-    torch.testing.assert_close(loss.detach().double(), ref[0], rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(a_leaf.grad.double(), ref[3], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(b_leaf.grad.double(), ref[4], rtol=1e-4, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- backends and bad input
 
 
 def _select(device_type, C):
@@ -379,27 +250,16 @@ def _bad(match, *args, exc=(ValueError, TypeError), **kw):
         cps_loss_upsampled(*args, **kw)
 
 
-def test_bad_inputs_are_named():
+def test_bad_sizes_are_named():
+    """What only the upsample takes: an output size, and low-resolution logits of some spatial size (the
+    checks every op shares are tests/test_fused_ops.py's)."""
     a = make_low(2, 5, 3, 4)
     t = make_labels((2, 9, 13), 5, 0.0)
     _bad(r"size must be \(H, W\)", a, a, t, size=(9, 13, 1))
     _bad(r"size must be \(H, W\)", a, a, t, size=(9.0, 13))
     _bad(r"size must be \(H, W\) with H >= 1 and W >= 1, got \(0, 13\)", a, a, size=(0, 13))
-    _bad(r"target has shape \(2, 3, 4\); expected full-resolution labels \(N, H, W\) = \(2, 9, 13\)", a, a,
-         make_labels((2, 3, 4), 5, 0.0), size=(9, 13))
-    _bad(r"pseudo_a has shape \(9, 13\)", a, a, t, pseudo_a=t[0], size=(9, 13))
-    _bad(r"target has dtype torch.float32; expected integer labels", a, a, t.float(), size=(9, 13))
-    _bad(r"low_a has shape \(2, 5, 3, 4\) but low_b has shape \(2, 5, 3, 5\)", a, make_low(2, 5, 3, 5), size=(9, 13))
-    _bad(r"low_a is torch.float32 but low_b is torch.float16", a, a.half(), size=(9, 13))
-    _bad(r"low_a has dtype torch.int64; expected float32, float16 or bfloat16", a.long(), a, size=(9, 13))
-    _bad(r"low_a has shape \(60, 5\); expected \(N, C, h, w\)", torch.randn(60, 5), torch.randn(60, 5), size=(9, 13))
-    _bad(r"C = 1 classes", make_low(2, 1, 3, 4), make_low(2, 1, 3, 4), size=(9, 13))
-    _bad(r"ignore_index=3 is also a class of the C = 5 logits", a, a, t, size=(9, 13), ignore_index=3)
-    bad = t.clone()
-    bad[1, 2, 3] = 37
-    _bad(r"cps_loss_upsampled: target has value 37 at index \(1, 2, 3\), outside \[0, 5\)", a, a, bad, size=(9, 13))
-    # with validation off, an out-of-range label is ignored rather than read out of bounds
-    assert torch.isfinite(cps_loss_upsampled(a, a, bad, size=(9, 13), validate=False))
+    empty = torch.randn(2, 5, 0, 4)
+    _bad(r"the logits have spatial size 0x4 \(shape \(2, 5, 0, 4\)\); expected h, w >= 1", empty, empty, size=(9, 13))
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -424,35 +284,3 @@ def test_triton_cuda_matches_reference(dtype, layout, align_corners):
     assert_close_to_reference(got, a, b, target, **kw)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_cuda_graph_capture_and_replay(layout):
-    """Forward + backward capture into a CUDA graph (a host synchronisation would make the capture
-    fail) and every replay on new inputs gives the reference's loss, parts and gradients, written
-    into the same ``.grad`` tensors."""
-    C, N, h, w, size = 21, 2, 32, 24, (128, 96)
-    a = make_low(N, C, h, w, torch.bfloat16, layout, "cuda", size=size).requires_grad_()
-    b = make_low(N, C, h, w, torch.bfloat16, layout, "cuda", size=size).requires_grad_()
-    t = make_labels((N, *size), C, 0.3, "cuda", dtype=torch.uint8)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            a.grad = b.grad = None
-            cps_loss_upsampled(a, b, t, size=size, backend="triton").backward()
-    torch.cuda.current_stream().wait_stream(s)
-    a.grad = b.grad = None
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        loss, sup, cps = cps_loss_upsampled(a, b, t, size=size, backend="triton", cps_weight=1.5,
-                                            return_parts=True)
-        loss.backward()
-    for _ in range(3):
-        with torch.no_grad():
-            a.copy_(make_low(N, C, h, w, torch.bfloat16, layout, "cuda", size=size))
-            b.copy_(make_low(N, C, h, w, torch.bfloat16, layout, "cuda", size=size))
-            t.copy_(make_labels((N, *size), C, 0.3, "cuda", dtype=torch.uint8))
-        g.replay()
-        got = (loss.detach(), sup, cps, a.grad, b.grad)
-        assert_close_to_reference(got, a.detach(), b.detach(), t, backend="triton", size=size, cps_weight=1.5)
