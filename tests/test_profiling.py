@@ -23,12 +23,13 @@ def _ranges(events, name):
 
 def test_profile_window_records_the_asked_iterations(tmp_path):
     lines = []
-    cfg = tiny_cfg(max_iters=9, profile_iters=3, profile_start=4, log_every=100)
+    cfg = tiny_cfg(max_iters=6, profile_iters=3, profile_start=2, log_every=100)
     t = Trainer(cfg, tmp_path, device="cpu", print_fn=lambda *a, **k: lines.append(" ".join(map(str, a))))
     t.train()
     prof = tmp_path / "profile"
     events = _events(prof / "trace_rank0.json")
-    # exactly the 3 iterations after the first 4: one data and one step range each, no capture, no eval
+    # exactly the 3 iterations after the first 2 (and not the last): one data and one step range each,
+    # no capture, no eval
     assert len(_ranges(events, "cps_fast/data")) == 3
     assert len(_ranges(events, "cps_fast/step")) == 3
     assert not _ranges(events, "cps_fast/eval")
@@ -37,7 +38,7 @@ def test_profile_window_records_the_asked_iterations(tmp_path):
               and step["ts"] <= e["ts"] <= step["ts"] + step["dur"]]
     assert inside, "the model's operators run inside the step range"
     summary = json.loads((prof / "summary_rank0.json").read_text())
-    assert summary["iterations"] == summary["requested"] == 3 and summary["start"] == 4
+    assert summary["iterations"] == summary["requested"] == 3 and summary["start"] == 2
     assert summary["wall_ms"] > 0 and summary["gpu"] is None
     phases = summary["phases_ms"]
     assert set(phases) == {"data", "step"}
@@ -46,7 +47,7 @@ def test_profile_window_records_the_asked_iterations(tmp_path):
     table = (prof / "ops_rank0.txt").read_text()
     assert "Self CPU" in table and "cps_fast/step" in table
     text = "\n".join(lines)
-    assert "profile (torch, cpu, rank 0): 3 iterations after 4" in text
+    assert "profile (torch, cpu, rank 0): 3 iterations after 2" in text
     assert "host, per iteration: step" in text and "trace_rank0.json" in text
 
 
