@@ -249,7 +249,7 @@ if __name__ == "__main__":
         extras_require={
             "dali": ["nvidia-dali-cuda130>=1.40"],
             "tensorboard": ["tensorboard>=2.10"],
-            "test": ["pytest>=7.0", "scipy>=1.7"],
+            "test": ["pytest>=7.0", "pytest-xdist>=3.2", "scipy>=1.7"],
             "prepare": ["scipy>=1.7"],  # cps-fast prepare voc: SBD's MATLAB labels
             "jit": ["ninja"],  # compiling cps_fast._C after install (python -m cps_fast.build, CPS_FAST_JIT=1)
         },

@@ -13,8 +13,8 @@
 //   [sum vt*(CE(a,t)+CE(b,t)), sum vpb*CE(a,pb), sum vpa*CE(b,pa)].
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <optional>

@@ -21,6 +21,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    # pytest -n N (pytest-xdist; the README's test command): N processes share the cores, so each
+    # takes its share of intra-op threads, and so do the processes its tests start (torchrun, the
+    # CLI). Oversubscribed OpenMP threads spin-wait: two workers at torch's default thread count
+    # took longer than one pytest.
+    _threads = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -28,6 +38,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "poison_outputs: fill kernel outputs with NaN before each launch")
+    # pytest-xdist's (registered here too, so a run without it does not warn): under --dist loadgroup
+    # the tests of one group run in one worker, so a module fixture that trains or compiles runs once
+    config.addinivalue_line("markers", "xdist_group(name): run these tests in one pytest-xdist worker")
 
 
 @pytest.fixture(autouse=True)

@@ -466,6 +466,24 @@ def test_torch_compile_traces_the_fused_loss_without_graph_breaks(op):
         torch.testing.assert_close(x.grad.double(), r.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_the_backend_choice_carries_the_mark_of_assume_constant_result():
+    """fused.select_backend is marked as torch.compiler.assume_constant_result marks a function (without
+    importing torch._dynamo at every start, cps_fast/fused.py): should torch change how it marks one,
+    this fails, where the compile test above would only show a graph break or a slower trace."""
+    import subprocess
+    import sys
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    marks = dict(vars(marked))
+    assert marks and all(getattr(fused.select_backend, k, None) == v for k, v in marks.items()), marks
+    code = "import sys, cps_fast, cps_fast.cli; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("kernel_report")  # its module fixture runs once (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

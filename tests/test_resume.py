@@ -17,6 +17,8 @@ from cps_fast.data.torch_loader import _EpochBatches
 from cps_fast.train import Trainer, load_checkpoint
 from cps_fast.train.trainer import _StopSignals
 
+pytestmark = pytest.mark.xdist_group("resume")  # its module fixture runs once (tests/conftest.py)
+
 N = 5  # the schedule: epochs of 2 iterations (2 labeled, 4 unlabeled images), boundaries at 2 and 4
 SETS = ["data_root=seed=0,n=6,size=48", "partition=1/4", "crop_size=32", "batch_size_labeled=2",
         "batch_size_unlabeled=2", "scales=0.75,1.0,1.25", f"max_iters={N}", "lr=0.01", "eval_every=0",
@@ -164,6 +166,25 @@ def test_resume_with_worker_processes_is_bit_exact(straight, tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
     Trainer(cfg, tmp_path, device="cpu", resume=True, print_fn=quiet).train()
     assert_same_state(straight, load_checkpoint(tmp_path / "last.pt"), "0 -> 1 -> 4 -> N")
+
+
+def test_a_run_that_fails_stops_its_loader_workers(tmp_path, monkeypatch):
+    """However a run ends, its loaders' workers stop with it: an exception's traceback keeps the
+    run's frames (and so the loaders) alive, and their shutdown would otherwise come whenever
+    garbage collection reaches them, joining each worker for up to 5 s in the middle of whatever
+    the process does next."""
+    import multiprocessing
+
+    from cps_fast.data.torch_loader import _ours
+
+    def fail(self, it, *args):
+        raise FloatingPointError(f"stop at {it}")
+
+    monkeypatch.setattr(Trainer, "_log", fail)
+    with pytest.raises(FloatingPointError) as failed:
+        Trainer(config(), tmp_path, device="cpu", print_fn=quiet).train()
+    assert failed.traceback  # the frames are still referenced here
+    assert not [p for p in multiprocessing.active_children() if _ours(p) and p.is_alive()]
 
 
 def _train_until(argv: list[str], passed: int, signum: int) -> tuple[int, str]:

@@ -12,6 +12,8 @@ from cps_fast.config import RUN_KEYS, Config, load_preset, recipe_differences
 from cps_fast.train import load_checkpoint
 from helpers import user_error
 
+pytestmark = pytest.mark.xdist_group("run_safety")  # its module fixture runs once (tests/conftest.py)
+
 SETS = ["data_root=seed=0,n=6,size=40", "crop_size=24", "batch_size_labeled=2", "batch_size_unlabeled=2",
         "max_iters=4", "eval_max_items=1", "eval_crop_size=40", "eval_batch_size=1", "log_every=1",
         "num_workers=0", "head_channels=16", "backbone=resnet18"]

@@ -108,7 +108,7 @@ def test_swept_cps_loss_configuration(config, layout, C, dtype, device, monkeypa
     launches = spy_on(monkeypatch, triton_ops, ["_cps_loss_tile_kernel", "_cps_loss_flat_kernel"])
     fn = bench_loss.make_provider(provider, torch.device(device), dtype)
     assert not isinstance(fn, str), f"{provider}: {fn}"
-    N, H, W = 2, 23, 29  # 1334 pixels: every tile size here ends mid-image and mid-row
+    N, H, W = 2, 7, 9  # 126 pixels: every tile size here ends mid-image and mid-row, or is cut short
     a, b = (make_logits(layout, N, C, H, W, dtype, device) for _ in range(2))
     target = make_labels((N, H, W), C, 0.3, device)
     loss, grads = run_provider(lambda ab: fn(*ab, target), (a, b))
@@ -135,7 +135,7 @@ def test_swept_ncps_configuration(provider, K, layout, device, monkeypatch):
     dtype = torch.bfloat16
     fn = bench_ncps.make_provider(provider, torch.device(device), dtype, False)
     assert not isinstance(fn, str), f"{provider}: {fn}"
-    N, C, H, W = 2, 21, 23, 29  # 1334 pixels: tiles end mid-image and mid-row
+    N, C, H, W = 2, 21, 7, 9  # 126 pixels: tiles end mid-image and mid-row, or are cut short
     xs = [make_logits(layout, N, C, H, W, dtype, device) for _ in range(K)]
     target = make_labels((N, H, W), C, 0.3, device)
     loss, grads = run_provider(lambda leaves: fn(leaves, target), xs)
@@ -165,7 +165,7 @@ def test_swept_upsample_configuration(provider, layout, C, dtype, device, monkey
     blocks = []  # what block_config returned to the launcher: (BH, BW, BLOCK_F, BLOCK_C, num_warps, AX)
     real_config = triton_ops.block_config
     monkeypatch.setattr(triton_ops, "block_config", lambda *a, **k: blocks.append(real_config(*a, **k)) or blocks[-1])
-    size = (17, 19)  # 5 x 6 low-res pixels: every swept block (4x4 to 8x8) is cut at both edges
+    size = (11, 13)  # 5 x 6 low-res pixels: every swept block (4x4 to 8x8) is cut at both edges
     fn = bench_upsample.make_provider(provider, torch.device(device), dtype, size, None)
     assert not isinstance(fn, str), f"{provider}: {fn}"
     a, b = (test_upsample_loss.make_low(2, C, 5, 6, dtype, layout, device, size=size) for _ in range(2))

@@ -138,10 +138,11 @@ def test_triton_with_the_gpu_block_sizes(backend, config, C, monkeypatch):
     need(backend)
     from cps_fast.kernels import cps_upsample
 
-    a = make_low(1, C, 9, 10, layout="channels_last", size=(33, 37))
-    b = make_low(1, C, 9, 10, size=(33, 37))
-    target = make_labels((1, 33, 37), C, 0.2)
-    kw = dict(size=(33, 37), cps_weight=1.5)
+    size = (19, 23)  # 9 x 10 low-res pixels: 2 x 2 blocks of 8 x 8 (or more, smaller), cut at both edges
+    a = make_low(1, C, 9, 10, layout="channels_last", size=size)
+    b = make_low(1, C, 9, 10, size=size)
+    target = make_labels((1, *size), C, 0.2)
+    kw = dict(size=size, cps_weight=1.5)
     if config is None:  # the heuristic's GPU configuration (without the interpreter's larger step)
         bh, bw, block_f, _, num_warps, ax = cps_upsample.block_config(C, interpret=False, dtype=a.dtype)
         config = (bh, bw, block_f, num_warps, ax)

@@ -16,6 +16,8 @@ from cps_fast.cli import main
 from cps_fast.data.datasets import DataError
 from helpers import user_error
 
+pytestmark = pytest.mark.xdist_group("user_errors_data")  # its module fixture runs once (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = "seed=0,n=6,size=48"
 TINY = ["--set", f"data_root={DATA}", "--set", "crop_size=32", "--set", "batch_size_labeled=2",

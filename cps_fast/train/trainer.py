@@ -472,20 +472,35 @@ class Trainer:
     def batches(self):
         """Yields ``[img_l, label_l, u0, u1]`` as the loaders give them (None where unused), from the
         resume position. The eager step moves them to the device; a replayed graph copies them
-        straight into its static buffers."""
-        streams = [iter(x) for x in self._loaders() if x is not None]
-        while True:
-            b = [next(s) for s in streams]
-            us = [x["image"] for x in b[1:]] + [None, None]
-            yield [b[0]["image"], b[0]["label"], us[0], us[1]]
+        straight into its static buffers. Closing the generator closes the loaders: their worker
+        processes stop then, not whenever garbage collection reaches them (a DataLoader iterator
+        in a reference cycle, whose shutdown joins each worker for up to 5 s, in the middle of
+        whatever the process does next)."""
+        loaders = [x for x in self._loaders() if x is not None]
+        try:
+            streams = [iter(x) for x in loaders]
+            while True:
+                b = [next(s) for s in streams]
+                us = [x["image"] for x in b[1:]] + [None, None]
+                yield [b[0]["image"], b[0]["label"], us[0], us[1]]
+        finally:
+            for x in loaders:
+                if hasattr(x, "close"):  # TorchLoader: worker processes (DALI's threads stop with it)
+                    x.close()
 
     def run(self, stop: int, *, evaluate: bool = False, batches=None) -> int:
         """Train from the current iteration to ``stop``; logs, and evaluates and saves when asked.
 
         Returns the iteration reached (a CUDA-graph capture runs a few warm-up steps at once).
+        Without ``batches``, the run's own loaders are closed when it ends, however it ends.
         """
+        if batches is not None:
+            return self._run(stop, evaluate, batches)
+        with contextlib.closing(self.batches()) as own:
+            return self._run(stop, evaluate, own)
+
+    def _run(self, stop: int, evaluate: bool, batches) -> int:
         cfg = self.cfg
-        batches = batches if batches is not None else self.batches()
         it = self.it
         t_window, n_window = time.perf_counter(), 0
         while it < stop:
