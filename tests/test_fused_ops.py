@@ -469,7 +469,7 @@ def test_torch_compile_traces_the_fused_loss_without_graph_breaks(op):
 def test_the_backend_choice_carries_the_mark_of_assume_constant_result():
     """fused.select_backend is marked as torch.compiler.assume_constant_result marks a function (without
     importing torch._dynamo at every start, cps_fast/fused.py): should torch change how it marks one,
-    this fails, where the compile test above would only show a graph break or a slower trace."""
+    this names the cause, where the compile test above would fail on a graph break inside the choice."""
     import subprocess
     import sys
 
