@@ -16,12 +16,20 @@ Why: a kernel that compiles in the interpreter can still fail to compile for the
 GPU, and registers, spills and load widths decide a memory-bound kernel's speed.
 CI checks them here (tests/test_kernel_report.py); the GPU run measures time.
 
-    python benchmarks/kernel_report.py [--json PATH]     (with TRITON_INTERPRET unset)
+Every row carries ``sources``, a digest of all the rows depend on (:func:`sources_key`). With
+``--reuse PATH``, a report whose rows all carry this checkout's digest is taken as it is, after one
+launch of each kernel has been compiled again and found equal to its row; any other report is
+compiled anew. CI reuses the committed report (about 50 compiles, two minutes on two cores,
+otherwise), so a change to a kernel or to Triton still compiles everything.
+
+    python benchmarks/kernel_report.py [--json PATH] [--reuse PATH]     (with TRITON_INTERPRET unset)
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -182,6 +190,53 @@ def loop_instructions(sass: str) -> int:
     return best
 
 
+def sources_key() -> str:
+    """Digest of everything a row depends on: the kernel sources (the package's files and the one
+    cps_fast module they import), this script, the versions of Triton (its LLVM, ptxas and cuobjdump
+    come in its wheel) and torch, and whether Triton fuses multiply-adds by default."""
+    import cps_fast.backends
+    import cps_fast.kernels
+
+    files = sorted(Path(cps_fast.kernels.__file__).parent.glob("*.py"))
+    files += [Path(cps_fast.backends.__file__), Path(__file__)]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    lang = getattr(getattr(triton, "knobs", None), "language", None)
+    fp_fusion = (not lang.force_disable_fp_fusion and lang.default_fp_fusion) if lang is not None else \
+        os.environ.get("TRITON_DEFAULT_FP_FUSION", "1") not in ("0", "false", "False")
+    digest.update(f"triton {triton.__version__} torch {torch.__version__} fp_fusion {bool(fp_fusion)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def reusable(path: Path, planned: list[dict], key: str) -> list[dict] | None:
+    """The rows of the report at ``path`` if they are the ones a fresh compile of ``planned`` would give
+    (the same launches, each row carrying ``key``); None, with the reason printed, otherwise."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"kernel_report: not reusing {path}: {e}")
+        return None
+    if not isinstance(rows, list) or len(rows) != len(planned):
+        print(f"kernel_report: not reusing {path}: {len(rows) if isinstance(rows, list) else 'no'} rows, "
+              f"{len(planned)} launches to report")
+        return None
+    stale = sum(1 for r in rows if not isinstance(r, dict) or r.get("sources") != key)
+    if stale:
+        print(f"kernel_report: not reusing {path}: {stale} of its {len(rows)} rows were compiled from other "
+              f"sources or another Triton (this checkout's key: {key}); compiling every launch")
+        return None
+    for i, (r, meta) in enumerate(zip(rows, planned)):
+        if any(r.get(k) != v for k, v in meta.items()):
+            print(f"kernel_report: not reusing {path}: its row {i} is not launch {i} ({_describe(meta)})")
+            return None
+    return rows
+
+
+def _describe(row: dict) -> str:
+    return " ".join(str(row[k]) for k in ("op", "shape_name", "dtype", "layout", "K", "kernel") if row.get(k) is not None)
+
+
 # ----------------------------------------------------------------------------- the kernels
 
 
@@ -274,7 +329,13 @@ def main(argv=None):
                         "kernels/cps_upsample.py; bench_upsample.py's fused[BHxBW:F:W:AX]), e.g. "
                         "--ops cps_upsample --upsample-config 8x8:128:4:0 --json out.json")
     p.add_argument("--shapes", default=None, help="comma list of shape names to compile (default: all)")
+    p.add_argument("--reuse", default=None, metavar="PATH",
+                   help="take the rows of the report at PATH where they are this checkout's (every row's "
+                        "sources key equals sources_key()), after compiling one launch of each kernel again "
+                        "to check them; otherwise compile everything (CI: the committed report)")
     args = p.parse_args(argv)
+    if args.reuse and (args.tile or args.upsample_config):
+        raise SystemExit("kernel_report: --reuse takes the heuristic's report; it cannot stand for --tile or --upsample-config")
     forced_args = {}
     if args.tile:
         if not args.json:
@@ -288,7 +349,8 @@ def main(argv=None):
         if not args.json:
             raise SystemExit("kernel_report: --upsample-config needs --json (the default file is the heuristic's report)")
         forced_args["cps_upsample"] = {"config": tuple(int(g) for g in forced.groups())}
-    rows = []
+    key = sources_key()
+    planned: list[tuple[dict, Launch]] = []  # (the row's identity, the launch), in report order
     for op in args.ops.split(","):
         if op not in CASES:
             raise SystemExit(f"kernel_report: unknown op {op!r}; expected one of {', '.join(CASES)}")
@@ -296,9 +358,27 @@ def main(argv=None):
             if args.shapes and meta["shape_name"] not in args.shapes.split(","):
                 continue
             for launch in launches:
-                row = dict(meta, kernel=launch.fn.__name__, target="sm_90a", triton=triton.__version__)
-                row.update(compile_launch(launch))
-                rows.append(row)
+                planned.append((dict(meta, kernel=launch.fn.__name__, target="sm_90a", triton=triton.__version__,
+                                     sources=key), launch))
+    rows = reusable(Path(args.reuse), [m for m, _ in planned], key) if args.reuse else None
+    if rows is None:
+        rows = [dict(meta, **compile_launch(launch)) for meta, launch in planned]
+    else:
+        # the key covers what the rows depend on; one fresh compile of each kernel checks that claim
+        # (and that every kernel still compiles here)
+        first = {}
+        for i, (meta, _) in enumerate(planned):
+            first.setdefault(meta["kernel"], i)
+        for i in first.values():
+            meta, launch = planned[i]
+            fresh = json.loads(json.dumps(dict(meta, **compile_launch(launch))))  # as the report holds it
+            if fresh != rows[i]:
+                differ = sorted(k for k in fresh.keys() | rows[i].keys() if fresh.get(k) != rows[i].get(k))
+                raise SystemExit(f"kernel_report: {args.reuse} row {i} ({_describe(meta)}) carries this checkout's "
+                                 f"key but a fresh compile differs in {', '.join(differ)}: the key misses an input; "
+                                 "rewrite the report with `python benchmarks/kernel_report.py`")
+        print(f"kernel_report: reused the {len(rows)} rows of {args.reuse} (sources {key}), "
+              f"checked by compiling {len(first)} launches again ({', '.join(first)})")
     common.print_table(rows, [
         ("op", "op", ""), ("shape_name", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""),
         ("kernel", "kernel", ""), ("num_warps", "warps", ""), ("regs", "regs", ""),

@@ -5,6 +5,11 @@ compiler rejects, and says nothing of registers or load widths; this compiles th
 real launches for sm_90a (benchmarks/kernel_report.py) for the three fused losses
 (cps_loss, ncps_loss, cps_upsample) and checks that they do not spill and that the
 CPS loss reads NCHW logits in 128-bit vectors.
+
+The report checked is the committed one (benchmarks/results/kernel_report-sm90.json) when its rows
+carry this checkout's sources key, after the script has compiled one launch of each kernel again and
+found it equal to its row (``--reuse``); otherwise every launch is compiled here (two minutes on two
+cores), and test_the_committed_report_is_this_checkouts says to rewrite it.
 """
 import json
 import os
@@ -17,17 +22,56 @@ import pytest
 pytestmark = pytest.mark.xdist_group("kernel_report")  # its module fixture runs once (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "benchmarks" / "results" / "kernel_report-sm90.json"
+REFRESH = "TRITON_INTERPRET= python benchmarks/kernel_report.py"
+
+
+def kernel_report(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernel_report") / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = kernel_report("--json", out, "--reuse", COMMITTED)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def report(run):
+    return run[1]
+
+
+def test_the_committed_report_is_this_checkouts(run):
+    """The committed report is what these kernels compile to with the Triton that CI installs: a
+    change to a kernel (or to Triton) comes with the report rewritten, so CI reuses it."""
+    stdout, _ = run
+    versions = {r["triton"] for r in json.loads(COMMITTED.read_text())}
+    if "kernel_report: reused" not in stdout:
+        import triton
+
+        if versions != {triton.__version__}:
+            pytest.skip(f"the committed report is for triton {', '.join(sorted(versions))}; this is {triton.__version__}")
+        pytest.fail(f"{COMMITTED.relative_to(ROOT)} is not this checkout's: rewrite it with `{REFRESH}`\n"
+                    + next(ln for ln in stdout.splitlines() if ln.startswith("kernel_report: not reusing")))
+
+
+def test_a_reused_report_is_checked_against_a_fresh_compile(report, tmp_path):
+    """--reuse takes a report only with this checkout's key and only if a fresh compile of each kernel
+    gives its row; one launch (the one-pixel-high upsample) through both refusals."""
+    row = next(r for r in report if r["op"] == "cps_upsample" and r["shape_name"] == "h1")
+    args = ("--ops", "cps_upsample", "--shapes", "h1", "--json", tmp_path / "out.json", "--reuse", tmp_path / "in.json")
+    (tmp_path / "in.json").write_text(json.dumps([dict(row, sources="0" * 16)]))
+    proc = kernel_report(*args)
+    assert proc.returncode == 0 and "not reusing" in proc.stdout and "compiling every launch" in proc.stdout, proc.stdout
+    assert json.loads((tmp_path / "out.json").read_text()) == [row]  # compiled anew: the committed row
+    (tmp_path / "in.json").write_text(json.dumps([dict(row, regs=row["regs"] - 1)]))
+    proc = kernel_report(*args)
+    assert proc.returncode != 0 and "a fresh compile differs in regs" in proc.stderr, proc.stdout + proc.stderr
 
 
 def test_every_cps_loss_variant_compiles_for_sm90(report):
