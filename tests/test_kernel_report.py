@@ -61,16 +61,22 @@ def test_the_committed_report_is_this_checkouts(run):
 
 
 def test_a_reused_report_is_checked_against_a_fresh_compile(report, tmp_path):
-    """--reuse takes a report only with this checkout's key and only if a fresh compile of each kernel
-    gives its row; one launch (the one-pixel-high upsample) through both refusals."""
+    """--reuse takes a report only with this checkout's key, and only if a fresh compile of each
+    kernel gives its row."""
+    # another key: compiled anew (one launch, the one-pixel-high upsample), giving the committed row
     row = next(r for r in report if r["op"] == "cps_upsample" and r["shape_name"] == "h1")
-    args = ("--ops", "cps_upsample", "--shapes", "h1", "--json", tmp_path / "out.json", "--reuse", tmp_path / "in.json")
-    (tmp_path / "in.json").write_text(json.dumps([dict(row, sources="0" * 16)]))
-    proc = kernel_report(*args)
+    (tmp_path / "stale.json").write_text(json.dumps([dict(row, sources="0" * 16)]))
+    proc = kernel_report("--ops", "cps_upsample", "--shapes", "h1", "--json", tmp_path / "out.json",
+                         "--reuse", tmp_path / "stale.json")
     assert proc.returncode == 0 and "not reusing" in proc.stdout and "compiling every launch" in proc.stdout, proc.stdout
-    assert json.loads((tmp_path / "out.json").read_text()) == [row]  # compiled anew: the committed row
-    (tmp_path / "in.json").write_text(json.dumps([dict(row, regs=row["regs"] - 1)]))
-    proc = kernel_report(*args)
+    assert json.loads((tmp_path / "out.json").read_text()) == [row]
+    # this key, a row that a fresh compile contradicts: refused (the first launch, which the module's
+    # run compiled already, so Triton's cache has it)
+    rows = [r for r in report if r["op"] == "cps_loss" and r["shape_name"] == "voc"]
+    rows[0] = dict(rows[0], regs=rows[0]["regs"] - 1)
+    (tmp_path / "wrong.json").write_text(json.dumps(rows))
+    proc = kernel_report("--ops", "cps_loss", "--shapes", "voc", "--json", tmp_path / "out.json",
+                         "--reuse", tmp_path / "wrong.json")
     assert proc.returncode != 0 and "a fresh compile differs in regs" in proc.stderr, proc.stdout + proc.stderr
 
 

@@ -1,4 +1,5 @@
-"""Profiling a training run: the phase ranges, the profiler window, its files and summary."""
+"""Profiling a training run: the phase ranges, the profiler window, its files and summary (none
+unless asked: tests/test_train.py::test_checkpoint_contents)."""
 import json
 
 import pytest
@@ -59,11 +60,6 @@ def test_profile_window_cut_short_by_the_run_still_writes(tmp_path):
     assert summary["iterations"] == 3 and summary["requested"] == 50
     assert "log" in summary["phases_ms"]  # iteration 4 logs inside the window
     assert "the run ended: 50 asked" in "\n".join(lines)
-
-
-def test_no_profile_by_default(tmp_path):
-    Trainer(tiny_cfg(max_iters=3), tmp_path, device="cpu", print_fn=lambda *a, **k: None).train()
-    assert not (tmp_path / "profile").exists()
 
 
 def test_profile_settings_are_checked_and_reach_the_config():

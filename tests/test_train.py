@@ -32,23 +32,28 @@ def tiny_model(C=7):
     return CPSModel("resnet18", C, 16, False, None)
 
 
-# every step variant (branches, fused upsampling, n-CPS ensemble) once, each CutMix setting and each
-# supervised loss twice, every pair of those two once (the exact-formulation tests below pin each
-# variant's value; this one asserts that it learns)
+# every step variant (branches, fused upsampling, n-CPS ensemble) once, each CutMix setting, each
+# supervised loss and each layout twice, every pair of CutMix and loss once (the exact-formulation tests
+# below pin each variant's value; this one asserts that it learns). The demo's 64-channel head. The
+# trainer's runs below are channels_last throughout (the default), which on a CPU makes these small
+# steps much longer than NCHW (oneDNN's reorders in the convolutions' backward).
 VARIANTS = [(2, True, False), (2, False, False), (3, False, False), (3, False, True)]
 PAIRS = [(False, "ce"), (True, "ohem"), (False, "ohem"), (True, "ce")]
+LAYOUTS = ["channels_last", "nchw", "nchw", "channels_last"]
 
 
-@pytest.mark.parametrize("branches,fused_upsample,ensemble,cutmix,sup_loss", [(*v, *p) for v, p in zip(VARIANTS, PAIRS)])
-def test_step_loss_decreases_on_a_fixed_batch(branches, fused_upsample, ensemble, cutmix, sup_loss):
+@pytest.mark.parametrize("branches,fused_upsample,ensemble,cutmix,sup_loss,layout",
+                         [(*v, *p, f) for v, p, f in zip(VARIANTS, PAIRS, LAYOUTS)])
+def test_step_loss_decreases_on_a_fixed_batch(branches, fused_upsample, ensemble, cutmix, sup_loss, layout):
     torch.manual_seed(0)
-    model = CPSModel("resnet18", 7, 16, False, None, seeds=tuple(range(branches)))
-    model = model.to(memory_format=torch.channels_last)
+    model = CPSModel("resnet18", 7, 16, False, None, seeds=tuple(range(branches)), head_channels=64)
+    layout = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=layout)
     step = CPSStep(model, cutmix=cutmix, cps_weight=1.5, sup_loss=sup_loss, ohem_min_kept=100,
                    fused_upsample=fused_upsample, ncps_ensemble=ensemble)
     assert step.fused_upsample == fused_upsample
     opt = SGD(param_groups(model, 1e-4), momentum=0.9)
-    img_l = torch.randn(2, 3, 33, 29).contiguous(memory_format=torch.channels_last)
+    img_l = torch.randn(2, 3, 33, 29).contiguous(memory_format=layout)
     label = torch.randint(0, 7, (2, 33, 29), dtype=torch.uint8)
     label[:, :3] = 255
     u0, u1 = torch.randn(2, 3, 33, 29), torch.randn(2, 3, 33, 29)
@@ -304,23 +309,32 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(x, y)
 
 
-def test_checkpoint_contents(tmp_path):
-    cfg = tiny_cfg(max_iters=2)
-    Trainer(cfg, tmp_path, print_fn=lambda *a: None).train()
-    state = torch.load(tmp_path / "last.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-iteration run, shared by the tests that only read it (xdist_group: one worker)."""
+    out = tmp_path_factory.mktemp("finished")
+    Trainer(tiny_cfg(max_iters=2), out, print_fn=lambda *a: None).train()
+    return out
+
+
+@pytest.mark.xdist_group("finished_run")
+def test_checkpoint_contents(finished_run):
+    state = torch.load(finished_run / "last.pt", weights_only=True)
     assert state["model"]["branch_a.classifier.weight"].shape[0] == 7
     assert any(k.startswith("branch_b.") for k in state["model"])
     assert json.loads(state["config"])["max_iters"] == 2
-    assert (tmp_path / "best.pt").exists() and (tmp_path / "config.json").exists()
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert (finished_run / "best.pt").exists() and (finished_run / "config.json").exists()
+    rows = [json.loads(line) for line in (finished_run / "log.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in rows) and any("val/miou" in r for r in rows)
-    assert not list(tmp_path.glob(".last.pt.*"))  # no temporary file left behind
+    assert not list(finished_run.glob(".last.pt.*"))  # no temporary file left behind
+    assert not (finished_run / "profile").exists()  # no profile unless asked (tests/test_profiling.py)
 
 
-def test_resume_refuses_a_different_config(tmp_path):
-    Trainer(tiny_cfg(max_iters=2, cutmix=False), tmp_path, print_fn=lambda *a: None).train()
-    with pytest.raises(ValueError, match="cutmix=False but the config has True"):
-        Trainer(tiny_cfg(cutmix=True), tmp_path, resume=True, print_fn=lambda *a: None)
+@pytest.mark.xdist_group("finished_run")
+def test_resume_refuses_a_different_config(finished_run):
+    assert tiny_cfg().cutmix  # the run's
+    with pytest.raises(ValueError, match="cutmix=True but the config has False"):
+        Trainer(tiny_cfg(cutmix=False), finished_run, resume=True, print_fn=lambda *a: None)
 
 
 def test_missing_pretrained_file_is_named(tmp_path):
@@ -430,24 +444,26 @@ def test_bench_upsample_and_ncps_smoke(tmp_path):
     assert {(r["provider"], r["K"]) for r in saved} == {("eager", 3), ("torch", 3)}
 
 
-@pytest.mark.parametrize("method,port", [("cps", 29533), ("supervised", 29534)])
-def test_torchrun_two_processes_gloo(tmp_path, method, port):
-    """DDP over two processes; supervised-only trains branch a alone (the others are frozen, so DDP
-    needs no unused-parameter search, which would not survive CUDA-graph capture)."""
+def test_torchrun_two_processes_gloo(tmp_path):
+    """DDP over two processes, for CPS and for supervised-only, which trains branch a alone (the
+    others are frozen, so DDP needs no unused-parameter search, which would not survive CUDA-graph
+    capture). One torchrun launch runs both (tests/torchrun_runs.py: cps-fast train's main twice)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    sets = TINY_SET + ["batch_size_labeled=4", "batch_size_unlabeled=4", f"method={method}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "cps_fast.cli", "train", "demo", "--out", str(tmp_path), "--iters", "3", "--device", "cpu",
-           "--profile", "1", *sum((["--set", s] for s in sets + ["profile_start=1"]), [])]
+    sets = TINY_SET + ["batch_size_labeled=4", "batch_size_unlabeled=4", "profile_start=1"]
+    runs = {m: tmp_path / m for m in ("cps", "supervised")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(Path(__file__).with_name("torchrun_runs.py")), *(f"{out}={m}" for m, out in runs.items()), "--",
+           "--iters", "3", "--device", "cpu", "--profile", "1", *sum((["--set", s] for s in sets), [])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "x 2" in res.stdout  # "device cpu x 2"
-    state = load_checkpoint(tmp_path / "last.pt")
-    assert state["iteration"] == 3
-    # each rank profiles its own second iteration; only rank 0 prints
-    for r in (0, 1):
-        assert json.loads((tmp_path / "profile" / f"summary_rank{r}.json").read_text())["iterations"] == 1
-    assert res.stdout.count("profile (torch, cpu, rank") == 1
+    assert res.stdout.count("x 2") == 2  # "device cpu x 2", once per run
+    for method, out in runs.items():
+        state = load_checkpoint(out / "last.pt")
+        assert state["iteration"] == 3 and json.loads(state["config"])["method"] == method
+        # each rank profiles its own second iteration; only rank 0 prints
+        for r in (0, 1):
+            assert json.loads((out / "profile" / f"summary_rank{r}.json").read_text())["iterations"] == 1, (method, r)
+    assert res.stdout.count("profile (torch, cpu, rank") == 2  # rank 0's, once per run
 
 
 # ----------------------------------------------------------------------------- GPU tests' setting
